@@ -1,0 +1,113 @@
+"""Model configuration: the `model` section of params.yaml as a validated object.
+
+Every switch used by the paper's ablations lives here, so that later stages only
+wire values from params.yaml into `ModelConfig` and never change model code.
+Defaults are the paper's (SPEC.md sections 1-6); where the authors' release
+differs, the release's behaviour is a named option.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Domain = Literal["industrial", "medical"]
+
+
+class BlurConfig(BaseModel):
+    """Gaussian blur applied to each test map on the patch grid (SPEC 6)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kernel_size: int = Field(7, ge=1)
+    sigma: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _odd_kernel(self) -> "BlurConfig":
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"blur kernel_size must be odd, got {self.kernel_size}")
+        return self
+
+
+class ModelConfig(BaseModel):
+    """Everything that defines a MoECLIP network (not its training)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Backbone (SPEC 1)
+    backbone: str = "ViT-L-14-336"
+    image_size: int = Field(518, ge=16)
+    weights: str | None = Field(
+        "openai",
+        description="'openai' (open_clip tag), a local checkpoint path, or null for random init",
+    )
+    quick_gelu: bool = Field(True, description="OpenAI CLIP weights were trained with QuickGELU")
+
+    # MoE adapter (SPEC 2); layers are 1-indexed transformer blocks
+    moe_layers: tuple[int, ...] = (6, 12, 18, 24)
+    output_layers: tuple[int, ...] | None = Field(
+        None, description="layers whose features feed the heads; null = moe_layers (Table 8 varies it)"
+    )
+    num_experts: int = Field(4, ge=1)
+    top_k: int = Field(2, ge=1)
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = 16.0
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lambda_moe: float = Field(0.1, ge=0, le=1)
+    norm_eps: float = 1e-6
+    fofs: bool = Field(True, description="frozen orthogonal A blocks (Eq. 6); false = trainable LoRA A")
+    expert_type: Literal["lora", "full_rank"] = "lora"
+    router_type: Literal["linear", "mlp"] = "linear"
+    router_hidden: int = Field(256, ge=1, description="hidden width of the MLP router (Table 10)")
+    router_noise: float = Field(
+        0.0, ge=0, description="alpha of N(0,(alpha*sigma)^2) noise on router logits at inference (Table 11)"
+    )
+
+    # Patch average aggregation and heads (SPEC 4, 5)
+    paa_scales: tuple[int, ...] = (1, 3, 5)
+    image_adapter: bool = Field(True, description="depth-wise adapter for the image score (Eq. 13)")
+    projection_activation: bool = Field(False, description="release's optional LeakyReLU after Proj_l")
+    vanilla: bool = Field(
+        False, description="plain frozen CLIP (Table 2 'Vanilla CLIP'): no MoE, CLIP's own projections"
+    )
+
+    # Text side (SPEC 5)
+    text_head: Literal["release_adapter", "frozen_projection"] = "release_adapter"
+    learnable_prompts: bool = Field(False, description="learnable context tokens instead of templates (Table 6)")
+    prompt_context_length: int = Field(4, ge=1)
+    use_class_descriptions: bool = Field(True, description="false = plain class names in prompts")
+    logit_scale: float = 100.0
+
+    # Test-time post-processing (SPEC 6)
+    blur_industrial: BlurConfig = BlurConfig(kernel_size=7, sigma=1.0)
+    blur_medical: BlurConfig = BlurConfig(kernel_size=9, sigma=1.5)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if any(s < 1 or s % 2 == 0 for s in self.paa_scales) or not self.paa_scales:
+            raise ValueError(f"paa_scales must be positive odd integers, got {self.paa_scales}")
+        if any(layer < 1 for layer in self.moe_layers + tuple(self.output_layers or ())):
+            raise ValueError("layers are 1-indexed transformer blocks")
+        if not self.feature_layers:
+            raise ValueError("at least one output layer is needed")
+        if self.vanilla and (self.moe_layers or self.text_head != "frozen_projection" or self.learnable_prompts):
+            raise ValueError("vanilla CLIP has no MoE layers, no learnable prompts and uses the frozen "
+                             "text projection: set moe_layers: [], output_layers, text_head: frozen_projection")
+        return self
+
+    @classmethod
+    def tiny(cls, **overrides: object) -> "ModelConfig":
+        """The offline demo/test network: a 4-block, 64-wide random-weight ViT at 64 px (8x8 patch grid)."""
+        defaults: dict[str, object] = dict(backbone="MoECLIP-Tiny-ViT", image_size=64, weights=None,
+                                           quick_gelu=False, moe_layers=(1, 2, 3, 4))
+        return cls(**(defaults | overrides))
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """Sorted layers whose (MoE-adapted) tokens feed the segmentation heads."""
+        return tuple(sorted(self.output_layers if self.output_layers is not None else self.moe_layers))
+
+    def blur_for(self, domain: Domain) -> BlurConfig:
+        return self.blur_industrial if domain == "industrial" else self.blur_medical

@@ -1,0 +1,176 @@
+"""The MoECLIP network: frozen open_clip ViT + MoE adapters + PAA + heads + text anchors."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeclip.backbone import load_clip, tokenizer_for
+from moeclip.config import Domain, ModelConfig
+from moeclip.model.heads import DepthwiseImageAdapter, SegmentationProjection
+from moeclip.model.moe import MoEAdapter, MoEAux
+from moeclip.model.paa import patch_average
+from moeclip.model.scoring import image_score, similarity_logits, anomaly_map, training_maps
+from moeclip.model.text import TextAnchors
+
+
+@dataclass
+class VisionOutput:
+    """Projected patch features of every (layer, scale) map and the image embedding."""
+
+    patch_features: torch.Tensor  # (B, M, L, D) unit vectors, M = layers x scales, layer-major
+    image_embedding: torch.Tensor  # (B, D) V_image
+    moe: dict[int, MoEAux]  # per MoE layer (1-indexed block)
+    grid: tuple[int, int]
+
+
+class MoECLIP(nn.Module):
+    """MoECLIP as in SPEC.md sections 1-6; `config` selects every ablation variant."""
+
+    def __init__(self, config: ModelConfig, clip: nn.Module, tokenizer) -> None:
+        super().__init__()
+        self.config = config
+        self.clip = clip.requires_grad_(False).eval()
+        visual = clip.visual
+        if not getattr(visual.transformer, "batch_first", True):
+            raise ValueError("open_clip transformer must be batch-first")
+        self.width = visual.conv1.out_channels
+        self.embed_dim = visual.output_dim
+        self.depth = len(visual.transformer.resblocks)
+        self.grid = tuple(visual.grid_size)
+        layers = set(config.moe_layers) | set(config.feature_layers)
+        if max(layers, default=0) > self.depth:
+            raise ValueError(f"{config.backbone} has {self.depth} blocks; layers {sorted(layers)} do not fit")
+        self.moe = nn.ModuleDict({
+            str(layer): MoEAdapter(
+                self.width, config.num_experts, config.top_k, config.lora_rank, config.lora_alpha,
+                config.lora_dropout, config.lambda_moe, config.norm_eps, config.fofs, config.expert_type,
+                config.router_type, config.router_hidden, config.router_noise)
+            for layer in sorted(config.moe_layers)
+        })
+        if not config.vanilla:
+            self.projections = nn.ModuleDict({
+                str(layer): SegmentationProjection(self.width, self.embed_dim, config.projection_activation)
+                for layer in config.feature_layers
+            })
+            self.image_adapter = DepthwiseImageAdapter(self.width, self.embed_dim) if config.image_adapter else None
+        self.text = TextAnchors(clip, tokenizer, config.text_head, config.learnable_prompts,
+                                config.prompt_context_length)
+
+    # -- modes and parameters -------------------------------------------------------------
+    def train(self, mode: bool = True) -> "MoECLIP":
+        super().train(mode)
+        self.clip.eval()  # the frozen backbone never uses dropout or patch dropout
+        return self
+
+    def added_modules(self) -> dict[str, nn.Module]:
+        """The modules MoECLIP adds to CLIP (what a checkpoint must hold)."""
+        return {name: module for name, module in self.named_children() if name != "clip"}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """State of the added modules only (the frozen backbone comes from its own weights)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
+
+    def parameter_counts(self) -> dict[str, int]:
+        backbone = sum(p.numel() for p in self.clip.parameters())
+        added = sum(p.numel() for m in self.added_modules().values() for p in m.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"total": backbone + added, "trainable": trainable, "backbone": backbone, "added": added}
+
+    # -- vision -------------------------------------------------------------------------------
+    def _blocks(self, images: torch.Tensor, dense: bool | None) -> tuple[dict[int, torch.Tensor], dict[int, MoEAux]]:
+        """Run the ViT with MoE layers; return tokens of the feature layers (and the last block if vanilla)."""
+        visual = self.clip.visual
+        wanted = set(self.config.feature_layers) | ({self.depth} if self.config.vanilla else set())
+        last = max(wanted)
+        first_adapted = min((int(k) for k in self.moe), default=last + 1)
+        features: dict[int, torch.Tensor] = {}
+        aux: dict[int, MoEAux] = {}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
+            x = visual._embeds(images)
+        for index, block in enumerate(visual.transformer.resblocks[:last], start=1):
+            # Blocks before the first MoE layer are frozen and need no autograd graph.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and (index >= first_adapted or x.requires_grad)):
+                x = block(x)
+            if str(index) in self.moe:
+                x, aux[index] = self.moe[str(index)](x, dense=dense)
+            if index in wanted:
+                features[index] = x
+        return features, aux
+
+    def _project(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, S, L, d) -> (B, S, L, D) unit vectors through ln_post and Proj_l (or CLIP's proj if vanilla)."""
+        normed = self.clip.visual.ln_post(tokens)
+        if self.config.vanilla:
+            return F.normalize(normed @ self.clip.visual.proj, dim=-1)
+        return self.projections[str(layer)](normed)
+
+    def _image_embedding(self, features: dict[int, torch.Tensor], projected_s1: torch.Tensor | None) -> torch.Tensor:
+        visual = self.clip.visual
+        if self.config.vanilla:
+            return F.normalize(visual.ln_post(features[self.depth][:, 0]) @ visual.proj, dim=-1)
+        last_tokens = features[self.config.feature_layers[-1]][:, 1:]
+        if self.image_adapter is not None:
+            return self.image_adapter(visual.ln_post(last_tokens))
+        if projected_s1 is None:
+            projected_s1 = self._project(self.config.feature_layers[-1], last_tokens.unsqueeze(1))[:, 0]
+        return projected_s1.mean(dim=1)
+
+    def encode_image(self, images: torch.Tensor, dense: bool | None = None) -> VisionOutput:
+        """Patch features for every (layer, scale) and V_image. `dense` defaults to training mode."""
+        features, aux = self._blocks(images, dense)
+        scales = self.config.paa_scales
+        per_layer = []
+        for layer in self.config.feature_layers:
+            tokens = features[layer][:, 1:]
+            pooled = torch.stack([patch_average(tokens, self.grid, s) for s in scales], dim=1)
+            per_layer.append(self._project(layer, pooled))
+        last_s1 = per_layer[-1][:, scales.index(1)] if 1 in scales else None
+        return VisionOutput(
+            patch_features=torch.cat(per_layer, dim=1),
+            image_embedding=self._image_embedding(features, last_s1),
+            moe=aux,
+            grid=self.grid,
+        )
+
+    # -- text and outputs ------------------------------------------------------------------
+    def text_anchors(self, descriptions: Sequence[str]) -> torch.Tensor:
+        """(C, 2, D) [T_N, T_A] for each class description."""
+        return self.text(list(descriptions))
+
+    def anchors_per_sample(self, descriptions: Sequence[str]) -> torch.Tensor:
+        """(B, 2, D) anchors for a batch whose samples may belong to different classes."""
+        unique = list(dict.fromkeys(descriptions))
+        anchors = self.text_anchors(unique)
+        return anchors[torch.tensor([unique.index(d) for d in descriptions], device=anchors.device)]
+
+    def logits(self, vision: VisionOutput, anchors: torch.Tensor) -> torch.Tensor:
+        return similarity_logits(vision.patch_features, anchors, self.config.logit_scale)
+
+    def training_outputs(self, images: torch.Tensor, descriptions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, VisionOutput]:
+        """Eq. 12 maps (B, M, 2, H, W), raw cosines (B, 2) of V_image with [T_N, T_A], and the vision output."""
+        vision = self.encode_image(images)
+        anchors = self.anchors_per_sample(descriptions)
+        maps = training_maps(self.logits(vision, anchors), vision.grid, images.shape[-1])
+        cosines = F.cosine_similarity(vision.image_embedding.float().unsqueeze(1), anchors.float(), dim=-1)
+        return maps, cosines, vision
+
+    def predict(self, images: torch.Tensor, descriptions: Sequence[str], domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test-time anomaly maps (B, H, W) and image scores S_A (B,), before per-class normalisation."""
+        vision = self.encode_image(images, dense=False)
+        anchors = self.anchors_per_sample(descriptions)
+        maps = anomaly_map(self.logits(vision, anchors), vision.grid, images.shape[-1], self.config.blur_for(domain))
+        return maps, image_score(vision.image_embedding, anchors)
+
+
+def build_model(config: ModelConfig | dict, seed: int | None = None) -> MoECLIP:
+    """Build MoECLIP from a config (or the params.yaml `model` mapping). `seed` fixes the added modules' init."""
+    config = config if isinstance(config, ModelConfig) else ModelConfig.model_validate(config)
+    clip = load_clip(config.backbone, config.image_size, config.weights, config.quick_gelu)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return MoECLIP(config, clip, tokenizer_for(config.backbone))

@@ -1,0 +1,61 @@
+"""Anomaly maps and scores from projected patch features and text anchors (SPEC 6, Eqs. 12, 14).
+
+All functions are batched over maps (layers x PAA scales) so one call handles the 12
+maps of the default model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
+
+from moeclip.config import BlurConfig, Domain
+
+
+def similarity_logits(patches: torch.Tensor, anchors: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
+    """scale * cos(V, [T_N, T_A]): (B, M, L, D) unit patches, (B, 2, D) anchors -> (B, M, 2, L)."""
+    return scale * torch.einsum("bmld,bcd->bmcl", patches.float(), F.normalize(anchors.float(), dim=-1))
+
+
+def _to_grid(values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    return values.unflatten(-1, grid)
+
+
+def training_maps(logits: torch.Tensor, grid: tuple[int, int], image_size: int) -> torch.Tensor:
+    """Eq. 12: bilinear upsample of the 2-channel logits, softmax over channels -> (B, M, 2, H, W)."""
+    batch, maps = logits.shape[:2]
+    grids = _to_grid(logits, grid).flatten(0, 1)  # (B*M, 2, h, w)
+    upsampled = F.interpolate(grids, size=(image_size, image_size), mode="bilinear", align_corners=True)
+    return upsampled.softmax(dim=1).unflatten(0, (batch, maps))
+
+
+def anomaly_map(logits: torch.Tensor, grid: tuple[int, int], image_size: int, blur: BlurConfig) -> torch.Tensor:
+    """Per map (logit_A + 1 - logit_N) / 2, Gaussian blur on the grid, bilinear upsample, sum over maps -> (B, H, W)."""
+    per_map = (logits[:, :, 1] + 1 - logits[:, :, 0]) / 2  # (B, M, L)
+    grids = gaussian_blur(_to_grid(per_map, grid), [blur.kernel_size] * 2, [blur.sigma] * 2)
+    upsampled = F.interpolate(grids, size=(image_size, image_size), mode="bilinear", align_corners=True)
+    return upsampled.sum(dim=1)
+
+
+def image_score(image_embedding: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Eq. 14: S_A = (cos(V_image, T_A) + 1) / 2 for (B, D) embeddings and (B, 2, D) anchors."""
+    return (F.cosine_similarity(image_embedding.float(), anchors[:, 1].float(), dim=-1) + 1) / 2
+
+
+def _min_max(values: torch.Tensor) -> torch.Tensor:
+    low, high = values.min(), values.max()
+    if high <= low:
+        return torch.zeros_like(values)
+    return (values - low) / (high - low)
+
+
+def finalize_class_scores(maps: torch.Tensor, scores: torch.Tensor, domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class post-processing over all N test images of one class.
+
+    Min-max normalise the (N, H, W) maps and the (N,) image scores over the class; the
+    final image score is 0.5 * max(map) + 0.5 * S_A (industrial) or max(map) (medical).
+    """
+    maps, scores = _min_max(maps.float()), _min_max(scores.float())
+    peak = maps.flatten(1).amax(dim=1)
+    final = 0.5 * peak + 0.5 * scores if domain == "industrial" else peak
+    return maps, final

@@ -1,0 +1,173 @@
+"""The assembled MoECLIP network on the tiny random-weight backbone."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeclip import ModelConfig, build_model
+from moeclip.losses import balance_loss, etf_loss
+from moeclip.model.text import prompt_ensemble
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model(ModelConfig.tiny(), seed=0)
+
+
+def _randomise_trainables(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
+def test_outputs_have_one_map_per_layer_and_scale(tiny):
+    images = torch.randn(2, 3, 64, 64)
+    tiny.train()
+    maps, cosines, vision = tiny.training_outputs(images, ["bottle", "cable"])
+    assert maps.shape == (2, 4 * 3, 2, 64, 64)
+    assert cosines.shape == (2, 2)
+    assert vision.patch_features.shape == (2, 12, 64, 32)
+    torch.testing.assert_close(vision.patch_features.norm(dim=-1), torch.ones(2, 12, 64))
+    assert set(vision.moe) == {1, 2, 3, 4}
+    assert vision.moe[2].expert_outputs.shape == (2, 65, 4, 64)  # CLS + 8x8 patches, K experts
+
+
+def test_prediction_is_sparse_and_equals_the_dense_forward():
+    model = build_model(ModelConfig.tiny(), seed=1)
+    _randomise_trainables(model)
+    model.eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        sparse = model.encode_image(images)
+        dense = model.encode_image(images, dense=True)
+        maps, scores = model.predict(images, ["wood", "wood"], "industrial")
+    assert all(aux.expert_outputs is None for aux in sparse.moe.values())
+    torch.testing.assert_close(sparse.patch_features, dense.patch_features, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sparse.image_embedding, dense.image_embedding, rtol=1e-4, atol=1e-5)
+    assert maps.shape == (2, 64, 64) and scores.shape == (2,)
+    assert ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_frozen_parameters_get_no_gradient_and_trained_ones_do():
+    model = build_model(ModelConfig.tiny(), seed=2)
+    _randomise_trainables(model, seed=2)
+    model.train()
+    maps, cosines, vision = model.training_outputs(torch.randn(2, 3, 64, 64), ["screw", "pill"])
+    loss = maps[:, :, 1].mean() + cosines.sum()
+    loss = loss + sum(etf_loss(a.expert_outputs) + balance_loss(a.routing.probs) for a in vision.moe.values())
+    loss.backward()
+    for name, param in model.clip.named_parameters():
+        assert param.grad is None, name
+    for name, param in model.named_parameters():
+        if name.endswith("lora_a"):
+            assert param.grad is None, name
+        elif param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_image_embedding_is_the_mean_of_normalised_adapter_patches(tiny):
+    images = torch.randn(1, 3, 64, 64)
+    tiny.eval()
+    with torch.no_grad():
+        vision = tiny.encode_image(images)
+        tokens = tiny._blocks(images, dense=False)[0][4][:, 1:]
+        adapter = tiny.image_adapter
+        hidden = F.gelu(adapter.depthwise(adapter.norm(tiny.clip.visual.ln_post(tokens)).transpose(1, 2)))
+        expected = F.normalize(adapter.pointwise(hidden).transpose(1, 2), dim=-1).mean(1)
+    torch.testing.assert_close(vision.image_embedding, expected)
+
+
+def test_prompt_ensemble_is_every_template_times_every_state():
+    normal, abnormal = prompt_ensemble("bottle")
+    assert normal == ["bottle.", "a bottle.", "the bottle.", "a photo of bottle.", "a photo of a bottle.",
+                      "a photo of the bottle."]
+    assert len(abnormal) == 10 and "a photo of a bottle with defect." in abnormal
+    assert "a damaged bottle." in abnormal
+
+
+@pytest.mark.parametrize("head", ["release_adapter", "frozen_projection"])
+def test_text_anchors_average_normalised_prompt_embeddings(head):
+    model = build_model(ModelConfig.tiny(text_head=head), seed=3)
+    anchors = model.text_anchors(["bottle", "cable"])
+    assert anchors.shape == (2, 2, 32)
+    torch.testing.assert_close(anchors.norm(dim=-1), torch.ones(2, 2))
+    tokens = model.text.tokenizer(prompt_ensemble("cable")[1])
+    with torch.no_grad():
+        eot = model.text._encode(tokens)
+        projected = model.text.adapter(eot) if head == "release_adapter" else eot @ model.clip.text_projection
+    expected = F.normalize(F.normalize(projected, dim=-1).mean(0), dim=-1)
+    torch.testing.assert_close(anchors[1, 1], expected)
+    per_sample = model.anchors_per_sample(["cable", "bottle", "cable"])
+    torch.testing.assert_close(per_sample, anchors[[1, 0, 1]])
+
+
+def test_frozen_projection_equals_clips_own_text_encoder():
+    model = build_model(ModelConfig.tiny(text_head="frozen_projection"), seed=4)
+    tokens = model.text.tokenizer(["a photo of a bottle."])
+    with torch.no_grad():
+        torch.testing.assert_close(model.text._encode(tokens) @ model.clip.text_projection, model.clip.encode_text(tokens))
+
+
+def test_learnable_prompts_train_their_context_vectors():
+    model = build_model(ModelConfig.tiny(learnable_prompts=True), seed=5)
+    anchors = model.text_anchors(["bottle"])
+    anchors[0, 1].sum().backward()
+    assert model.text.context_abnormal.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.text.context_abnormal.add_(1.0)
+    assert not torch.allclose(model.text_anchors(["bottle"])[0, 1], anchors[0, 1])
+
+
+def test_parameter_counts_split_backbone_and_added_modules(tiny):
+    counts = tiny.parameter_counts()
+    assert counts["total"] == counts["backbone"] + counts["added"]
+    frozen_a = 4 * 4 * 8 * 64  # 4 layers x K x r x d
+    assert counts["trainable"] == counts["added"] - frozen_a
+    assert all(not k.startswith("clip.") for k in tiny.trainable_state_dict())
+
+
+def test_the_same_seed_builds_the_same_model():
+    one, two = build_model(ModelConfig.tiny(), seed=7), build_model(ModelConfig.tiny(), seed=7)
+    for (name, a), b in zip(one.trainable_state_dict().items(), two.trainable_state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(output_layers=(3,)),
+    dict(paa_scales=(3,), image_adapter=False),
+    dict(num_experts=1, top_k=1),
+    dict(expert_type="full_rank", router_type="mlp", router_noise=0.5),
+    dict(moe_layers=(2,), output_layers=(2, 4), fofs=False, lora_rank=4),
+    dict(vanilla=True, moe_layers=(), output_layers=(2, 4), text_head="frozen_projection"),
+])
+def test_ablation_variants_build_and_run(overrides):
+    model = build_model(ModelConfig.tiny(**overrides), seed=0).eval()
+    layers = len(model.config.feature_layers) * len(model.config.paa_scales)
+    with torch.no_grad():
+        maps, scores = model.predict(torch.randn(1, 3, 64, 64), ["tile"], "medical")
+        vision = model.encode_image(torch.randn(1, 3, 64, 64))
+    assert vision.patch_features.shape[1] == layers
+    assert maps.shape == (1, 64, 64) and torch.isfinite(scores).all()
+
+
+def test_vanilla_clip_has_nothing_to_train():
+    model = build_model(ModelConfig.tiny(vanilla=True, moe_layers=(), output_layers=(4,),
+                                         text_head="frozen_projection"))
+    assert model.parameter_counts()["trainable"] == 0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(top_k=5), "top_k"),
+    (dict(paa_scales=(1, 2)), "odd"),
+    (dict(vanilla=True), "vanilla"),
+    (dict(moe_layers=(0,)), "1-indexed"),
+])
+def test_inconsistent_configs_are_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.tiny(**overrides)
+
+
+def test_layers_beyond_the_backbone_depth_are_rejected():
+    with pytest.raises(ValueError, match="4 blocks"):
+        build_model(ModelConfig.tiny(moe_layers=(6,)))

@@ -1,0 +1,90 @@
+"""PAA (Eq. 10) and the maps and scores of SPEC 6 (Eqs. 12, 14) on hand-built cases."""
+import math
+
+import pytest
+import torch
+
+from moeclip.config import BlurConfig
+from moeclip.model import patch_average
+from moeclip.model.scoring import finalize_class_scores, image_score, similarity_logits, anomaly_map, training_maps
+
+IDENTITY_BLUR = BlurConfig(kernel_size=1, sigma=1.0)
+
+
+def test_patch_average_matches_hand_computed_windows():
+    grid = torch.arange(16, dtype=torch.float32).reshape(4, 4)
+    tokens = torch.stack([grid.flatten(), -grid.flatten()], dim=-1).unsqueeze(0)  # (1, 16, 2)
+    pooled = patch_average(tokens, 4, 3).reshape(4, 4, 2)
+    assert pooled[0, 0, 0].item() == pytest.approx((0 + 1 + 4 + 5) / 9)  # corner: zero padding, divisor 9
+    assert pooled[1, 2, 0].item() == pytest.approx(sum([1, 2, 3, 5, 6, 7, 9, 10, 11]) / 9)  # centre
+    assert pooled[3, 1, 0].item() == pytest.approx((8 + 9 + 10 + 12 + 13 + 14) / 9)  # bottom edge
+    torch.testing.assert_close(pooled[..., 1], -pooled[..., 0])
+    five = patch_average(tokens, (4, 4), 5).reshape(4, 4, 2)
+    assert five[0, 0, 0].item() == pytest.approx(sum([0, 1, 2, 4, 5, 6, 8, 9, 10]) / 25)
+
+
+def test_patch_average_scale_one_is_identity_and_bad_input_is_rejected():
+    tokens = torch.randn(2, 12, 3)
+    assert torch.equal(patch_average(tokens, (3, 4), 1), tokens)
+    with pytest.raises(ValueError, match="odd"):
+        patch_average(tokens, (3, 4), 2)
+    with pytest.raises(ValueError, match="grid"):
+        patch_average(tokens, 4, 3)
+
+
+def test_similarity_logits_are_scaled_cosines():
+    patches = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])  # (B=1, M=1, L=2, D=2)
+    anchors = torch.tensor([[[2.0, 0.0], [1.0, 1.0]]])  # T_N along x, T_A diagonal (normalised inside)
+    logits = similarity_logits(patches, anchors)
+    expected = torch.tensor([[[[100.0, 0.0], [100 / math.sqrt(2), 100 / math.sqrt(2)]]]])
+    torch.testing.assert_close(logits, expected)
+
+
+def test_training_maps_softmax_over_normal_and_abnormal():
+    logits = torch.zeros(1, 3, 2, 4)
+    logits[:, :, 1] = torch.log(torch.tensor(3.0))  # p_A = 3 / (1 + 3)
+    maps = training_maps(logits, (2, 2), 8)
+    assert maps.shape == (1, 3, 2, 8, 8)
+    torch.testing.assert_close(maps[:, :, 1], torch.full((1, 3, 8, 8), 0.75))
+    torch.testing.assert_close(maps.sum(2), torch.ones(1, 3, 8, 8))
+
+
+def test_test_map_combines_channels_upsamples_with_aligned_corners_and_sums_maps():
+    logits = torch.zeros(1, 2, 2, 4)
+    logits[0, 0, 1] = torch.tensor([1.0, 3.0, 5.0, 7.0])  # map 0: (A + 1 - N) / 2 = [1, 2, 3, 4]
+    logits[0, 1, 0] = torch.tensor([1.0, 1.0, 1.0, 1.0])  # map 1: (0 + 1 - 1) / 2 = 0
+    out = anomaly_map(logits, (2, 2), 3, IDENTITY_BLUR)
+    expected = torch.tensor([[1.0, 1.5, 2.0], [2.0, 2.5, 3.0], [3.0, 3.5, 4.0]])
+    torch.testing.assert_close(out[0], expected)
+
+
+def test_test_map_blurs_on_the_grid_with_the_domain_kernel():
+    logits = torch.zeros(1, 1, 2, 25)
+    logits[0, 0, 1, 12] = 2.0  # delta of height (2 + 1 - 0)/2 - 0.5 = 1 above a flat 0.5 floor
+    out = anomaly_map(logits, (5, 5), 5, BlurConfig(kernel_size=3, sigma=1.0))
+    w = torch.tensor([math.exp(-0.5), 1.0, math.exp(-0.5)])
+    w = w / w.sum()
+    assert out[0, 2, 2].item() == pytest.approx(0.5 + w[1].item() ** 2, rel=1e-5)
+    assert out[0, 1, 2].item() == pytest.approx(0.5 + (w[0] * w[1]).item(), rel=1e-5)
+    assert out[0, 0, 0].item() == pytest.approx(0.5, rel=1e-6)
+
+
+def test_image_score_maps_cosine_to_unit_interval():
+    anchors = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]]).expand(3, 2, 2)
+    embeddings = torch.tensor([[2.0, 0.0], [-1.0, 0.0], [0.0, 5.0]])
+    torch.testing.assert_close(image_score(embeddings, anchors), torch.tensor([1.0, 0.0, 0.5]))
+
+
+def test_finalize_class_scores_normalises_over_the_class_and_mixes_by_domain():
+    maps = torch.tensor([[[0.0, 2.0]], [[4.0, 1.0]], [[3.0, 3.0]]])  # (N=3, 1, 2), class min 0, max 4
+    scores = torch.tensor([0.2, 0.6, 0.4])  # min-max -> 0, 1, 0.5
+    norm_maps, industrial = finalize_class_scores(maps, scores, "industrial")
+    torch.testing.assert_close(norm_maps, maps / 4)
+    torch.testing.assert_close(industrial, 0.5 * torch.tensor([0.5, 1.0, 0.75]) + 0.5 * torch.tensor([0.0, 1.0, 0.5]))
+    _, medical = finalize_class_scores(maps, scores, "medical")
+    torch.testing.assert_close(medical, torch.tensor([0.5, 1.0, 0.75]))
+
+
+def test_finalize_class_scores_handles_constant_inputs():
+    maps, scores = finalize_class_scores(torch.ones(2, 3, 3), torch.ones(2), "industrial")
+    assert torch.count_nonzero(maps) == 0 and torch.count_nonzero(scores) == 0
