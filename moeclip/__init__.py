@@ -1,5 +1,15 @@
-"""MoECLIP: patch-specialised LoRA experts in a frozen CLIP ViT for zero-shot anomaly detection."""
-from moeclip.config import ModelConfig
-from moeclip.model import MoECLIP, build_model
+"""MoECLIP: patch-specialised LoRA experts in a frozen CLIP ViT for zero-shot anomaly detection.
 
-__all__ = ["MoECLIP", "ModelConfig", "build_model"]
+The model names are resolved on first use so that light commands (`moeclip data ...`)
+do not pay for importing torch and open_clip.
+"""
+from importlib import import_module
+
+_EXPORTS = {"ModelConfig": "moeclip.config", "MoECLIP": "moeclip.model", "build_model": "moeclip.model"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'moeclip' has no attribute '{name}'")
+    return getattr(import_module(_EXPORTS[name]), name)

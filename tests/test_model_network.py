@@ -127,10 +127,12 @@ def test_parameter_counts_split_backbone_and_added_modules(tiny):
     assert all(not k.startswith("clip.") for k in tiny.trainable_state_dict())
 
 
-def test_the_same_seed_builds_the_same_model():
+def test_the_same_seed_builds_the_same_model_backbone_included():
     one, two = build_model(ModelConfig.tiny(), seed=7), build_model(ModelConfig.tiny(), seed=7)
-    for (name, a), b in zip(one.trainable_state_dict().items(), two.trainable_state_dict().values()):
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
         assert torch.equal(a, b), name
+    other = build_model(ModelConfig.tiny(), seed=8)
+    assert not torch.equal(other.clip.visual.conv1.weight, one.clip.visual.conv1.weight)
 
 
 @pytest.mark.parametrize("overrides", [

@@ -167,10 +167,14 @@ class MoECLIP(nn.Module):
 
 
 def build_model(config: ModelConfig | dict, seed: int | None = None) -> MoECLIP:
-    """Build MoECLIP from a config (or the params.yaml `model` mapping). `seed` fixes the added modules' init."""
+    """Build MoECLIP from a config (or the params.yaml `model` mapping).
+
+    `seed` fixes every random initialisation (a random-weight backbone, FOFS, the heads)
+    without touching the caller's RNG state.
+    """
     config = config if isinstance(config, ModelConfig) else ModelConfig.model_validate(config)
-    clip = load_clip(config.backbone, config.image_size, config.weights, config.quick_gelu)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
+        clip = load_clip(config.backbone, config.image_size, config.weights, config.quick_gelu)
         return MoECLIP(config, clip, tokenizer_for(config.backbone))

@@ -1,0 +1,211 @@
+"""Fetching: loopback HTTP downloads, resume, checksums, safe extraction, atomic failure, CLI errors."""
+from __future__ import annotations
+
+import io
+import socket
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from typer.testing import CliRunner
+
+from moeclip.cli import app
+from moeclip.data.archive import file_sha256, member_problem
+from moeclip.data.fetch import fetch_dataset, http_download
+from moeclip.data.manifest import read_manifest
+from moeclip.data.registry import DataError
+
+runner = CliRunner()
+
+
+def _pack(source: Path, archive: Path, top: str = "release") -> Path:
+    """Archive `source` under one top-level folder `top` (which fetch must strip)."""
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    if archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive, "w") as handle:
+            for path in files:
+                handle.write(path, f"{top}/{path.relative_to(source).as_posix()}")
+    else:
+        mode = {"gz": "w:gz", "xz": "w:xz", "tar": "w"}[archive.name.rsplit(".", 1)[1]]
+        with tarfile.open(archive, mode) as handle:
+            handle.add(source, arcname=top)
+    return archive
+
+
+def _evil_archive(path: Path, member: str, link: str | None = None) -> Path:
+    """A tar.gz (or zip) holding one harmless file and one unsafe member."""
+    if path.name.endswith(".zip"):
+        with zipfile.ZipFile(path, "w") as handle:
+            handle.writestr("ok/readme.txt", "fine")
+            handle.writestr(zipfile.ZipInfo(member), "evil")
+        return path
+    with tarfile.open(path, "w:gz") as handle:
+        for name, target in (("ok/readme.txt", None), (member, link)):
+            info = tarfile.TarInfo(name)
+            data = b"" if target else b"evil"
+            if target:
+                info.type, info.linkname = tarfile.SYMTYPE, target
+            info.size = len(data)
+            handle.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def dataset_source(tmp_path: Path, mvtec_tree: Callable[[Path], Path]) -> Path:
+    return mvtec_tree(tmp_path / "source")
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar", ".tar.gz", ".tar.xz"])
+def test_download_extract_prepare(tmp_path: Path, http_folder, dataset_source: Path, suffix: str) -> None:
+    archive = _pack(dataset_source, http_folder.folder / f"mvtec{suffix}")
+    raw = tmp_path / "raw"
+    result = runner.invoke(app, ["data", "fetch", "mvtec", "--url", http_folder.url(archive.name),
+                                 "--sha256", file_sha256(archive), "--dest", str(raw)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in raw.iterdir()) == ["mvtec"]  # no download or temp folder left
+    assert (raw / "mvtec" / "bottle" / "test" / "good" / "000.png").is_file()  # top folder stripped
+
+    out = tmp_path / "manifests" / "mvtec.parquet"
+    result = runner.invoke(app, ["data", "prepare", "mvtec", "--root", str(raw / "mvtec"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    frame = read_manifest(out)
+    assert len(frame) == 6 and frame["label"].sum() == 2
+    assert set(frame["class_name"]) == {"bottle", "screw"}
+    assert frame["mask_path"].notna().sum() == 2
+
+
+def _evil_cases(served: Path) -> dict[str, tuple[Path, str]]:
+    return {
+        "traversal_tar": (_evil_archive(served / "t.tar.gz", "../evil.txt"), "path traversal"),
+        "traversal_zip": (_evil_archive(served / "t.zip", "ok/../../evil.txt"), "path traversal"),
+        "absolute_tar": (_evil_archive(served / "a.tar.gz", "/tmp/evil.txt"), "absolute path"),
+        "absolute_zip": (_evil_archive(served / "a.zip", "/tmp/evil.txt"), "absolute path"),
+        "symlink_out": (_evil_archive(served / "s.tar.gz", "ok/link", "../../../etc/passwd"), "outside the archive"),
+    }
+
+
+@pytest.mark.parametrize("case", ["wrong_sha", "truncated_zip", "truncated_tar", "traversal_tar", "traversal_zip",
+                                  "absolute_tar", "absolute_zip", "symlink_out"])
+def test_bad_archives_fail_cleanly(tmp_path: Path, http_folder, dataset_source: Path, case: str) -> None:
+    served = http_folder.folder
+    args: list[str] = []
+    if case == "wrong_sha":
+        archive, expected = _pack(dataset_source, served / "good.zip"), "sha256 mismatch"
+        args = ["--sha256", "0" * 64]
+    elif case.startswith("truncated"):
+        whole = _pack(dataset_source, served / ("w.zip" if case.endswith("zip") else "w.tar.gz"))
+        archive = served / f"cut-{whole.name}"
+        archive.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+        expected = "corrupt or truncated"
+    else:
+        archive, expected = _evil_cases(served)[case]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    result = runner.invoke(app, ["data", "fetch", "mvtec", "--url", http_folder.url(archive.name),
+                                 "--dest", str(raw), *args])
+    assert result.exit_code == 1
+    assert expected in result.output and http_folder.url(archive.name) in result.output
+    assert "Traceback" not in result.output
+    assert list(raw.iterdir()) == []  # no dataset, temp folder or download left behind
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_unsafe_local_archive_names_the_file(tmp_path: Path) -> None:
+    archive = _evil_archive(tmp_path / "evil.tar.gz", "../evil.txt")
+    with pytest.raises(DataError, match=r"evil\.tar\.gz: unsafe member '\.\./evil\.txt': path traversal"):
+        fetch_dataset("custom", tmp_path / "raw", archive=archive)
+    assert list((tmp_path / "raw").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "link", "hardlink", "problem"),
+    [
+        ("a/b.png", None, False, None),
+        ("C:/x", None, False, "absolute path"),
+        ("a\\..\\..\\x", None, False, "path traversal"),
+        ("a/link", "../b.png", False, None),
+        ("a/link", "../../b.png", False, "outside"),
+        ("a/hard", "a/b.png", True, None),
+        ("a/hard", "../b.png", True, "outside"),
+    ],
+)
+def test_member_problem(name: str, link: str | None, hardlink: bool, problem: str | None) -> None:
+    found = member_problem(name, link, hardlink)
+    assert found == problem if problem is None else problem in found
+
+
+def test_resume_partial_download(tmp_path: Path, http_folder) -> None:
+    payload = bytes(range(256)) * 400
+    (http_folder.folder / "blob.bin").write_bytes(payload)
+    target = tmp_path / "blob.bin"
+    target.with_name("blob.bin.part").write_bytes(payload[:1000])
+    http_download(http_folder.url("blob.bin"), target)
+    assert target.read_bytes() == payload
+    assert http_folder.ranges == ["bytes=1000-"]
+    assert not target.with_name("blob.bin.part").exists()
+
+
+def test_unreachable_network_names_dataset_and_place(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    raw = tmp_path / "raw"
+    with pytest.raises(DataError) as error:
+        fetch_dataset("kvasir", raw, url=f"http://127.0.0.1:{port}/kvasir.zip")
+    message = str(error.value)
+    assert "could not download" in message and str(raw / "kvasir.zip") in message and str(raw / "kvasir") in message
+
+
+def test_manual_dataset_explains_where_to_put_it(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["data", "fetch", "mvtec", "--dest", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "mvtec.com" in result.output and str(tmp_path / "mvtec.zip") in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dropped_archive_and_local_folders(tmp_path: Path, dataset_source: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _pack(dataset_source, raw / "mvtec.tar.gz")
+    assert (fetch_dataset("mvtec", raw) / "screw" / "test" / "crack" / "000.png").is_file()
+    assert (raw / "mvtec.tar.gz").is_file()  # the user's archive is kept
+    copied = fetch_dataset("mine", raw, archive=dataset_source)
+    assert (copied / "bottle").is_dir() and not copied.is_symlink()
+    linked = fetch_dataset("linked", raw, url=str(dataset_source), link=True)
+    assert linked.is_symlink() and (linked / "bottle").is_dir()
+    assert fetch_dataset("mvtec", raw) == raw / "mvtec"  # already there: returned as is
+    with pytest.raises(DataError, match="already exists"):
+        fetch_dataset("mvtec", raw, archive=raw / "mvtec.tar.gz")
+
+
+def test_tar_with_internal_links(tmp_path: Path, dataset_source: Path) -> None:
+    archive = tmp_path / "links.tar.gz"
+    with tarfile.open(archive, "w:gz") as handle:
+        handle.add(dataset_source / "bottle", arcname="data/bottle")
+        for name, kind, target in (("data/hard.png", tarfile.LNKTYPE, "data/bottle/test/good/000.png"),
+                                   ("data/soft.png", tarfile.SYMTYPE, "bottle/test/good/001.png")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            handle.addfile(info)
+    dest = fetch_dataset("linked", tmp_path / "raw", archive=archive)
+    assert (dest / "hard.png").read_bytes() == (dest / "bottle" / "test" / "good" / "000.png").read_bytes()
+    assert (dest / "soft.png").is_symlink() and (dest / "soft.png").is_file()
+
+
+def test_google_drive_ids_go_through_gdown(tmp_path: Path, dataset_source: Path, monkeypatch) -> None:
+    gdown = pytest.importorskip("gdown")
+    packed = _pack(dataset_source, tmp_path / "drive.zip")
+    calls: list[dict] = []
+
+    def fake_download(**kwargs: object) -> str:
+        calls.append(kwargs)
+        Path(str(kwargs["output"])).write_bytes(packed.read_bytes())
+        return str(kwargs["output"])
+
+    monkeypatch.setattr(gdown, "download", fake_download)
+    dest = fetch_dataset("drive", tmp_path / "raw", url="gdrive:FILEID123")
+    assert (dest / "screw" / "test" / "crack" / "000.png").is_file()
+    assert calls[0]["id"] == "FILEID123" and calls[0]["resume"] is True
+    assert [p.name for p in (tmp_path / "raw").iterdir()] == ["drive"]
