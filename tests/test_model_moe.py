@@ -37,7 +37,7 @@ def test_fofs_block_n_is_zero_outside_its_chunk():
 
 def test_fofs_is_repeatable_with_a_generator_and_rejects_small_chunks():
     one = fofs_matrices(64, 4, 8, generator=torch.Generator().manual_seed(3))
-    two = fofs_matrices(64, 4, 8, generator=torch.Generator().manual_seed(3))
+    two = fofs_matrices(d=64, K=4, r=8, generator=torch.Generator().manual_seed(3))
     assert torch.equal(one, two)
     with pytest.raises(ValueError, match="rank=8"):
         fofs_matrices(24, 4, 8)

@@ -15,20 +15,21 @@ def fofs_chunk_sizes(d: int, num_experts: int) -> list[int]:
     return [base + 1 if n < remainder else base for n in range(num_experts)]
 
 
-def fofs_matrices(d: int, num_experts: int, rank: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def fofs_matrices(d: int, K: int, r: int, generator: torch.Generator | None = None) -> torch.Tensor:  # noqa: N803
     """Frozen Orthogonal Feature Separation (Eq. 6): A of shape (K, r, d).
 
     A_n is zero outside chunk n; inside it holds Q_n = qr(C_n).Q^T with C_n ~ N(0, 1) of
-    shape (d_n, r). Hence A_n A_m^T = 0 for n != m and A_n A_n^T = I_r.
+    shape (d_n, r). Hence A_n A_m^T = 0 for n != m and A_n A_n^T = I_r. (The argument
+    names follow the paper's symbols, as the public API promises.)
     """
-    sizes = fofs_chunk_sizes(d, num_experts)
-    if min(sizes) < rank:
-        raise ValueError(f"FOFS needs every chunk (smallest {min(sizes)} of d={d} split {num_experts} ways) "
-                         f"to have at least rank={rank} dims")
-    matrices = torch.zeros(num_experts, rank, d)
+    sizes = fofs_chunk_sizes(d, K)
+    if min(sizes) < r:
+        raise ValueError(f"FOFS needs every chunk (smallest {min(sizes)} of d={d} split {K} ways) "
+                         f"to have at least rank={r} dims")
+    matrices = torch.zeros(K, r, d)
     start = 0
     for n, size in enumerate(sizes):
-        gaussian = torch.randn(size, rank, generator=generator)
+        gaussian = torch.randn(size, r, generator=generator)
         q, _ = torch.linalg.qr(gaussian)  # (d_n, r), orthonormal columns
         matrices[n, :, start:start + size] = q.T
         start += size
