@@ -1,4 +1,4 @@
-# Entry point for a fresh machine: `make test`.
+# Two entry points for a fresh machine: `make demo` and `make test`.
 # Both create .venv (once) and install the project into it.
 PY ?= python3.11
 VENV := .venv
@@ -11,8 +11,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: setup test
+.PHONY: setup demo test
 setup: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/moeclip demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
