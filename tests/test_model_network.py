@@ -176,3 +176,17 @@ def test_inconsistent_configs_are_rejected(overrides, message):
 def test_layers_beyond_the_backbone_depth_are_rejected():
     with pytest.raises(ValueError, match="4 blocks"):
         build_model(ModelConfig.tiny(moe_layers=(6,)))
+
+
+def test_backbone_attention_uses_fused_scaled_dot_product_attention(tiny, monkeypatch):
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    tiny.train()
+    tiny.training_outputs(torch.randn(1, 3, 64, 64), ["bottle"])
+    assert len(calls) >= 4  # every ViT block's attention (the text tower's too)
