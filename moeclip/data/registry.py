@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import Mapping
 
+from moeclip.config import Domain
 from moeclip.errors import MoeclipError
-
-Domain = Literal["industrial", "medical"]
 
 
 class DataError(MoeclipError):
