@@ -111,3 +111,32 @@ class ModelConfig(BaseModel):
 
     def blur_for(self, domain: Domain) -> BlurConfig:
         return self.blur_industrial if domain == "industrial" else self.blur_medical
+
+
+class TrainConfig(BaseModel):
+    """The `train` section of params.yaml (SPEC 7). Defaults are the paper's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(5e-4, gt=0, description="paper 5e-4; the release's default is 5e-5")
+    betas: tuple[float, float] = (0.5, 0.999)
+    milestones: tuple[int, ...] = Field((16000, 32000), description="MultiStepLR milestones, in iterations")
+    gamma: float = 0.5
+    seed: int = 0
+    focal_gamma: float = 2.0
+    classification_loss: Literal["bce", "cross_entropy"] = Field(
+        "bce", description="paper: BCE on S_A; release: 2-way cross-entropy on the raw cosines")
+    lambda_etf: float = Field(0.01, ge=0)
+    lambda_bal: float = Field(0.01, ge=0)
+    expert_constraint: Literal["etf", "cosine", "contrastive"] = Field(
+        "etf", description="output-stage expert constraint weighted by lambda_etf (Table 10 variants)")
+    balance_unbiased: bool = Field(False, description="release: unbiased (n-1) variance in CV^2")
+    release_compat: bool = Field(
+        False, description="train as the release effectively does: eval mode (sparse top-k, no dropout), "
+                           "no ETF and no balance loss")
+    augment: bool = True
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on the CPU)")
+    num_workers: int = Field(0, ge=0)
+    checkpoint_every: int = Field(200, ge=1, description="iterations between resumable checkpoints")

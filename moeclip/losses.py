@@ -34,3 +34,75 @@ def balance_loss(router_probs: torch.Tensor, unbiased: bool = False, eps: float 
     """
     load = router_probs.float().flatten(0, -2).sum(dim=0)
     return load.var(unbiased=unbiased) / (load.mean().pow(2) + eps)
+
+
+def expert_cosine_loss(expert_outputs: torch.Tensor) -> torch.Tensor:
+    """Table 10 'similarity constraint': mean pairwise cosine between different experts' outputs."""
+    num_experts = expert_outputs.shape[-2]
+    if num_experts == 1:
+        return expert_outputs.new_zeros((), dtype=torch.float32)
+    unit = F.normalize(expert_outputs.float().flatten(0, -3), dim=-1)
+    gram = unit @ unit.transpose(-1, -2)
+    off_diagonal = gram.sum(dim=(-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return off_diagonal.mean() / (num_experts * (num_experts - 1))
+
+
+def expert_contrastive_loss(expert_outputs: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Table 10 'contrastive constraint' (InfoNCE over experts).
+
+    For token t and expert n the positive is expert n's output on the next token; the
+    negatives are the other experts' outputs on token t. Pulls each expert towards a
+    consistent function and pushes experts apart.
+    """
+    unit = F.normalize(expert_outputs.float().flatten(0, -3), dim=-1)  # (T, K, d)
+    num_experts = unit.shape[1]
+    if num_experts == 1 or unit.shape[0] < 2:
+        return unit.new_zeros(())
+    positive = (unit * unit.roll(-1, dims=0)).sum(-1, keepdim=True)  # (T, K, 1)
+    same_token = unit @ unit.transpose(1, 2)  # (T, K, K)
+    others = same_token.masked_select(~torch.eye(num_experts, dtype=torch.bool, device=unit.device))
+    logits = torch.cat([positive, others.view(-1, num_experts, num_experts - 1)], dim=-1) / temperature
+    return F.cross_entropy(logits.flatten(0, 1), torch.zeros(logits.shape[0] * num_experts, dtype=torch.long,
+                                                             device=unit.device))
+
+
+def focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0, eps: float = 1e-8) -> torch.Tensor:
+    """Eq. B.3 on 2-channel maps: mean over pixels of -(1 - p_t)^gamma log p_t, p_t the true class's probability.
+
+    `probs` is (B, 2, H, W) = [normal, anomalous]; `mask` is (B, H, W) in {0, 1}.
+    """
+    p_true = torch.where(mask > 0.5, probs[:, 1], probs[:, 0]).clamp_min(eps)
+    return (-(1 - p_true).pow(gamma) * p_true.log()).mean()
+
+
+def dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Eq. B.4 per image, averaged over the batch: 1 - 2 sum(y p) / (sum(y) + sum(p))."""
+    pred, target = pred.flatten(1), target.flatten(1)
+    overlap = (pred * target).sum(1)
+    return (1 - 2 * overlap / (pred.sum(1) + target.sum(1) + eps)).mean()
+
+
+def segmentation_loss(maps: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """L_seg (Eq. 15): sum over the M maps of Focal + Dice(anomalous, mask) + Dice(normal, 1 - mask).
+
+    `maps` is (B, M, 2, H, W) softmax output (Eq. 12); `mask` is (B, H, W).
+    """
+    total = maps.new_zeros((), dtype=torch.float32)
+    for index in range(maps.shape[1]):
+        probs = maps[:, index].float()
+        total = total + focal_loss(probs, mask, gamma) + dice_loss(probs[:, 1], mask) + dice_loss(probs[:, 0], 1 - mask)
+    return total
+
+
+def classification_loss(cosines: torch.Tensor, labels: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+    """L_ac from the raw cosines (B, 2) = [cos(V, T_N), cos(V, T_A)].
+
+    'bce' (paper, Eq. 15): binary cross-entropy of S_A = (cos_A + 1) / 2 against the label;
+    'cross_entropy' (release): 2-way cross-entropy on the raw cosines.
+    """
+    if kind == "bce":
+        score = ((cosines[:, 1].float() + 1) / 2).clamp(1e-6, 1 - 1e-6)
+        return F.binary_cross_entropy(score, labels.float())
+    if kind == "cross_entropy":
+        return F.cross_entropy(cosines.float(), labels.long())
+    raise ValueError(f"unknown classification loss '{kind}' (bce or cross_entropy)")

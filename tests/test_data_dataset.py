@@ -228,3 +228,15 @@ def test_seed_worker_gives_each_worker_its_own_stream(visa_frame: pd.DataFrame) 
 
     assert all(pairs(None))
     assert not all(pairs(seed_worker))
+
+
+def test_seeded_augmentation_depends_only_on_seed_epoch_and_index(visa_frame: pd.DataFrame) -> None:
+    forward = ManifestDataset(visa_frame, SIZE, train=True, seed=5)
+    backward = ManifestDataset(visa_frame, SIZE, train=True, seed=5)
+    last = len(forward) - 1
+    late = backward[last]["image"]  # drawn first here, last there: order must not matter
+    first = [forward[i]["image"] for i in range(len(forward))]
+    assert torch.equal(first[last], late)
+    assert torch.equal(first[0], backward[0]["image"])
+    forward.set_epoch(1)
+    assert not torch.equal(forward[0]["image"], first[0])

@@ -8,6 +8,8 @@ global torch RNG. With `num_workers > 0` every worker holds a copy of the datase
 RNG is seeded per worker by the DataLoader itself (from its own `generator`), while a passed
 generator would be the same copy in every worker, so pass `worker_init_fn=seed_worker` to
 reseed it from the worker's seed. Seed the DataLoader's `generator` for repeatable runs.
+Training passes `seed` instead: each item then draws from its own generator seeded by
+(seed, epoch, index), so results do not depend on access order, workers or resuming.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class ManifestDataset(Dataset[dict[str, Any]]):
         generator: torch.Generator | None = None,
         *,
         augmentation: AugmentConfig = DEFAULT_AUGMENTATION,
+        seed: int | None = None,
     ) -> None:
         missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
         if missing:
@@ -59,6 +62,19 @@ class ManifestDataset(Dataset[dict[str, Any]]):
         self.train = train
         self.generator = generator
         self.augmentation = augmentation
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """With a `seed`, augmentation of item i in epoch e depends on (seed, e, i) alone."""
+        self.epoch = epoch
+
+    def _augmentation_generator(self, index: int) -> torch.Generator | None:
+        """Per-item randomness makes a resumed epoch (or any worker split) augment exactly as an uninterrupted one."""
+        if self.seed is None:
+            return self.generator
+        mixed = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % (1 << 63)
+        return torch.Generator().manual_seed(mixed)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -71,7 +87,7 @@ class ManifestDataset(Dataset[dict[str, Any]]):
         else:
             mask = read_mask(row["mask_path"], self.image_size)
         if self.train:
-            image, mask = augment(image, mask, self.generator, self.augmentation)
+            image, mask = augment(image, mask, self._augmentation_generator(index), self.augmentation)
         return {
             "image": normalize(image),
             "mask": mask,

@@ -1,0 +1,176 @@
+"""Training MoECLIP on an auxiliary dataset (SPEC 7), resumable to the same result.
+
+Everything random is a function of the seed: the model's initialisation, each epoch's
+shuffle (seed, epoch), each item's augmentation (seed, epoch, index) and the dropout
+stream (the global torch RNG, saved in every checkpoint). A run killed at any step and
+resumed from its last checkpoint therefore ends with the same weights as an
+uninterrupted run (on the CPU; GPU kernels may differ in the last bits).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from moeclip.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from moeclip.config import ModelConfig, TrainConfig
+from moeclip.data.dataset import ManifestDataset
+from moeclip.losses import (
+    balance_loss,
+    classification_loss,
+    etf_loss,
+    expert_contrastive_loss,
+    expert_cosine_loss,
+    segmentation_loss,
+)
+from moeclip.model import MoECLIP, build_model
+
+CONSTRAINTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "etf": etf_loss, "cosine": expert_cosine_loss, "contrastive": expert_contrastive_loss,
+}
+LossLogger = Callable[[int, Mapping[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    steps: int
+    history: list[dict[str, float]]
+
+
+def compute_losses(model: MoECLIP, batch: Mapping[str, Any], config: TrainConfig,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    """L = L_seg + L_ac + lambda_etf * L_constraint + lambda_bal * L_bal (Eq. 16) for one batch."""
+    images = batch["image"].to(device, non_blocking=True)
+    masks = batch["mask"][:, 0].to(device, non_blocking=True)
+    labels = batch["label"].to(device, non_blocking=True)
+    known = torch.as_tensor(batch["has_mask"], device=device)
+    text = batch["description"] if model.config.use_class_descriptions else batch["class_name"]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
+        maps, cosines, vision = model.training_outputs(images, text)
+    zero = images.new_zeros((), dtype=torch.float32)
+    seg = segmentation_loss(maps[known], masks[known], config.focal_gamma) if known.any() else zero
+    ac = classification_loss(cosines, labels, config.classification_loss)
+    outputs = [aux.expert_outputs for aux in vision.moe.values() if aux.expert_outputs is not None]
+    constraint = sum((CONSTRAINTS[config.expert_constraint](o) for o in outputs), zero)
+    balance = zero if config.release_compat else sum(
+        (balance_loss(aux.routing.probs, config.balance_unbiased) for aux in vision.moe.values()), zero)
+    total = seg + ac + config.lambda_etf * constraint + config.lambda_bal * balance
+    return {"loss": total, "seg": seg, "ac": ac, "constraint": constraint, "balance": balance}
+
+
+def _epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, size, batch_size)]
+
+
+class Trainer:
+    """Owns the model, optimiser, scheduler and progress of one training run in `out_dir`."""
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, frame: pd.DataFrame, out_dir: Path,
+                 device: str | torch.device = "cpu") -> None:
+        self.model_config, self.config = model_config, train_config
+        self.device = torch.device(device)
+        self.checkpoint = Path(out_dir) / "checkpoint.pt"
+        torch.manual_seed(train_config.seed)
+        self.model = build_model(model_config, seed=train_config.seed).to(self.device)
+        self.dataset = ManifestDataset(frame, model_config.image_size, train=train_config.augment,
+                                       seed=train_config.seed)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("this model configuration has nothing to train")
+        self.optimizer = torch.optim.Adam(trainable, lr=train_config.lr, betas=train_config.betas)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(train_config.milestones),
+                                                              train_config.gamma)
+        self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "complete": False}
+        self.history: list[dict[str, float]] = []
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save(self) -> None:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        save_checkpoint(self.checkpoint, self.model, self.config.seed,
+                        train_config=self.config.model_dump(mode="json"), optimizer=self.optimizer.state_dict(),
+                        scheduler=self.scheduler.state_dict(), rng=rng, progress=dict(self.progress),
+                        history=list(self.history))
+
+    def resume(self) -> bool:
+        """Continue from `checkpoint.pt` if present; refuse one written with another configuration."""
+        if not self.checkpoint.exists():
+            return False
+        payload = read_checkpoint(self.checkpoint)
+        if payload.get("model_config") != self.model_config.model_dump(mode="json") or \
+                payload.get("train_config") != self.config.model_dump(mode="json"):
+            raise CheckpointError(f"checkpoint '{self.checkpoint}' was written with another configuration; "
+                                  f"remove it or train into another folder")
+        self.model.load_state_dict(payload["weights"], strict=False)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        torch.set_rng_state(payload["rng"]["cpu"])
+        if "cuda" in payload["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(payload["rng"]["cuda"], self.device)
+        self.progress, self.history = payload["progress"], payload["history"]
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _loader(self, batches: list[list[int]], epoch: int = 0) -> DataLoader:
+        # An own generator: creating the iterator would otherwise draw from the global RNG,
+        # which a resumed run restores, and so shift the dropout stream.
+        generator = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
+        return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.config.num_workers,
+                          pin_memory=self.device.type == "cuda", generator=generator)
+
+    def _step(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        self.model.train(not self.config.release_compat)  # the release trains in eval mode (sparse, no dropout)
+        losses = compute_losses(self.model, batch, self.config, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return {name: float(value.detach()) for name, value in losses.items()}
+
+    def run(self, max_steps: int | None = None, log: LossLogger | None = None) -> TrainResult:
+        """Train to the configured epochs (or stop after `max_steps` global steps, checkpointed)."""
+        config, progress = self.config, self.progress
+        per_epoch = math.ceil(len(self.dataset) / config.batch_size)
+        while progress["epoch"] < config.epochs and not progress["complete"]:
+            self.dataset.set_epoch(progress["epoch"])
+            batches = _epoch_batches(len(self.dataset), config.batch_size, config.seed, progress["epoch"])
+            bar = tqdm(self._loader(batches[progress["step_in_epoch"]:], progress["epoch"]), initial=progress["step_in_epoch"],
+                       total=per_epoch, desc=f"epoch {progress['epoch'] + 1}/{config.epochs}", unit="batch")
+            for batch in bar:
+                losses = self._step(batch)
+                progress["global_step"] += 1
+                progress["step_in_epoch"] += 1
+                self.history.append({"step": progress["global_step"], **losses})
+                bar.set_postfix(loss=f"{losses['loss']:.4f}")
+                if log is not None:
+                    log(progress["global_step"], losses)
+                if max_steps is not None and progress["global_step"] >= max_steps:
+                    self.save()
+                    return TrainResult(self.checkpoint, progress["global_step"], self.history)
+                if progress["global_step"] % config.checkpoint_every == 0:
+                    self.save()
+            progress["epoch"] += 1
+            progress["step_in_epoch"] = 0
+            self.save()
+        progress["complete"] = True
+        self.save()
+        return TrainResult(self.checkpoint, progress["global_step"], self.history)
+
+
+def train(model_config: ModelConfig, train_config: TrainConfig, frame: pd.DataFrame, out_dir: Path,
+          device: str | torch.device = "cpu", max_steps: int | None = None,
+          log: LossLogger | None = None) -> TrainResult:
+    """Train (resuming from `out_dir/checkpoint.pt` when it exists) and return the final checkpoint."""
+    trainer = Trainer(model_config, train_config, frame, out_dir, device)
+    trainer.resume()
+    return trainer.run(max_steps=max_steps, log=log)

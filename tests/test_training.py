@@ -1,0 +1,130 @@
+"""Training losses on known values (SPEC 7, Eqs. 15-16, B.3, B.4), and a killed run resuming exactly."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeclip import ModelConfig
+from moeclip.checkpoint import CheckpointError, load_model, read_checkpoint
+from moeclip.config import TrainConfig
+from moeclip.data.manifest import read_manifest
+from moeclip.data.prepare import prepare_dataset
+from moeclip.data.synthetic import generate_demo_datasets
+from moeclip.losses import (
+    classification_loss,
+    dice_loss,
+    expert_contrastive_loss,
+    expert_cosine_loss,
+    focal_loss,
+    segmentation_loss,
+)
+from moeclip.training import Trainer, compute_losses, train
+
+
+def test_focal_loss_uses_the_true_class_probability():
+    probs = torch.tensor([[[[0.2, 0.5]], [[0.8, 0.5]]]])  # (B=1, 2, H=1, W=2): [normal, anomalous]
+    mask = torch.tensor([[[1.0, 0.0]]])
+    expected = (-(0.2 ** 2) * math.log(0.8) - (0.5 ** 2) * math.log(0.5)) / 2
+    assert focal_loss(probs, mask, gamma=2.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dice_loss_known_values():
+    target = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    assert dice_loss(target, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert dice_loss(torch.zeros(1, 4), target).item() == pytest.approx(1.0)
+    pred = torch.tensor([[0.5, 1.0, 0.5, 0.0]])  # overlap 1.5, sums 2 + 2
+    assert dice_loss(pred, target).item() == pytest.approx(1 - 3 / 4, rel=1e-6)
+    assert dice_loss(torch.stack([pred[0], target[0]]), torch.cat([target, target])).item() == pytest.approx(0.125, rel=1e-5)
+
+
+def test_segmentation_loss_sums_focal_and_both_dice_terms_over_maps():
+    probs_a = torch.rand(2, 1, 4, 4)
+    one_map = torch.cat([1 - probs_a, probs_a], dim=1)  # (B, 2, H, W)
+    mask = (torch.rand(2, 4, 4) > 0.5).float()
+    single = focal_loss(one_map, mask) + dice_loss(one_map[:, 1], mask) + dice_loss(one_map[:, 0], 1 - mask)
+    maps = torch.stack([one_map] * 3, dim=1)
+    assert segmentation_loss(maps, mask).item() == pytest.approx(3 * single.item(), rel=1e-6)
+
+
+def test_classification_loss_variants():
+    cosines = torch.tensor([[0.1, 0.6], [0.4, -0.2]])
+    labels = torch.tensor([1, 0])
+    bce = -(math.log(0.8) + math.log(1 - 0.4)) / 2  # S_A = (cos_A + 1) / 2 = 0.8 and 0.4
+    assert classification_loss(cosines, labels, "bce").item() == pytest.approx(bce, rel=1e-6)
+    ce = torch.nn.functional.cross_entropy(cosines, labels).item()
+    assert classification_loss(cosines, labels, "cross_entropy").item() == pytest.approx(ce)
+    with pytest.raises(ValueError, match="unknown"):
+        classification_loss(cosines, labels, "hinge")
+
+
+def test_alternative_expert_constraints():
+    same = torch.randn(5, 1, 8).expand(5, 4, 8)
+    assert expert_cosine_loss(same).item() == pytest.approx(1.0, rel=1e-6)
+    orthogonal = torch.eye(4).expand(5, 4, 4)
+    assert expert_cosine_loss(orthogonal).item() == pytest.approx(0.0, abs=1e-7)
+    consistent = torch.eye(4).expand(6, 4, 4) * 3  # each expert its own direction, on every token
+    assert expert_contrastive_loss(consistent).item() < expert_contrastive_loss(same).item()
+    assert expert_contrastive_loss(torch.randn(3, 1, 8)).item() == 0.0
+
+
+@pytest.fixture(scope="module")
+def visa_frame(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo_datasets(root / "raw", seed=0, per_class=2)
+    prepare_dataset("visa", root / "raw" / "visa", root / "visa.parquet")
+    return read_manifest(root / "visa.parquet").head(8)
+
+
+TINY = ModelConfig.tiny(moe_layers=(2, 4))
+
+
+def test_release_compat_trains_without_etf_and_balance(visa_frame, tmp_path):
+    trainer = Trainer(TINY, TrainConfig(release_compat=True, batch_size=4), visa_frame, tmp_path)
+    batch = next(iter(trainer._loader([[0, 1, 2, 3]])))
+    trainer.model.eval()
+    losses = compute_losses(trainer.model, batch, trainer.config, trainer.device)
+    assert losses["constraint"].item() == 0.0 and losses["balance"].item() == 0.0
+    trainer.model.train()
+    paper = compute_losses(trainer.model, batch, TrainConfig(batch_size=4), trainer.device)
+    assert paper["constraint"].item() > 0 and paper["seg"].item() > 0
+
+
+def test_a_killed_run_resumes_to_the_same_weights(visa_frame, tmp_path):
+    config = TrainConfig(epochs=2, batch_size=3, lr=1e-3, checkpoint_every=2)
+    whole = train(TINY, config, visa_frame, tmp_path / "whole")
+    assert whole.steps == 6
+    interrupted = train(TINY, config, visa_frame, tmp_path / "killed", max_steps=4)
+    assert interrupted.steps == 4 and not read_checkpoint(interrupted.checkpoint)["progress"]["complete"]
+    resumed = train(TINY, config, visa_frame, tmp_path / "killed")
+    assert resumed.steps == 6
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+    a = read_checkpoint(whole.checkpoint)["weights"]
+    b = read_checkpoint(resumed.checkpoint)["weights"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == ["checkpoint.pt"]  # no temporary files
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(visa_frame, tmp_path):
+    train(TINY, TrainConfig(epochs=1, batch_size=4), visa_frame, tmp_path, max_steps=1)
+    with pytest.raises(CheckpointError, match="another configuration"):
+        train(TINY, TrainConfig(epochs=1, batch_size=4, lr=1e-2), visa_frame, tmp_path)
+
+
+def test_trained_checkpoint_loads_for_inference(visa_frame, tmp_path):
+    result = train(TINY, TrainConfig(epochs=1, batch_size=4), visa_frame, tmp_path)
+    model, payload = load_model(result.checkpoint)
+    assert payload["progress"]["complete"] and not model.training
+    trained = read_checkpoint(result.checkpoint)["weights"]
+    assert any(k.endswith("lora_b") and v.abs().sum() > 0 for k, v in trained.items())
+    assert all(not k.startswith("clip.") for k in trained)
+
+
+def test_bad_checkpoints_name_the_file(tmp_path: Path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.pt")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="broken.pt"):
+        load_model(broken)
