@@ -5,13 +5,12 @@ weights, from the build seed), so a ViT-L checkpoint is ~20 MB instead of ~1.7 G
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moeclip.atomic import atomic_path
 from moeclip.config import ModelConfig
 from moeclip.errors import MoeclipError
 from moeclip.model import MoECLIP, build_model
@@ -25,19 +24,10 @@ class CheckpointError(MoeclipError):
 
 def save_checkpoint(path: Path, model: MoECLIP, build_seed: int | None, **state: Any) -> None:
     """Write the added modules' weights, the model config and `state` (optimizer, scheduler, RNG, ...)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT_VERSION, "model_config": model.config.model_dump(mode="json"),
                "build_seed": build_seed, "weights": model.trainable_state_dict(), **state}
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         torch.save(payload, temporary)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; a checkpoint is shared like any output
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -59,40 +59,103 @@ def params(
     Console().print(table)
 
 
+def _profile(config: Path, profile: str):
+    from moeclip.params import load_profile
+
+    return load_profile(config, profile)
+
+
+def _summary_table(title: str, summaries: dict[str, pd.DataFrame]) -> Table:
+    """Datasets as rows, one column per (run, metric); '-' where a metric does not apply."""
+    joined = pd.concat(summaries, axis=1)
+    table = Table(title=title)
+    table.add_column("dataset")
+    for run, metric in joined.columns:
+        level, name = metric.split("_", 1)
+        table.add_column(f"{run}\n{level} {name.replace('_', '-').upper()}", justify="right")
+    for dataset, row in joined.iterrows():
+        table.add_row(str(dataset), *("-" if pd.isna(v) else f"{v:.1f}" for v in row))
+    return table
+
+
+CONFIG_OPTION = typer.Option(Path("params.yaml"), "--config", help="the params file")
+
+
 @app.command()
-def demo(
-    out: Path = typer.Option(Path("data/demo"), help="where the synthetic datasets, manifests and results go"),
-    seed: int = typer.Option(0, help="seed of the data generator and of the model's initialisation"),
+def train(
+    config: Path = CONFIG_OPTION,
+    profile: str = typer.Option("demo", help="profile of the params file"),
+    out: Path | None = typer.Option(None, help="run folder (default: <runs>/<profile>/train-<datasets>)"),
+    max_steps: int | None = typer.Option(None, help="stop (checkpointed) after this many steps; rerun to resume"),
+) -> None:
+    """Train MoECLIP on the profile's auxiliary dataset(s); resumes from the run folder's checkpoint."""
+    from moeclip.workflows import train_profile
+
+    typer.echo(str(train_profile(_profile(config, profile), out, max_steps)))
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., help="a checkpoint written by `moeclip train`"),
+    manifest: list[Path] = typer.Option(..., help="manifest(s) to evaluate on; repeat for several"),
+    out: Path = typer.Option(..., help="folder for per_class.csv/.parquet and summary.json"),
+    tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI"),
+    experiment: str = typer.Option("zsad-bench", help="MLflow experiment"),
+    device: str = typer.Option("auto"),
     batch_size: int = typer.Option(8, min=1),
 ) -> None:
-    """Offline demo: synthetic datasets -> validated manifests -> zero-shot evaluation of the tiny model.
+    """Zero-shot evaluation: per-class and per-dataset AUROC/AP (x100), logged to MLflow."""
+    from moeclip.params import TrackingConfig
+    from moeclip.workflows import evaluate_checkpoint
 
-    The backbone is a tiny random-weight ViT, so the numbers only show that the pipeline
-    runs end to end; they are not the paper's results.
+    manifests = {path.stem: path for path in manifest}
+    summary = evaluate_checkpoint(checkpoint, manifests, out, TrackingConfig(uri=tracking_uri, experiment=experiment),
+                                  device, batch_size)
+    Console().print(_summary_table(f"{checkpoint} (x100)", {"": summary}))
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="image files of one kind of object or scan"),
+    checkpoint: Path = typer.Option(...),
+    class_name: str = typer.Option(..., help="what the images show, used in the prompts (e.g. 'metal nut')"),
+    domain: str = typer.Option("industrial", help="industrial or medical (blur and score rule)"),
+    out: Path = typer.Option(Path("predictions")),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Anomaly-map overlays (PNG) and image scores (scores.json) for your own images."""
+    from moeclip.workflows import predict_images
+
+    if domain not in ("industrial", "medical"):
+        raise typer.BadParameter("domain must be industrial or medical")
+    results = predict_images(checkpoint, images, class_name, domain, out, device)
+    for path, scores in results.items():
+        typer.echo(f"{path}: score {scores['final_score']:.3f} (raw S_A {scores['image_score_raw']:.3f})")
+    typer.echo(f"overlays and scores.json in {out}")
+
+
+@app.command()
+def demo(
+    config: Path = CONFIG_OPTION,
+    profile: str = typer.Option("demo", help="an offline profile of the params file"),
+) -> None:
+    """Offline demo: synthetic datasets -> manifests -> evaluate untrained -> train -> evaluate trained.
+
+    The backbone is a tiny random-weight ViT, so the numbers show that the pipeline works
+    end to end and that training helps; they are not the paper's results.
     """
-    from moeclip.config import ModelConfig
-    from moeclip.data.manifest import read_manifest
-    from moeclip.data.prepare import prepare_dataset
-    from moeclip.data.synthetic import generate_demo_datasets
-    from moeclip.evaluation import evaluate_frame, summarize
-    from moeclip.model import build_model
+    from moeclip.workflows import evaluate_checkpoint, prepare_profile_data, train_profile, untrained_checkpoint
 
-    console = Console()
-    frames = []
-    for root in generate_demo_datasets(out / "raw", seed=seed):
-        manifest = out / "manifests" / f"{root.name}.parquet"
-        prepare_dataset(root.name, root, manifest, console=console)
-        frames.append(read_manifest(manifest))
-    model = build_model(ModelConfig.tiny(), seed=seed)
-    per_class = evaluate_frame(model, pd.concat(frames, ignore_index=True), batch_size=batch_size)
-    per_class.to_csv(out / "per_class.csv", index=False)
-    summary = summarize(per_class)
-    table = Table(title="Demo: tiny random-weight MoECLIP, untrained (x100; not paper results)")
-    table.add_column("dataset")
-    for column in summary.columns:
-        level, metric = column.split("_", 1)
-        table.add_column(f"{level} {metric.replace('_', '-').upper()}", justify="right")
-    for dataset, row in summary.iterrows():
-        table.add_row(str(dataset), *("-" if pd.isna(v) else f"{v:.1f}" for v in row))
-    console.print(table)
-    console.print(f"per-class results: {out / 'per_class.csv'}")
+    settings = _profile(config, profile)
+    manifests = prepare_profile_data(settings)
+    targets = {name: manifests[name] for name in settings.data.evaluate}
+    run_dir = settings.run_dir
+    before = evaluate_checkpoint(untrained_checkpoint(settings, run_dir / "untrained.pt"), targets,
+                                 run_dir / "eval-untrained", settings.tracking, settings.device)
+    after = evaluate_checkpoint(train_profile(settings), targets, run_dir / "eval-trained", settings.tracking,
+                                settings.device)
+    columns = ["image_auroc", "pixel_auroc", "pixel_ap"]
+    Console().print(_summary_table(
+        f"Demo ({profile}): zero-shot on unseen datasets, x100 (tiny random-weight ViT; not paper results)",
+        {"untrained": before.reindex(columns=columns), "trained": after.reindex(columns=columns)}))
+    Console().print(f"results in {run_dir}; browse runs with: mlflow ui --backend-store-uri {settings.tracking.uri}")

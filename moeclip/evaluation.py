@@ -7,6 +7,9 @@ the class can have them. Dataset figures are means over classes, x100.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
 
 import pandas as pd
 import torch
@@ -17,6 +20,23 @@ from moeclip.data.dataset import ManifestDataset
 from moeclip.metrics import PixelMetricAccumulator, aupro, ranking_metrics
 from moeclip.model import MoECLIP
 from moeclip.model.scoring import finalize_class_scores
+
+@dataclass
+class Example:
+    """One anomalous test image with its ground truth and class-normalised map, for figures."""
+
+    path: str
+    dataset: str
+    class_name: str
+    mask: np.ndarray
+    amap: np.ndarray
+
+
+@dataclass
+class Evaluation:
+    per_class: pd.DataFrame
+    examples: list[Example] = field(default_factory=list)
+
 
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro", "image_f1_max", "pixel_f1_max")
 
@@ -37,12 +57,14 @@ def _predict_class(model: MoECLIP, frame: pd.DataFrame, batch_size: int, device:
             collected["labels"].append(batch["label"])
             collected["masks"].append(batch["mask"][:, 0] > 0.5)
             collected["has_mask"].append(torch.as_tensor(batch["has_mask"]))
-    return {key: torch.cat(values) for key, values in collected.items()}
+    outputs = {key: torch.cat(values) for key, values in collected.items()}
+    outputs["maps"], outputs["final_scores"] = finalize_class_scores(outputs["maps"], outputs["scores"], domain)
+    return outputs
 
 
-def _class_metrics(outputs: dict[str, torch.Tensor], domain: str) -> dict[str, float]:
+def _class_metrics(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
     """Metrics the class can have: image ones need both labels, pixel ones need every mask known."""
-    maps, scores = finalize_class_scores(outputs["maps"], outputs["scores"], domain)
+    maps, scores = outputs["maps"], outputs["final_scores"]
     labels, masks = outputs["labels"], outputs["masks"]
     row: dict[str, float] = {}
     if labels.min() == 0 and labels.max() == 1:
@@ -62,19 +84,27 @@ def _classes(frame: pd.DataFrame) -> Iterator[tuple[tuple[str, str], pd.DataFram
     yield from frame.groupby(["dataset", "class_name"], sort=True)
 
 
+def _examples(outputs: dict[str, torch.Tensor], group: pd.DataFrame, count: int) -> list[Example]:
+    """The first `count` anomalous images of a class that have a mask."""
+    chosen = [i for i in range(len(group)) if outputs["labels"][i] == 1 and outputs["masks"][i].any()][:count]
+    return [Example(str(group["image_path"].iloc[i]), str(group["dataset"].iloc[i]), str(group["class_name"].iloc[i]),
+                    outputs["masks"][i].numpy(), outputs["maps"][i].numpy()) for i in chosen]
+
+
 def evaluate_frame(model: MoECLIP, frame: pd.DataFrame, batch_size: int = 8, device: str | torch.device = "cpu",
-                   num_workers: int = 0) -> pd.DataFrame:
+                   num_workers: int = 0, examples_per_class: int = 0) -> Evaluation:
     """One row per (dataset, class): counts and every metric the class can have (fractions, not x100)."""
     device = torch.device(device)
     model.eval()
-    rows = []
+    rows, examples = [], []
     groups = list(_classes(frame))
     for (dataset, class_name), group in tqdm(groups, desc="classes", unit="class"):
         outputs = _predict_class(model, group, batch_size, device, num_workers)
         rows.append({"dataset": dataset, "class_name": class_name, "n_images": len(group),
-                     "n_anomalous": int(group["label"].sum()),
-                     **_class_metrics(outputs, group["domain"].iloc[0])})
-    return pd.DataFrame(rows, columns=["dataset", "class_name", "n_images", "n_anomalous", *METRICS])
+                     "n_anomalous": int(group["label"].sum()), **_class_metrics(outputs)})
+        examples += _examples(outputs, group, examples_per_class)
+    per_class = pd.DataFrame(rows, columns=["dataset", "class_name", "n_images", "n_anomalous", *METRICS])
+    return Evaluation(per_class, examples)
 
 
 def summarize(per_class: pd.DataFrame) -> pd.DataFrame:

@@ -6,15 +6,15 @@ grows when many figures are made in a loop.
 """
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
+
+from moeclip.atomic import atomic_path
 
 CMAP = "jet"
 OVERLAY_ALPHA = 0.5
@@ -78,15 +78,9 @@ def save_figure(fig: Figure, path: Path | str) -> Path:
     """Write `fig` as PNG via a temporary file and `os.replace`, so readers never see a partial
     image, then close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "wb") as stream:
-            fig.savefig(stream, format="png")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as temporary:
+            fig.savefig(temporary, format="png")
     finally:
         _close(fig)
     return path

@@ -15,7 +15,6 @@ Masks: PNG/BMP masks are binarised with `> 0`; JPEG masks are lossy, so
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from moeclip.atomic import atomic_path
 from moeclip.data.archive import file_sha256
 from moeclip.data.registry import DataError
 
@@ -98,15 +98,8 @@ def write_manifest(frame: pd.DataFrame, path: Path, root: Path) -> None:
     table = _to_table(frame, root)
     relative_root = os.path.relpath(root, path.parent)
     table = table.replace_schema_metadata({ROOT_KEY: Path(relative_root).as_posix().encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        pq.write_table(table, temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    with atomic_path(path) as temporary:
+        pq.write_table(table, temporary)
 
 
 def manifest_root(path: Path) -> Path:

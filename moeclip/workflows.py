@@ -1,0 +1,163 @@
+"""The benchmark's stages as plain functions: prepare data, train, evaluate, predict.
+
+The CLI, the DVC stages and the Prefect flow all call these, so each stage has exactly
+one implementation. Training and evaluation runs are logged to MLflow.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from moeclip.atomic import atomic_path
+from moeclip.checkpoint import load_model, save_checkpoint
+from moeclip.config import Domain
+from moeclip.errors import MoeclipError
+from moeclip.evaluation import Evaluation, evaluate_frame, summarize
+from moeclip.params import Profile, TrackingConfig, resolve_device
+
+FIGURES_PER_DATASET = 3
+
+
+def prepare_profile_data(profile: Profile) -> dict[str, Path]:
+    """Manifests of every dataset the profile trains or evaluates on (generating the demo sets if synthetic)."""
+    from moeclip.data.prepare import prepare_dataset
+    from moeclip.data.synthetic import generate_demo_datasets
+
+    data = profile.data
+    raw = data.root / "raw"
+    if data.synthetic:
+        generate_demo_datasets(raw, seed=profile.train.seed)
+    manifests = {}
+    for name in dict.fromkeys(data.train + data.evaluate):
+        if not (raw / name).is_dir():
+            raise MoeclipError(f"dataset folder '{raw / name}' is missing: run `moeclip data fetch {name}` first")
+        prepare_dataset(name, raw / name, data.manifest(name))
+        manifests[name] = data.manifest(name)
+    return manifests
+
+
+def read_manifests(manifests: Mapping[str, Path]) -> pd.DataFrame:
+    from moeclip.data.manifest import read_manifest
+
+    missing = [str(path) for path in manifests.values() if not Path(path).is_file()]
+    if missing:
+        raise MoeclipError(f"manifest(s) {', '.join(missing)} missing: run `moeclip data prepare` first")
+    return pd.concat([read_manifest(path) for path in manifests.values()], ignore_index=True)
+
+
+def train_profile(profile: Profile, out_dir: Path | None = None, max_steps: int | None = None) -> Path:
+    """Train on the profile's auxiliary dataset(s), logging to MLflow; returns the checkpoint."""
+    from moeclip.tracking import start_run
+    from moeclip.training import train
+
+    manifests = {name: profile.data.manifest(name) for name in profile.data.train}
+    frame = read_manifests(manifests)
+    out_dir = out_dir or profile.run_dir / f"train-{'+'.join(profile.data.train)}"
+    with start_run(profile.tracking.experiment, out_dir.name, profile.tracking.uri,
+                   params=profile.model_dump(mode="json", exclude={"tracking"}),
+                   tags={"stage": "train", "profile": profile.name}) as run:
+        run.log_manifest_hashes(manifests)
+        result = train(profile.model, profile.train, frame, out_dir, resolve_device(profile.device),
+                       max_steps=max_steps, log=run.log_losses)
+        run.log_artifact(result.checkpoint)
+    return result.checkpoint
+
+
+def untrained_checkpoint(profile: Profile, path: Path) -> Path:
+    """A checkpoint of the freshly initialised model (the 'before training' baseline)."""
+    from moeclip.model import build_model
+
+    save_checkpoint(path, build_model(profile.model, seed=profile.train.seed), profile.train.seed)
+    return path
+
+
+def _write_results(evaluation: Evaluation, summary: pd.DataFrame, out_dir: Path) -> None:
+    per_class = evaluation.per_class
+    with atomic_path(out_dir / "per_class.parquet") as temporary:
+        per_class.to_parquet(temporary, index=False)
+    with atomic_path(out_dir / "per_class.csv") as temporary:
+        per_class.to_csv(temporary, index=False)
+    with atomic_path(out_dir / "summary.json") as temporary:
+        temporary.write_text(json.dumps(json.loads(summary.to_json(orient="index")), indent=2))
+
+
+def _log_figures(run, evaluation: Evaluation) -> None:
+    from moeclip.data.transforms import read_image
+    from moeclip.figures import anomaly_map_figure
+
+    per_dataset: dict[str, int] = {}
+    for example in evaluation.examples:
+        if per_dataset.setdefault(example.dataset, 0) >= FIGURES_PER_DATASET:
+            continue
+        per_dataset[example.dataset] += 1
+        size = example.amap.shape[::-1]
+        image = np.asarray(read_image(Path(example.path)).convert("RGB").resize(size))
+        title = f"{example.dataset} / {example.class_name}: {Path(example.path).name}"
+        run.log_figure(anomaly_map_figure(image, example.mask, example.amap, title),
+                       f"{example.dataset}-{example.class_name}-{Path(example.path).stem}")
+
+
+def evaluate_checkpoint(checkpoint: Path, manifests: Mapping[str, Path], out_dir: Path, tracking: TrackingConfig,
+                        device: str = "auto", batch_size: int = 8, run_name: str | None = None) -> pd.DataFrame:
+    """Zero-shot evaluation of a checkpoint on manifests: result tables in `out_dir`, everything in MLflow.
+
+    Returns the per-dataset summary (means over classes, x100).
+    """
+    from moeclip.tracking import start_run
+
+    device = resolve_device(device)
+    model, payload = load_model(checkpoint, device)
+    evaluation = evaluate_frame(model, read_manifests(manifests), batch_size=batch_size, device=device,
+                                examples_per_class=1)
+    summary = summarize(evaluation.per_class)
+    _write_results(evaluation, summary, Path(out_dir))
+    with start_run(tracking.experiment, run_name or Path(out_dir).name, tracking.uri,
+                   params={"model": payload["model_config"], "checkpoint": str(checkpoint)},
+                   tags={"stage": "evaluate"}) as run:
+        run.log_manifest_hashes(manifests)
+        run.log_metrics_table(evaluation.per_class, summary)
+        _log_figures(run, evaluation)
+    return summary
+
+
+def predict_images(checkpoint: Path, images: Sequence[Path], description: str, domain: Domain, out_dir: Path,
+                   device: str = "auto") -> dict[str, dict[str, float]]:
+    """Anomaly maps (PNG overlays) and scores for a user's own images of one class.
+
+    Scores follow the test protocol over the given images (min-max over the set, then the
+    domain's rule); with a single image only the raw scores are meaningful.
+    """
+    from moeclip.data.dataset import ManifestDataset
+    from moeclip.data.transforms import read_image
+    from moeclip.figures import overlay_png
+    from moeclip.model.scoring import finalize_class_scores
+
+    device = resolve_device(device)
+    model, _ = load_model(checkpoint, device)
+    frame = pd.DataFrame({"image_path": [str(Path(p).resolve()) for p in images], "mask_path": None, "label": 0,
+                          "class_name": description, "description": description, "dataset": "own",
+                          "domain": domain})
+    dataset = ManifestDataset(frame, model.config.image_size)
+    batch = torch.stack([dataset[i]["image"] for i in range(len(dataset))]).to(device)
+    with torch.inference_mode():
+        raw_maps, raw_scores = model.predict(batch, [description] * len(dataset), domain)
+    maps, final = finalize_class_scores(raw_maps.float().cpu(), raw_scores.float().cpu(), domain)
+    out_dir = Path(out_dir)
+    results = {}
+    for index, path in enumerate(images):
+        original = np.asarray(read_image(Path(path)).convert("RGB"))
+        one_map = raw_maps[index].float().cpu()
+        display = (one_map - one_map.min()) / (one_map.max() - one_map.min()).clamp_min(1e-12)
+        display = torch.nn.functional.interpolate(display[None, None], size=original.shape[:2], mode="bilinear",
+                                                  align_corners=True)[0, 0].numpy()
+        overlay_png(original, display, out_dir / f"{Path(path).stem}_anomaly_map.png")
+        results[str(path)] = {"image_score_raw": float(raw_scores[index]), "map_max_raw": float(one_map.max()),
+                              "final_score": float(final[index]), "map_max_normalised": float(maps[index].max())}
+    with atomic_path(out_dir / "scores.json") as temporary:
+        temporary.write_text(json.dumps(results, indent=2))
+    return results

@@ -1,0 +1,91 @@
+"""The CLI's stage commands on the offline demo profile: demo, train (with resume), evaluate, predict."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from moeclip.cli import app
+from moeclip.params import ParamsError, load_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def quick_params(tmp_path, monkeypatch) -> Path:
+    """The repository's demo profile with 1 epoch, run inside tmp_path."""
+    document = yaml.safe_load((ROOT / "params.yaml").read_text())
+    document["profiles"]["demo"]["train"].update(epochs=1, checkpoint_every=2)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(document))
+    monkeypatch.chdir(tmp_path)
+    return path
+
+
+def test_demo_runs_prepare_train_and_evaluate_with_mlflow(quick_params, tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--config", str(quick_params)])
+    assert result.exit_code == 0, result.output
+    for stage in ("eval-untrained", "eval-trained"):
+        summary = json.loads((tmp_path / "runs/demo" / stage / "summary.json").read_text())
+        assert set(summary) == {"mvtec", "brainmri", "colondb"}
+        assert 0 <= summary["mvtec"]["pixel_auroc"] <= 100
+    assert (tmp_path / "runs/demo/train-visa/checkpoint.pt").is_file()
+    client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
+    experiment = client.get_experiment_by_name("zsad-demo")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["stage"] for r in runs) == ["evaluate", "evaluate", "train"]
+    evaluation = next(r for r in runs if r.info.run_name == "eval-trained")
+    assert "mvtec.pixel_auroc" in evaluation.data.metrics
+    assert "manifest.mvtec.sha256" in evaluation.data.params
+    artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+    assert {"per_class.csv", "summary.json", "figures"} <= artifacts
+
+
+def test_train_stops_and_resumes_from_its_checkpoint(quick_params, tmp_path):
+    profile = load_profile(quick_params, "demo")
+    CliRunner().invoke(app, ["data", "demo", "--out", str(profile.data.root / "raw")])
+    for name in ("visa",):
+        CliRunner().invoke(app, ["data", "prepare", name, "--root", str(profile.data.root / "raw" / name),
+                                 "--out", str(profile.data.manifest(name))])
+    first = CliRunner().invoke(app, ["train", "--config", str(quick_params), "--max-steps", "3"])
+    assert first.exit_code == 0, first.output
+    checkpoint = Path(first.stdout.strip().splitlines()[-1])
+    assert torch.load(checkpoint, weights_only=False)["progress"]["global_step"] == 3
+    second = CliRunner().invoke(app, ["train", "--config", str(quick_params)])
+    assert second.exit_code == 0, second.output
+    assert torch.load(checkpoint, weights_only=False)["progress"]["complete"]
+
+
+def test_predict_writes_overlays_and_scores(tmp_path):
+    from moeclip import ModelConfig
+    from moeclip.params import Profile
+    from moeclip.workflows import untrained_checkpoint
+
+    checkpoint = untrained_checkpoint(Profile(name="t", model=ModelConfig.tiny()), tmp_path / "model.pt")
+    rng = np.random.default_rng(0)
+    images = []
+    for index in range(2):
+        path = tmp_path / f"part{index}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
+        images.append(str(path))
+    result = CliRunner().invoke(app, ["predict", *images, "--checkpoint", str(checkpoint), "--class-name", "metal nut",
+                                      "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert set(scores) == set(images)
+    assert all(0 <= s["final_score"] <= 1 and 0 <= s["image_score_raw"] <= 1 for s in scores.values())
+    overlay = Image.open(tmp_path / "out" / "part0_anomaly_map.png")
+    assert overlay.size == (50, 40)
+
+
+def test_unknown_profile_and_missing_manifests_are_clear_errors(quick_params):
+    with pytest.raises(ParamsError, match="no profile 'nope'"):
+        load_profile(quick_params, "nope")
+    result = CliRunner().invoke(app, ["train", "--config", str(quick_params)])
+    assert result.exit_code != 0
+    assert "moeclip data prepare" in str(result.exception)
