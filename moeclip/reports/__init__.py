@@ -1,0 +1,1 @@
+"""Reference data from the MoECLIP paper (published numbers) and helpers to read them."""

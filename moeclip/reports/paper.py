@@ -1,0 +1,69 @@
+"""The MoECLIP paper's published numbers, shipped as ``paper_results.yaml`` next to this module.
+
+Each table entry holds ``results`` nested as its ``layout`` says (default: row -> dataset -> metric;
+Table 15: dataset -> class -> metric). Values are as printed (x100 for AUROC/AP); ``None`` means the
+paper prints '-' (not applicable).
+"""
+from __future__ import annotations
+
+from importlib.resources import files
+from typing import Any
+
+import pandas as pd
+import yaml
+
+RESULTS_FILE = "paper_results.yaml"
+DEFAULT_LAYOUT = ("row", "dataset", "metric")
+TIDY_COLUMNS = ["table", "row", "dataset", "metric", "value"]
+
+
+def load_paper_results() -> dict[str, Any]:
+    """Parse the shipped YAML into a fresh dict (callers may mutate it)."""
+    text = files(__package__).joinpath(RESULTS_FILE).read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def _table_key(name: str | int) -> str:
+    """Accept ``1``, ``"1"`` or ``"table1"`` and return ``"table1"``."""
+    key = str(name)
+    return key if key.startswith("table") else f"table{key}"
+
+
+def table_names() -> list[str]:
+    """Keys of every transcribed table, in paper order."""
+    return [key for key in load_paper_results() if key.startswith("table")]
+
+
+def paper_table(name: str | int, results: dict[str, Any] | None = None) -> pd.DataFrame:
+    """One table in tidy long form: columns table, row, dataset, metric, value.
+
+    ``row`` is the method / variant (Table 15: the class); ``dataset`` is a dataset slug or a
+    pseudo-key such as ``average_image`` or ``cost``. Null cells are kept as NaN.
+    """
+    key = _table_key(name)
+    table = (results or load_paper_results())[key]
+    outer = table.get("layout", DEFAULT_LAYOUT)[0]
+    records = []
+    for first, by_second in table["results"].items():
+        for second, metrics in by_second.items():
+            row, dataset = (second, first) if outer == "dataset" else (first, second)
+            for metric, value in metrics.items():
+                records.append((key, str(row), str(dataset), metric, value))
+    frame = pd.DataFrame.from_records(records, columns=TIDY_COLUMNS)
+    frame["value"] = frame["value"].astype(float)
+    return frame
+
+
+def all_paper_tables() -> pd.DataFrame:
+    """Every transcribed table concatenated in tidy long form."""
+    results = load_paper_results()
+    keys = [key for key in results if key.startswith("table")]
+    return pd.concat([paper_table(key, results) for key in keys], ignore_index=True)
+
+
+def paper_value(table: str | int, row: str, dataset: str, metric: str) -> float | None:
+    """A single published number (``None`` where the paper prints '-')."""
+    entry = load_paper_results()[_table_key(table)]
+    outer = entry.get("layout", DEFAULT_LAYOUT)[0]
+    first, second = (dataset, row) if outer == "dataset" else (row, dataset)
+    return entry["results"][first][second][metric]
