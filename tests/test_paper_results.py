@@ -17,10 +17,20 @@ import pytest
 
 from moeclip.reports.paper import load_paper_results, paper_table, paper_value, table_names
 
-# The paper text sits in the project brief's shared/ folder beside the repository (as in CI);
-# MOECLIP_PAPER_TEXT points elsewhere. Without it these checks cannot run, so they fail loudly.
-PAPER = Path(os.environ.get("MOECLIP_PAPER_TEXT",
-                            Path(__file__).resolve().parents[2] / "shared" / "seeds" / "002_19a5db8420beccbb.txt"))
+# The paper text sits in the project brief's shared/ folder beside the repository (as in CI), found
+# by walking up from here; MOECLIP_PAPER_TEXT points elsewhere. Without it these checks cannot run,
+# so they fail loudly.
+PAPER_NAME = Path("shared") / "seeds" / "002_19a5db8420beccbb.txt"
+
+
+def _paper_path() -> Path:
+    if "MOECLIP_PAPER_TEXT" in os.environ:
+        return Path(os.environ["MOECLIP_PAPER_TEXT"])
+    candidates = [folder / PAPER_NAME for folder in Path(__file__).resolve().parents]
+    return next((path for path in candidates if path.is_file()), candidates[1])
+
+
+PAPER = _paper_path()
 
 Number = float | None
 METRICS = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap"]
