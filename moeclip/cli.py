@@ -9,12 +9,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from moeclip.errors import MoeclipError
-
 from moeclip.data.cli import data_app
+from moeclip.errors import MoeclipError
 
 app = typer.Typer(help="MoECLIP zero-shot anomaly detection benchmark.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
+app.add_typer(data_app, name="data")
 
 
 def run() -> None:
@@ -24,7 +24,6 @@ def run() -> None:
     except MoeclipError as err:
         Console(stderr=True).print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
         raise SystemExit(2) from None
-app.add_typer(data_app, name="data")
 
 
 @app.callback()

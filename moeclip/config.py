@@ -109,6 +109,11 @@ class ModelConfig(BaseModel):
         """Sorted layers whose (MoE-adapted) tokens feed the segmentation heads."""
         return tuple(sorted(self.output_layers if self.output_layers is not None else self.moe_layers))
 
+    @property
+    def prompt_field(self) -> str:
+        """The batch/manifest field that fills the prompts' '{}': description or plain class name."""
+        return "description" if self.use_class_descriptions else "class_name"
+
     def blur_for(self, domain: Domain) -> BlurConfig:
         return self.blur_industrial if domain == "industrial" else self.blur_medical
 

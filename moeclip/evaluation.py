@@ -47,11 +47,10 @@ def _predict_class(model: MoECLIP, frame: pd.DataFrame, batch_size: int, device:
     dataset = ManifestDataset(frame, model.config.image_size, train=False)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     domain = frame["domain"].iloc[0]
-    text_column = "description" if model.config.use_class_descriptions else "class_name"
     collected: dict[str, list[torch.Tensor]] = {"maps": [], "scores": [], "labels": [], "masks": [], "has_mask": []}
     with torch.inference_mode():
         for batch in loader:
-            maps, scores = model.predict(batch["image"].to(device), batch[text_column], domain)
+            maps, scores = model.predict(batch["image"].to(device), batch[model.config.prompt_field], domain)
             collected["maps"].append(maps.float().cpu())
             collected["scores"].append(scores.float().cpu())
             collected["labels"].append(batch["label"])

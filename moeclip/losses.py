@@ -12,6 +12,17 @@ def etf_target(num_experts: int, device: torch.device | None = None) -> torch.Te
     return target.fill_diagonal_(1.0)
 
 
+def _unit_outputs(expert_outputs: torch.Tensor) -> torch.Tensor:
+    """(..., K, d) expert outputs -> (tokens, K, d) L2-normalised, in float32."""
+    return F.normalize(expert_outputs.float().flatten(0, -3), dim=-1)
+
+
+def _gram(expert_outputs: torch.Tensor) -> torch.Tensor:
+    """Per-token Gram matrix of the normalised expert outputs (Eq. 7): (tokens, K, K)."""
+    unit = _unit_outputs(expert_outputs)
+    return unit @ unit.transpose(-1, -2)
+
+
 def etf_loss(expert_outputs: torch.Tensor) -> torch.Tensor:
     """Mean over tokens and the K*K entries of (G - G_ideal)^2 (Eq. 8, one layer).
 
@@ -21,8 +32,7 @@ def etf_loss(expert_outputs: torch.Tensor) -> torch.Tensor:
     num_experts = expert_outputs.shape[-2]
     if num_experts == 1:
         return expert_outputs.new_zeros((), dtype=torch.float32)
-    unit = F.normalize(expert_outputs.float().flatten(0, -3), dim=-1)
-    gram = unit @ unit.transpose(-1, -2)
+    gram = _gram(expert_outputs)
     return (gram - etf_target(num_experts, gram.device)).pow(2).mean()
 
 
@@ -41,8 +51,7 @@ def expert_cosine_loss(expert_outputs: torch.Tensor) -> torch.Tensor:
     num_experts = expert_outputs.shape[-2]
     if num_experts == 1:
         return expert_outputs.new_zeros((), dtype=torch.float32)
-    unit = F.normalize(expert_outputs.float().flatten(0, -3), dim=-1)
-    gram = unit @ unit.transpose(-1, -2)
+    gram = _gram(expert_outputs)
     off_diagonal = gram.sum(dim=(-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)
     return off_diagonal.mean() / (num_experts * (num_experts - 1))
 
@@ -54,7 +63,7 @@ def expert_contrastive_loss(expert_outputs: torch.Tensor, temperature: float = 0
     negatives are the other experts' outputs on token t. Pulls each expert towards a
     consistent function and pushes experts apart.
     """
-    unit = F.normalize(expert_outputs.float().flatten(0, -3), dim=-1)  # (T, K, d)
+    unit = _unit_outputs(expert_outputs)  # (T, K, d)
     num_experts = unit.shape[1]
     if num_experts == 1 or unit.shape[0] < 2:
         return unit.new_zeros(())

@@ -52,9 +52,8 @@ def compute_losses(model: MoECLIP, batch: Mapping[str, Any], config: TrainConfig
     masks = batch["mask"][:, 0].to(device, non_blocking=True)
     labels = batch["label"].to(device, non_blocking=True)
     known = torch.as_tensor(batch["has_mask"], device=device)
-    text = batch["description"] if model.config.use_class_descriptions else batch["class_name"]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
-        maps, cosines, vision = model.training_outputs(images, text)
+        maps, cosines, vision = model.training_outputs(images, batch[model.config.prompt_field])
     zero = images.new_zeros((), dtype=torch.float32)
     seg = segmentation_loss(maps[known], masks[known], config.focal_gamma) if known.any() else zero
     ac = classification_loss(cosines, labels, config.classification_loss)

@@ -135,7 +135,7 @@ def predict_images(checkpoint: Path, images: Sequence[Path], description: str, d
     from moeclip.data.dataset import ManifestDataset
     from moeclip.data.transforms import read_image
     from moeclip.figures import overlay_png
-    from moeclip.model.scoring import finalize_class_scores
+    from moeclip.model.scoring import finalize_class_scores, min_max
 
     device = resolve_device(device)
     model, _ = load_model(checkpoint, device)
@@ -152,8 +152,7 @@ def predict_images(checkpoint: Path, images: Sequence[Path], description: str, d
     for index, path in enumerate(images):
         original = np.asarray(read_image(Path(path)).convert("RGB"))
         one_map = raw_maps[index].float().cpu()
-        display = (one_map - one_map.min()) / (one_map.max() - one_map.min()).clamp_min(1e-12)
-        display = torch.nn.functional.interpolate(display[None, None], size=original.shape[:2], mode="bilinear",
+        display = torch.nn.functional.interpolate(min_max(one_map)[None, None], size=original.shape[:2], mode="bilinear",
                                                   align_corners=True)[0, 0].numpy()
         overlay_png(original, display, out_dir / f"{Path(path).stem}_anomaly_map.png")
         results[str(path)] = {"image_score_raw": float(raw_scores[index]), "map_max_raw": float(one_map.max()),

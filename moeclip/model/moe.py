@@ -132,11 +132,14 @@ class MoEAdapter(nn.Module):
         return torch.einsum("...kr,kdr->...kd", codes, self.lora_b.to(x.dtype)) * self.scale
 
     def sparse_mixture(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """sum_n R_hat_n E_n(x) without forming the K outputs; `weights` is zero off the top-k."""
+        """sum_n R_hat_n E_n(x) without forming the K outputs; `weights` is zero off the top-k.
+
+        Full-rank experts (a Table 10 ablation) have no low-rank codes to mask, so all K are computed.
+        """
+        if self.expert_type == "full_rank":
+            return torch.einsum("...k,...kd->...d", weights.to(x.dtype), self.expert_outputs(x))
         x = self.dropout(x)
         weights = weights.to(x.dtype)
-        if self.expert_type == "full_rank":
-            return torch.einsum("...k,...kd->...d", weights, torch.einsum("...j,kdj->...kd", x, self.full.to(x.dtype)))
         k, r = self.num_experts, self.rank
         codes = F.linear(x, self.lora_a.to(x.dtype).reshape(k * r, -1)).unflatten(-1, (k, r))
         mixed_codes = (codes * weights.unsqueeze(-1)).flatten(-2)  # (..., K*r)

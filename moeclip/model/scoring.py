@@ -42,7 +42,8 @@ def image_score(image_embedding: torch.Tensor, anchors: torch.Tensor) -> torch.T
     return (F.cosine_similarity(image_embedding.float(), anchors[:, 1].float(), dim=-1) + 1) / 2
 
 
-def _min_max(values: torch.Tensor) -> torch.Tensor:
+def min_max(values: torch.Tensor) -> torch.Tensor:
+    """Scale to [0, 1] over all elements; a constant tensor becomes zeros."""
     low, high = values.min(), values.max()
     if high <= low:
         return torch.zeros_like(values)
@@ -55,7 +56,7 @@ def finalize_class_scores(maps: torch.Tensor, scores: torch.Tensor, domain: Doma
     Min-max normalise the (N, H, W) maps and the (N,) image scores over the class; the
     final image score is 0.5 * max(map) + 0.5 * S_A (industrial) or max(map) (medical).
     """
-    maps, scores = _min_max(maps.float()), _min_max(scores.float())
+    maps, scores = min_max(maps.float()), min_max(scores.float())
     peak = maps.flatten(1).amax(dim=1)
     final = 0.5 * peak + 0.5 * scores if domain == "industrial" else peak
     return maps, final
