@@ -589,31 +589,55 @@ def _plan_visa(seed: int, per_class: int) -> list[Item]:
     return items
 
 
-def _plan_bmad(seed: int, per_class: int) -> list[Item]:
-    """BMAD layout: `test/good/img/*.png`, `test/Ungood/img/*.png`, masks `test/Ungood/label/*.png`."""
-    normals = [f"test/good/img/{i:03d}.png" for i in range(per_class)]
+def _plan_industrial_folders(
+    dataset: str, classes: Mapping[str, Renderer], normal: str, anomalous: str, mask: str, ext: str
+) -> Callable[[int, int], list[Item]]:
+    """Plans for the one-folder-per-class industrial layouts (BTAD, RSDD, DTD-Synthetic).
+
+    `normal`, `anomalous` and `mask` are path patterns with `{c}` (class folder) and `{i}` (index).
+    """
+
+    def plan(seed: int, per_class: int) -> list[Item]:
+        items: list[Item] = []
+        for name, render in classes.items():
+            paths = [normal.format(c=name, i=i) + ext for i in range(per_class)]
+            items += _normals(render, name, (dataset, name, "normal"), paths)
+            for i in range(per_class):
+                key = (dataset, name, "anomaly", i)
+                defect = INDUSTRIAL_DEFECTS[_pick_defect(seed, key)]
+                image, mask_path = anomalous.format(c=name, i=i) + ext, mask.format(c=name, i=i)
+                items.append(Item(image, name, render, key, defect, mask_path))
+        return items
+
+    return plan
+
+
+def _plan_scans(dataset: str, normal: str, anomalous: str, mask: str | None) -> Callable[[int, int], list[Item]]:
+    """Plans for the medical scan layouts: BMAD (with masks) and Head CT (labels only)."""
     lesion = Defect(_blob, _lesion_fill)
-    anomalies = [
-        Item(
-            f"test/Ungood/img/{i:03d}.png",
-            "brain",
-            _render_brain,
-            ("brainmri", "anomaly", i),
-            lesion,
-            f"test/Ungood/label/{i:03d}.png",
-        )
-        for i in range(per_class)
-    ]
-    return _normals(_render_brain, "brain", ("brainmri", "normal"), normals) + anomalies
+
+    def plan(seed: int, per_class: int) -> list[Item]:
+        normals = [normal.format(i=i) for i in range(per_class)]
+        anomalies = [Item(anomalous.format(i=i), dataset, _render_brain, (dataset, "anomaly", i), lesion,
+                          mask.format(i=i) if mask else None) for i in range(per_class)]
+        return _normals(_render_brain, dataset, (dataset, "normal"), normals) + anomalies
+
+    return plan
 
 
-def _plan_colon(seed: int, per_class: int) -> list[Item]:
-    """Colon layout, anomalies only: `images/*.png` with same-named `masks/*.png`."""
+def _plan_endoscopy(dataset: str, image: str, mask: str) -> Callable[[int, int], list[Item]]:
+    """Plans for the polyp layouts (anomalies only): ColonDB, ClinicDB, CVC-300, Kvasir, Endo."""
     polyp = Defect(_polyp, _polyp_fill)
-    return [
-        Item(f"images/{i:03d}.png", "colon", _render_colon, ("colondb", "anomaly", i), polyp, f"masks/{i:03d}.png")
-        for i in range(per_class)
-    ]
+
+    def plan(seed: int, per_class: int) -> list[Item]:
+        return [Item(image.format(i=i), dataset, _render_colon, (dataset, "anomaly", i), polyp, mask.format(i=i))
+                for i in range(per_class)]
+
+    return plan
+
+
+_BMAD = ("test/good/img/{i:03d}.png", "test/Ungood/img/{i:03d}.png", "test/Ungood/label/{i:03d}.png")
+_COLON = ("images/{i:03d}.png", "masks/{i:03d}.png")
 
 
 def _write_visa_split(root: Path, items: list[Item]) -> None:
@@ -642,27 +666,46 @@ class DemoSet:
 DEMO_SETS: Mapping[str, DemoSet] = {
     "mvtec": DemoSet(_plan_mvtec),
     "visa": DemoSet(_plan_visa, _write_visa_split),
-    "brainmri": DemoSet(_plan_bmad),
-    "colondb": DemoSet(_plan_colon),
+    "btad": DemoSet(_plan_industrial_folders(
+        "btad", {"01": _render_carpet, "02": _render_wood, "03": _render_tile},
+        "{c}/test/ok/{i:04d}", "{c}/test/ko/{i:04d}", "{c}/ground_truth/ko/{i:04d}.png", ".bmp")),
+    "rsdd": DemoSet(_plan_industrial_folders(
+        "rsdd", {"Metal15": _render_grid}, "{c}/test/good/{i}", "{c}/test/anomaly/{i}",
+        "{c}/ground_truth/anomaly/{i}.png", ".bmp")),
+    "dtd": DemoSet(_plan_industrial_folders(
+        "dtd", {"Woven_001": _render_carpet, "Blotchy_099": _render_tile, "Marbled_078": _render_wood},
+        "{c}/test/good/{i:03d}", "{c}/test/bad/{i:03d}", "{c}/ground_truth/bad/{i:03d}_mask.png", ".png")),
+    "brainmri": DemoSet(_plan_scans("brainmri", *_BMAD)),
+    "headct": DemoSet(_plan_scans("headct", "test/good/{i:03d}.png", "test/defect/{i:03d}.png", None)),
+    "liverct": DemoSet(_plan_scans("liverct", *_BMAD)),
+    "retinaoct": DemoSet(_plan_scans("retinaoct", *_BMAD)),
+    "colondb": DemoSet(_plan_endoscopy("colondb", *_COLON)),
+    "clinicdb": DemoSet(_plan_endoscopy("clinicdb", *_COLON)),
+    "cvc300": DemoSet(_plan_endoscopy("cvc300", *_COLON)),
+    "kvasir": DemoSet(_plan_endoscopy("kvasir", *_COLON)),
+    "endo": DemoSet(_plan_endoscopy("endo", "test dataset/images/{i:03d}.jpg", "test dataset/masks/{i:03d}.jpg")),
 }
 DEMO_SLUGS: tuple[str, ...] = tuple(DEMO_SETS)
 
 
 # --------------------------------------------------------------------------- writing
-def _save_image(image: np.ndarray, path: Path) -> None:
-    """PNG or JPEG (by suffix), grayscale when the image has one channel."""
+def _save(picture: Image.Image, path: Path) -> None:
+    """Write in the format the suffix names (JPEG at quality 95), as the real datasets store them."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     if path.suffix.lower() in (".jpg", ".jpeg"):
         picture.save(path, format="JPEG", quality=95)
     else:
-        picture.save(path, format="PNG")
+        picture.save(path)
+
+
+def _save_image(image: np.ndarray, path: Path) -> None:
+    """Grayscale when the image has one channel."""
+    _save(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), path)
 
 
 def _save_mask(mask: np.ndarray, path: Path) -> None:
-    """Binary mask as uint8 0/255 PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask.astype(np.uint8) * 255).save(path, format="PNG")
+    """Binary mask as 0/255."""
+    _save(Image.fromarray(mask.astype(np.uint8) * 255), path)
 
 
 def _write_item(root: Path, item: Item, seed: int, size: int) -> None:
@@ -698,17 +741,28 @@ def _write_dataset(out: Path, slug: str, items: list[Item], seed: int, size: int
     return out / slug
 
 
-def generate_demo_datasets(out: Path, seed: int = 0, image_size: int = 64, per_class: int = 6) -> list[Path]:
-    """Write the demo datasets under `out/<slug>/` (slugs of DEMO_SLUGS) and return their folders.
-
-    `per_class` is the number of normal and of anomalous test images per class (plus as many
-    normal train images for the MVTec- and VisA-style sets). An existing dataset folder is
-    replaced only once its successor is complete.
-    """
+def _check_arguments(seed: int, image_size: int, per_class: int) -> None:
     if seed < 0 or image_size < 16 or per_class < 1:
         raise ValueError("need seed >= 0, image_size >= 16 and per_class >= 1")
+
+
+def generate_demo_dataset(slug: str, out: Path, seed: int = 0, image_size: int = 64, per_class: int = 6) -> Path:
+    """Write one demo dataset to `out/<slug>/` (replacing an existing one only once complete) and return it.
+
+    `per_class` is the number of normal and of anomalous test images per class (plus as many
+    normal train images for the MVTec- and VisA-style sets).
+    """
+    _check_arguments(seed, image_size, per_class)
+    if slug not in DEMO_SETS:
+        raise ValueError(f"no synthetic demo version of '{slug}' (there are: {', '.join(DEMO_SLUGS)})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plans = {slug: demo.plan(seed, per_class) for slug, demo in DEMO_SETS.items()}
-    with tqdm(total=sum(map(len, plans.values())), desc="demo datasets", unit="img") as progress:
-        return [_write_dataset(out, slug, items, seed, image_size, progress) for slug, items in plans.items()]
+    items = DEMO_SETS[slug].plan(seed, per_class)
+    with tqdm(total=len(items), desc=f"demo {slug}", unit="img") as progress:
+        return _write_dataset(out, slug, items, seed, image_size, progress)
+
+
+def generate_demo_datasets(out: Path, seed: int = 0, image_size: int = 64, per_class: int = 6) -> list[Path]:
+    """Write every demo dataset (slugs of DEMO_SLUGS) under `out/<slug>/` and return their folders."""
+    _check_arguments(seed, image_size, per_class)
+    return [generate_demo_dataset(slug, out, seed, image_size, per_class) for slug in DEMO_SLUGS]
