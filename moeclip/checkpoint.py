@@ -5,6 +5,7 @@ weights, from the build seed), so a ViT-L checkpoint is ~20 MB instead of ~1.7 G
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,16 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return payload
 
 
-def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[MoECLIP, dict[str, Any]]:
-    """Rebuild the model a checkpoint was trained with and load its weights; returns (model in eval mode, payload)."""
+def load_model(path: Path, device: str | torch.device = "cpu",
+               test_time: Mapping[str, Any] | None = None) -> tuple[MoECLIP, dict[str, Any]]:
+    """Rebuild the model a checkpoint was trained with and load its weights; returns (model in eval mode, payload).
+
+    `test_time` overrides model fields that act only at inference (router noise, blur), so one
+    training serves every test-time variant of an experiment.
+    """
     payload = read_checkpoint(path)
-    model = build_model(ModelConfig.model_validate(payload["model_config"]), seed=payload["build_seed"])
+    config = ModelConfig.model_validate({**payload["model_config"], **(test_time or {})})
+    model = build_model(config, seed=payload["build_seed"])
     missing, unexpected = model.load_state_dict(payload["weights"], strict=False)
     missing = [k for k in missing if not k.startswith("clip.")]
     if missing or unexpected:

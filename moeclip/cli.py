@@ -58,7 +58,7 @@ def params(
     Console().print(table)
 
 
-def _profile(config: Path, profile: str):
+def _profile(config: Path, profile: str | None):
     from moeclip.params import load_profile
 
     return load_profile(config, profile)
@@ -78,19 +78,21 @@ def _summary_table(title: str, summaries: dict[str, pd.DataFrame]) -> Table:
 
 
 CONFIG_OPTION = typer.Option(Path("params.yaml"), "--config", help="the params file")
+PROFILE_OPTION = typer.Option(None, help="profile of the params file (default: its `profile:` entry)")
 
 
 @app.command()
 def train(
     config: Path = CONFIG_OPTION,
-    profile: str = typer.Option("demo", help="profile of the params file"),
-    out: Path | None = typer.Option(None, help="run folder (default: <runs>/<profile>/train-<datasets>)"),
+    profile: str | None = PROFILE_OPTION,
+    on: list[str] = typer.Option(["visa"], help="auxiliary dataset(s) to train on; repeat for several"),
+    out: Path | None = typer.Option(None, help="run folder (default: <runs>/<profile>/train/<datasets>)"),
     max_steps: int | None = typer.Option(None, help="stop (checkpointed) after this many steps; rerun to resume"),
 ) -> None:
-    """Train MoECLIP on the profile's auxiliary dataset(s); resumes from the run folder's checkpoint."""
+    """Train MoECLIP on auxiliary dataset(s) with a profile's settings; resumes from the run folder's checkpoint."""
     from moeclip.workflows import train_profile
 
-    typer.echo(str(train_profile(_profile(config, profile), out, max_steps)))
+    typer.echo(str(train_profile(_profile(config, profile), on, out, max_steps)))
 
 
 @app.command()
@@ -138,23 +140,90 @@ def demo(
     config: Path = CONFIG_OPTION,
     profile: str = typer.Option("demo", help="an offline profile of the params file"),
 ) -> None:
-    """Offline demo: synthetic datasets -> manifests -> evaluate untrained -> train -> evaluate trained.
+    """Quick before/after check: evaluate the untrained model, train on VisA, evaluate again (unseen datasets).
 
-    The backbone is a tiny random-weight ViT, so the numbers show that the pipeline works
-    end to end and that training helps; they are not the paper's results.
+    The demo backbone is a tiny random-weight ViT, so the numbers show that the pipeline works
+    and that training helps; they are not the paper's results. `dvc repro` runs the full benchmark.
     """
+    from moeclip.experiments import load_plan
     from moeclip.workflows import evaluate_checkpoint, prepare_profile_data, train_profile, untrained_checkpoint
 
-    settings = _profile(config, profile)
-    manifests = prepare_profile_data(settings)
-    targets = {name: manifests[name] for name in settings.data.evaluate}
-    run_dir = settings.run_dir
-    before = evaluate_checkpoint(untrained_checkpoint(settings, run_dir / "untrained.pt"), targets,
-                                 run_dir / "eval-untrained", settings.tracking, settings.device)
-    after = evaluate_checkpoint(train_profile(settings), targets, run_dir / "eval-trained", settings.tracking,
-                                settings.device)
+    benchmark, settings = load_plan(config, profile)
+    auxiliary = benchmark.main.auxiliary
+    manifests = prepare_profile_data(settings, [auxiliary, *benchmark.main.targets[auxiliary]])
+    targets = {name: manifests[name] for name in benchmark.main.targets[auxiliary]}
+    run_dir = settings.run_dir / "before-after"
+    before = evaluate_checkpoint(untrained_checkpoint(settings.model, settings.train.seed, run_dir / "untrained.pt"),
+                                 targets, run_dir / "eval-untrained", settings.tracking, settings.device)
+    after = evaluate_checkpoint(train_profile(settings, [auxiliary], run_dir / "train"), targets,
+                                run_dir / "eval-trained", settings.tracking, settings.device)
     columns = ["image_auroc", "pixel_auroc", "pixel_ap"]
     Console().print(_summary_table(
         f"Demo ({profile}): zero-shot on unseen datasets, x100 (tiny random-weight ViT; not paper results)",
         {"untrained": before.reindex(columns=columns), "trained": after.reindex(columns=columns)}))
     Console().print(f"results in {run_dir}; browse runs with: mlflow ui --backend-store-uri {settings.tracking.uri}")
+
+
+@app.command()
+def report(
+    config: Path = CONFIG_OPTION,
+    profile: str | None = PROFILE_OPTION,
+) -> None:
+    """Render every table (Markdown + LaTeX, ours beside the paper's) and figure from the pipeline's metrics."""
+    from moeclip.pipeline import report as render
+
+    typer.echo(f"tables and figures in {render(config, profile)}")
+
+
+stage_app = typer.Typer(help="The pipeline stages that dvc.yaml runs (one unit of work each).",
+                        no_args_is_help=True)
+app.add_typer(stage_app, name="stage")
+
+
+@stage_app.command("fetch")
+def stage_fetch(dataset: str, config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
+    """Download (or synthesise, for the demo) one dataset."""
+    from moeclip import pipeline
+
+    typer.echo(str(pipeline.fetch(config, dataset, profile)))
+
+
+@stage_app.command("prepare")
+def stage_prepare(dataset: str, config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
+    """Validate one dataset into its manifest."""
+    from moeclip import pipeline
+
+    typer.echo(str(pipeline.prepare(config, dataset, profile)))
+
+
+@stage_app.command("train")
+def stage_train(auxiliary: str, config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
+    """Train the profile's model on one auxiliary dataset of the `main` plan."""
+    from moeclip import pipeline
+
+    typer.echo(str(pipeline.train(config, auxiliary, profile)))
+
+
+@stage_app.command("evaluate")
+def stage_evaluate(auxiliary: str, target: str, config: Path = CONFIG_OPTION,
+                   profile: str | None = PROFILE_OPTION) -> None:
+    """Evaluate a main training zero-shot on one target dataset."""
+    from moeclip import pipeline
+
+    typer.echo(str(pipeline.evaluate(config, auxiliary, target, profile)))
+
+
+@stage_app.command("experiment")
+def stage_experiment(name: str, config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
+    """Run every variant of one experiment (a paper table or figure)."""
+    from moeclip import pipeline
+
+    typer.echo(str(pipeline.run_experiment(config, name, profile)))
+
+
+@stage_app.command("analysis")
+def stage_analysis(config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
+    """Expert utilisation, inter-expert similarity and routed-patch statistics of the main model."""
+    from moeclip import pipeline
+
+    typer.echo(str(pipeline.analyse(config, profile)))

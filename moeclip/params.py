@@ -1,11 +1,13 @@
 """params.yaml: named profiles, each a validated model + train + data + tracking configuration.
 
-Every hyperparameter lives in params.yaml; code only reads it through `load_profile`.
+Every hyperparameter lives in params.yaml; code only reads it through `load_profile` and
+`read_params` (the experiments section is modelled in moeclip/experiments.py).
 Fields a profile leaves out take the paper's defaults from `ModelConfig` / `TrainConfig`.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,17 +21,14 @@ class ParamsError(MoeclipError):
 
 
 class DataConfig(BaseModel):
-    """Where a profile's datasets live and which ones it trains and evaluates on."""
+    """Where a profile's datasets live and whether they are the synthetic demo sets."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    root: Path = Field(Path("data"), description="raw datasets in <root>/raw/<name>, manifests in <root>/manifests")
+    root: Path | None = Field(None, description="raw datasets in <root>/raw/<name>, manifests in "
+                                                "<root>/manifests; default data/<profile> (what dvc.yaml uses)")
     synthetic: bool = Field(False, description="generate the offline demo datasets instead of fetching")
-    train: tuple[str, ...] = ("visa",)
-    evaluate: tuple[str, ...] = ()
-
-    def manifest(self, name: str) -> Path:
-        return self.root / "manifests" / f"{name}.parquet"
+    seed: int = Field(0, ge=0, description="seed of the synthetic datasets")
 
 
 class TrackingConfig(BaseModel):
@@ -37,6 +36,25 @@ class TrackingConfig(BaseModel):
 
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "zsad-bench"
+
+
+class AnalysisConfig(BaseModel):
+    """Settings of the expert analyses (Figs. 5/9/10, Table 14)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layer: int = Field(18, ge=1, description="MoE layer analysed (the paper's layer 18 of 24)")
+    statistics_dataset: str = Field("brainmri", description="dataset of Table 14's routed-patch statistics")
+    similarity_dataset: str = Field("mvtec", description="dataset of the inter-expert similarity figure")
+
+
+class ExperimentSelection(BaseModel):
+    """How a profile runs one experiment: all its variants, a subset (`only`), or its own `variants`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    only: tuple[str, ...] | None = None
+    variants: dict[str, dict[str, Any]] | None = None
 
 
 class Profile(BaseModel):
@@ -48,23 +66,74 @@ class Profile(BaseModel):
     data: DataConfig = DataConfig()
     tracking: TrackingConfig = TrackingConfig()
     runs: Path = Field(Path("runs"), description="checkpoints and results go to <runs>/<profile>/...")
+    reports: Path = Field(Path("reports"), description="rendered tables and figures go to <reports>/<profile>/")
     device: str = Field("auto", description="'auto' = cuda when available, else cpu")
+    analysis: AnalysisConfig = AnalysisConfig()
+    experiments: dict[str, ExperimentSelection] = Field(
+        default_factory=dict, description="per-experiment reduced sweeps or profile-specific variants")
 
     @property
     def run_dir(self) -> Path:
         return self.runs / self.name
 
+    @property
+    def report_dir(self) -> Path:
+        return self.reports / self.name
 
-def load_profile(path: Path, name: str) -> Profile:
-    """The profile `name` of params file `path`, validated; errors name the file and the field."""
+    @property
+    def data_root(self) -> Path:
+        return self.data.root if self.data.root is not None else Path("data") / self.name
+
+    def raw_dir(self, dataset: str) -> Path:
+        return self.data_root / "raw" / dataset
+
+    def manifest(self, dataset: str) -> Path:
+        return self.data_root / "manifests" / f"{dataset}.parquet"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML loader that rejects a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` brings in defaults that explicit keys may override
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    """The parsed params file; errors name the file."""
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text())
+        document = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ParamsError(f"params file '{path}' does not exist") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"params file '{path}' is not valid YAML: {err}") from None
-    profiles = (document or {}).get("profiles") or {}
+    if not isinstance(document, dict):
+        raise ParamsError(f"params file '{path}' must hold a mapping at the top level")
+    return document
+
+
+def active_profile_name(path: Path) -> str:
+    """The profile named by the params file's top-level `profile` key (what `dvc repro` runs)."""
+    name = read_params(path).get("profile")
+    if not isinstance(name, str):
+        raise ParamsError(f"params file '{path}' has no top-level `profile: <name>` entry")
+    return name
+
+
+def load_profile(path: Path, name: str | None = None) -> Profile:
+    """The profile `name` (default: the active one) of params file `path`, validated; errors name the file and field."""
+    path = Path(path)
+    document = read_params(path)
+    name = name or active_profile_name(path)
+    profiles = document.get("profiles") or {}
     if name not in profiles:
         raise ParamsError(f"params file '{path}' has no profile '{name}' (it has: {', '.join(profiles) or 'none'})")
     try:

@@ -1,7 +1,8 @@
 """The benchmark's stages as plain functions: prepare data, train, evaluate, predict.
 
 The CLI, the DVC stages and the Prefect flow all call these, so each stage has exactly
-one implementation. Training and evaluation runs are logged to MLflow.
+one implementation. Training and evaluation runs are logged to MLflow. Torch, the model
+and MLflow are imported inside the functions that need them, so the data stages start fast.
 """
 from __future__ import annotations
 
@@ -9,36 +10,48 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
-import torch
 
 from moeclip.atomic import atomic_path
-from moeclip.checkpoint import load_model, save_checkpoint
-from moeclip.config import Domain
+from moeclip.config import Domain, ModelConfig, TrainConfig
 from moeclip.errors import MoeclipError
-from moeclip.evaluation import Evaluation, evaluate_frame, summarize
 from moeclip.params import Profile, TrackingConfig, resolve_device
+
+if TYPE_CHECKING:
+    from moeclip.evaluation import Evaluation
 
 FIGURES_PER_DATASET = 3
 
 
-def prepare_profile_data(profile: Profile) -> dict[str, Path]:
-    """Manifests of every dataset the profile trains or evaluates on (generating the demo sets if synthetic)."""
-    from moeclip.data.prepare import prepare_dataset
-    from moeclip.data.synthetic import generate_demo_datasets
+def fetch_profile_dataset(profile: Profile, dataset: str) -> Path:
+    """The raw folder of one dataset: generated for a synthetic profile, else fetched (or found in place)."""
+    from moeclip.data.fetch import fetch_dataset
+    from moeclip.data.synthetic import generate_demo_dataset
 
-    data = profile.data
-    raw = data.root / "raw"
-    if data.synthetic:
-        generate_demo_datasets(raw, seed=profile.train.seed)
-    manifests = {}
-    for name in dict.fromkeys(data.train + data.evaluate):
-        if not (raw / name).is_dir():
-            raise MoeclipError(f"dataset folder '{raw / name}' is missing: run `moeclip data fetch {name}` first")
-        prepare_dataset(name, raw / name, data.manifest(name))
-        manifests[name] = data.manifest(name)
-    return manifests
+    if profile.data.synthetic:
+        return generate_demo_dataset(dataset, profile.raw_dir(dataset).parent, seed=profile.data.seed)
+    return fetch_dataset(dataset, profile.raw_dir(dataset).parent)
+
+
+def prepare_profile_dataset(profile: Profile, dataset: str) -> Path:
+    """Validate one fetched dataset into its manifest."""
+    from moeclip.data.prepare import prepare_dataset
+
+    raw = profile.raw_dir(dataset)
+    if not raw.is_dir():
+        raise MoeclipError(f"dataset folder '{raw}' is missing: run `moeclip data fetch {dataset}` first")
+    prepare_dataset(dataset, raw, profile.manifest(dataset))
+    return profile.manifest(dataset)
+
+
+def prepare_profile_data(profile: Profile, datasets: Sequence[str]) -> dict[str, Path]:
+    """Fetch (or generate) and prepare several datasets; returns their manifests."""
+    for dataset in dict.fromkeys(datasets):
+        fetch_profile_dataset(profile, dataset)
+    return {dataset: prepare_profile_dataset(profile, dataset) for dataset in dict.fromkeys(datasets)}
 
 
 def read_manifests(manifests: Mapping[str, Path]) -> pd.DataFrame:
@@ -50,29 +63,42 @@ def read_manifests(manifests: Mapping[str, Path]) -> pd.DataFrame:
     return pd.concat([read_manifest(path) for path in manifests.values()], ignore_index=True)
 
 
-def train_profile(profile: Profile, out_dir: Path | None = None, max_steps: int | None = None) -> Path:
-    """Train on the profile's auxiliary dataset(s), logging to MLflow; returns the checkpoint."""
+def train_model(profile: Profile, model: ModelConfig, settings: TrainConfig, train_on: Sequence[str], out_dir: Path,
+                run_name: str | None = None, tags: Mapping[str, str] | None = None,
+                max_steps: int | None = None) -> Path:
+    """Train one configuration on the auxiliary dataset(s) into `out_dir`, logging to MLflow; returns the checkpoint.
+
+    Resumes an interrupted run from `out_dir/checkpoint.pt`.
+    """
     from moeclip.tracking import start_run
     from moeclip.training import train
 
-    manifests = {name: profile.data.manifest(name) for name in profile.data.train}
+    manifests = {name: profile.manifest(name) for name in train_on}
     frame = read_manifests(manifests)
-    out_dir = out_dir or profile.run_dir / f"train-{'+'.join(profile.data.train)}"
-    with start_run(profile.tracking.experiment, out_dir.name, profile.tracking.uri,
-                   params=profile.model_dump(mode="json", exclude={"tracking"}),
-                   tags={"stage": "train", "profile": profile.name}) as run:
+    params = {"model": model.model_dump(mode="json"), "train": settings.model_dump(mode="json"),
+              "train_on": list(train_on), "profile": profile.name}
+    with start_run(profile.tracking.experiment, run_name or Path(out_dir).name, profile.tracking.uri, params=params,
+                   tags={"stage": "train", "profile": profile.name, **(tags or {})}) as run:
         run.log_manifest_hashes(manifests)
-        result = train(profile.model, profile.train, frame, out_dir, resolve_device(profile.device),
-                       max_steps=max_steps, log=run.log_losses)
+        result = train(model, settings, frame, Path(out_dir), resolve_device(profile.device), max_steps=max_steps,
+                       log=run.log_losses)
         run.log_artifact(result.checkpoint)
     return result.checkpoint
 
 
-def untrained_checkpoint(profile: Profile, path: Path) -> Path:
-    """A checkpoint of the freshly initialised model (the 'before training' baseline)."""
+def train_profile(profile: Profile, train_on: Sequence[str] = ("visa",), out_dir: Path | None = None,
+                  max_steps: int | None = None) -> Path:
+    """Train the profile's model on its auxiliary dataset(s); returns the checkpoint."""
+    out_dir = out_dir or profile.run_dir / "train" / "+".join(train_on)
+    return train_model(profile, profile.model, profile.train, train_on, out_dir, max_steps=max_steps)
+
+
+def untrained_checkpoint(model: ModelConfig, seed: int, path: Path) -> Path:
+    """A checkpoint of the freshly initialised model (the 'before training' baseline, or vanilla CLIP)."""
+    from moeclip.checkpoint import save_checkpoint
     from moeclip.model import build_model
 
-    save_checkpoint(path, build_model(profile.model, seed=profile.train.seed), profile.train.seed)
+    save_checkpoint(path, build_model(model, seed=seed), seed)
     return path
 
 
@@ -103,22 +129,27 @@ def _log_figures(run, evaluation: Evaluation) -> None:
 
 
 def evaluate_checkpoint(checkpoint: Path, manifests: Mapping[str, Path], out_dir: Path, tracking: TrackingConfig,
-                        device: str = "auto", batch_size: int = 8, run_name: str | None = None) -> pd.DataFrame:
+                        device: str = "auto", batch_size: int = 8, run_name: str | None = None,
+                        test_time: Mapping[str, object] | None = None,
+                        tags: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Zero-shot evaluation of a checkpoint on manifests: result tables in `out_dir`, everything in MLflow.
 
-    Returns the per-dataset summary (means over classes, x100).
+    `test_time` overrides inference-only model fields (see `load_model`). Returns the
+    per-dataset summary (means over classes, x100).
     """
+    from moeclip.checkpoint import load_model
+    from moeclip.evaluation import evaluate_frame, summarize
     from moeclip.tracking import start_run
 
     device = resolve_device(device)
-    model, payload = load_model(checkpoint, device)
+    model, _ = load_model(checkpoint, device, test_time)
     evaluation = evaluate_frame(model, read_manifests(manifests), batch_size=batch_size, device=device,
                                 examples_per_class=1)
     summary = summarize(evaluation.per_class)
     _write_results(evaluation, summary, Path(out_dir))
     with start_run(tracking.experiment, run_name or Path(out_dir).name, tracking.uri,
-                   params={"model": payload["model_config"], "checkpoint": str(checkpoint)},
-                   tags={"stage": "evaluate"}) as run:
+                   params={"model": model.config.model_dump(mode="json"), "checkpoint": str(checkpoint)},
+                   tags={"stage": "evaluate", **(tags or {})}) as run:
         run.log_manifest_hashes(manifests)
         run.log_metrics_table(evaluation.per_class, summary)
         _log_figures(run, evaluation)
@@ -132,6 +163,9 @@ def predict_images(checkpoint: Path, images: Sequence[Path], description: str, d
     Scores follow the test protocol over the given images (min-max over the set, then the
     domain's rule); with a single image only the raw scores are meaningful.
     """
+    import torch
+
+    from moeclip.checkpoint import load_model
     from moeclip.data.dataset import ManifestDataset
     from moeclip.data.transforms import read_image
     from moeclip.figures import overlay_png

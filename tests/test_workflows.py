@@ -30,11 +30,12 @@ def quick_params(tmp_path, monkeypatch) -> Path:
 def test_demo_runs_prepare_train_and_evaluate_with_mlflow(quick_params, tmp_path):
     result = CliRunner().invoke(app, ["demo", "--config", str(quick_params)])
     assert result.exit_code == 0, result.output
+    targets = set(yaml.safe_load(quick_params.read_text())["main"]["targets"]["visa"])
     for stage in ("eval-untrained", "eval-trained"):
-        summary = json.loads((tmp_path / "runs/demo" / stage / "summary.json").read_text())
-        assert set(summary) == {"mvtec", "brainmri", "colondb"}
+        summary = json.loads((tmp_path / "runs/demo/before-after" / stage / "summary.json").read_text())
+        assert set(summary) == targets
         assert 0 <= summary["mvtec"]["pixel_auroc"] <= 100
-    assert (tmp_path / "runs/demo/train-visa/checkpoint.pt").is_file()
+    assert (tmp_path / "runs/demo/before-after/train/checkpoint.pt").is_file()
     client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
     experiment = client.get_experiment_by_name("zsad-demo")
     runs = client.search_runs([experiment.experiment_id])
@@ -48,10 +49,9 @@ def test_demo_runs_prepare_train_and_evaluate_with_mlflow(quick_params, tmp_path
 
 def test_train_stops_and_resumes_from_its_checkpoint(quick_params, tmp_path):
     profile = load_profile(quick_params, "demo")
-    CliRunner().invoke(app, ["data", "demo", "--out", str(profile.data.root / "raw")])
-    for name in ("visa",):
-        CliRunner().invoke(app, ["data", "prepare", name, "--root", str(profile.data.root / "raw" / name),
-                                 "--out", str(profile.data.manifest(name))])
+    CliRunner().invoke(app, ["data", "demo", "--out", str(profile.data_root / "raw")])
+    CliRunner().invoke(app, ["data", "prepare", "visa", "--root", str(profile.raw_dir("visa")),
+                             "--out", str(profile.manifest("visa"))])
     first = CliRunner().invoke(app, ["train", "--config", str(quick_params), "--max-steps", "3"])
     assert first.exit_code == 0, first.output
     checkpoint = Path(first.stdout.strip().splitlines()[-1])
@@ -63,10 +63,9 @@ def test_train_stops_and_resumes_from_its_checkpoint(quick_params, tmp_path):
 
 def test_predict_writes_overlays_and_scores(tmp_path):
     from moeclip import ModelConfig
-    from moeclip.params import Profile
     from moeclip.workflows import untrained_checkpoint
 
-    checkpoint = untrained_checkpoint(Profile(name="t", model=ModelConfig.tiny()), tmp_path / "model.pt")
+    checkpoint = untrained_checkpoint(ModelConfig.tiny(), 0, tmp_path / "model.pt")
     rng = np.random.default_rng(0)
     images = []
     for index in range(2):

@@ -1,0 +1,169 @@
+"""The benchmark plan of params.yaml: main trainings and evaluations, and every experiment's variants.
+
+A variant lists only what it changes from its profile. Resolving it gives a `Run`: the full
+model and training configuration, the auxiliary datasets, and a `training_key` that is equal
+for two runs exactly when they need the same training. The pipeline uses the key to train
+each distinct configuration once and to reuse the main trainings wherever an experiment's
+variant is the default model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moeclip.config import ModelConfig, TrainConfig
+from moeclip.params import ParamsError, Profile, load_profile, read_params
+
+# Model fields that only act at test time: changing them needs no new training.
+TEST_TIME_FIELDS = ("router_noise", "blur_industrial", "blur_medical")
+
+
+class Variant(BaseModel):
+    """One row of an experiment, as written in params.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig overrides")
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig overrides")
+    train_on: tuple[str, ...] | None = Field(None, description="auxiliary datasets; default: the main training's")
+    trained: bool = Field(True, description="false = evaluate the model as built (e.g. vanilla CLIP)")
+    paper_row: str | None = Field(None, description="the paper's row this variant reproduces; default: its name")
+
+
+class Experiment(BaseModel):
+    """One table or figure of the paper: variants evaluated on the same datasets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    title: str
+    datasets: tuple[str, ...]
+    cost: bool = Field(False, description="also measure parameters, latency, peak memory and FLOPs (Table 13)")
+    variants: dict[str, Variant]
+
+    @field_validator("variants")
+    @classmethod
+    def _not_empty(cls, variants: dict[str, Variant]) -> dict[str, Variant]:
+        if not variants:
+            raise ValueError("an experiment needs at least one variant")
+        return variants
+
+
+class MainPlan(BaseModel):
+    """The main trainings (auxiliary dataset -> zero-shot targets) and the default auxiliary dataset."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    auxiliary: str
+    targets: dict[str, tuple[str, ...]]
+
+    @model_validator(mode="after")
+    def _auxiliary_is_trained(self) -> "MainPlan":
+        if self.auxiliary not in self.targets:
+            raise ValueError(f"main.auxiliary '{self.auxiliary}' has no entry in main.targets")
+        return self
+
+
+class Benchmark(BaseModel):
+    """The whole params file, validated: datasets, main plan, profiles and experiments."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    profile: str
+    datasets: tuple[str, ...]
+    main: MainPlan
+    experiments: dict[str, Experiment]
+
+
+@dataclass(frozen=True)
+class Run:
+    """A fully resolved model to evaluate: what it is, what it was trained on, and how."""
+
+    name: str
+    paper_row: str
+    model: ModelConfig
+    train: TrainConfig
+    train_on: tuple[str, ...]
+    trained: bool
+
+    @property
+    def test_time(self) -> dict[str, Any]:
+        """The test-time model fields, applied when the checkpoint is loaded for evaluation."""
+        return {name: value for name, value in self.model.model_dump(mode="json").items() if name in TEST_TIME_FIELDS}
+
+    @property
+    def training_key(self) -> str | None:
+        """Digest of everything the training depends on (None for an untrained run)."""
+        if not self.trained:
+            return None
+        model = {k: v for k, v in self.model.model_dump(mode="json").items() if k not in TEST_TIME_FIELDS}
+        payload = {"model": model, "train": self.train.model_dump(mode="json"), "train_on": list(self.train_on)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_benchmark(path: Path) -> Benchmark:
+    """The params file's plan, validated; errors name the file."""
+    try:
+        return Benchmark.model_validate(read_params(path))
+    except ValidationError as err:
+        raise ParamsError(f"params file '{path}' is invalid:\n{err}") from None
+
+
+def main_run(profile: Profile, auxiliary: str) -> Run:
+    """The profile's default model trained on one auxiliary dataset (a Table 1 / Table 12 training)."""
+    return Run(auxiliary, "MoECLIP", profile.model, profile.train, (auxiliary,), True)
+
+
+def _merged(base: ModelConfig | TrainConfig, overrides: dict[str, Any], where: str) -> Any:
+    try:
+        return type(base).model_validate({**base.model_dump(), **overrides})
+    except ValidationError as err:
+        raise ParamsError(f"{where} is invalid:\n{err}") from None
+
+
+def resolve_variant(profile: Profile, name: str, variant: Variant, default_train_on: tuple[str, ...],
+                    where: str) -> Run:
+    """Apply a variant's overrides to the profile's model and training settings."""
+    overrides = dict(variant.model)
+    if overrides.get("vanilla") and "output_layers" not in overrides:
+        # Plain CLIP has no MoE layers; its heads read the layers the profile's model would use.
+        overrides["output_layers"] = list(profile.model.feature_layers)
+    model = _merged(profile.model, overrides, f"{where} model")
+    train = _merged(profile.train, variant.train, f"{where} train")
+    return Run(name, variant.paper_row or name, model, train, variant.train_on or default_train_on, variant.trained)
+
+
+def selected_variants(benchmark: Benchmark, profile: Profile, experiment: str) -> dict[str, Variant]:
+    """The variants `profile` runs for `experiment`: all, its `only` subset, or its own definitions."""
+    if experiment not in benchmark.experiments:
+        raise ParamsError(f"no experiment '{experiment}' in params (it has: {', '.join(benchmark.experiments)})")
+    variants = benchmark.experiments[experiment].variants
+    selection = profile.experiments.get(experiment)
+    if selection is None:
+        return variants
+    if selection.variants is not None:
+        try:
+            return {name: Variant.model_validate(spec) for name, spec in selection.variants.items()}
+        except ValidationError as err:
+            raise ParamsError(f"profile '{profile.name}' variants of '{experiment}' are invalid:\n{err}") from None
+    unknown = [name for name in selection.only or () if name not in variants]
+    if unknown:
+        raise ParamsError(f"profile '{profile.name}' selects unknown variants of '{experiment}': {unknown}")
+    return {name: variants[name] for name in selection.only or variants}
+
+
+def experiment_runs(benchmark: Benchmark, profile: Profile, experiment: str) -> list[Run]:
+    """Every resolved run of one experiment under one profile, in params order."""
+    default_train_on = (benchmark.main.auxiliary,)
+    return [resolve_variant(profile, name, variant, default_train_on, f"experiment '{experiment}' variant '{name}'")
+            for name, variant in selected_variants(benchmark, profile, experiment).items()]
+
+
+def load_plan(path: Path, profile_name: str | None = None) -> tuple[Benchmark, Profile]:
+    """The benchmark and the chosen (default: active) profile of a params file."""
+    benchmark = load_benchmark(path)
+    return benchmark, load_profile(path, profile_name or benchmark.profile)

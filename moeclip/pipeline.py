@@ -1,0 +1,282 @@
+"""The benchmark's pipeline stages, one function each, for dvc.yaml (`moeclip stage ...`) and the Prefect flow.
+
+Every stage reads the plan from params.yaml, does its work through `moeclip.workflows`, and
+writes its outputs where dvc.yaml declares them (all under the profile's data, runs and
+reports folders). Stages are idempotent: an experiment re-trains only variants whose
+configuration changed and re-evaluates only what a changed checkpoint or setting affects,
+so a re-run after an interruption or a params edit redoes just the missing work.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from moeclip.atomic import atomic_path
+from moeclip.errors import MoeclipError
+from moeclip.experiments import Benchmark, Run, experiment_runs, load_plan, main_run
+from moeclip.params import Profile
+
+LOSSES = "losses.csv"
+
+
+# -- locations (dvc.yaml names the same paths) -------------------------------------------------
+def training_dir(profile: Profile, auxiliary: str) -> Path:
+    return profile.run_dir / "train" / auxiliary
+
+
+def evaluation_dir(profile: Profile, auxiliary: str, target: str) -> Path:
+    return profile.run_dir / "evaluate" / auxiliary / target
+
+
+def experiment_dir(profile: Profile, experiment: str) -> Path:
+    return profile.run_dir / "experiments" / experiment
+
+
+def analysis_dir(profile: Profile) -> Path:
+    return profile.run_dir / "analysis"
+
+
+def evaluation_metrics(profile: Profile, auxiliary: str, target: str) -> Path:
+    """DVC metrics file of a main evaluation: {target: {metric: value x100}}."""
+    return profile.run_dir / "metrics" / "evaluate" / auxiliary / f"{target}.json"
+
+
+def experiment_metrics(profile: Profile, experiment: str) -> Path:
+    """DVC metrics file of an experiment: {variant: {dataset: {metric: value}}}."""
+    return profile.run_dir / "metrics" / "experiments" / f"{experiment}.json"
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(value, indent=2, sort_keys=False, allow_nan=True) + "\n")
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# -- data ------------------------------------------------------------------------------------
+def fetch(params: Path, dataset: str, profile_name: str | None = None) -> Path:
+    """Stage `fetch@<dataset>`: the raw dataset folder (downloaded, found in place, or synthesised)."""
+    from moeclip.workflows import fetch_profile_dataset
+
+    _, profile = load_plan(params, profile_name)
+    return fetch_profile_dataset(profile, dataset)
+
+
+def prepare(params: Path, dataset: str, profile_name: str | None = None) -> Path:
+    """Stage `prepare@<dataset>`: the validated manifest."""
+    from moeclip.workflows import prepare_profile_dataset
+
+    _, profile = load_plan(params, profile_name)
+    return prepare_profile_dataset(profile, dataset)
+
+
+# -- trainings ---------------------------------------------------------------------------------
+def _checkpoint_state(checkpoint: Path, run: Run) -> str:
+    """'complete', 'partial' (resumable), 'stale' (another configuration) or 'missing'."""
+    from moeclip.checkpoint import read_checkpoint
+
+    if not checkpoint.is_file():
+        return "missing"
+    payload = read_checkpoint(checkpoint)
+    if payload.get("model_config") != run.model.model_dump(mode="json") or \
+            payload.get("train_config") != run.train.model_dump(mode="json"):
+        return "stale"
+    return "complete" if payload.get("progress", {}).get("complete") else "partial"
+
+
+def ensure_trained(profile: Profile, run: Run, out_dir: Path, run_name: str,
+                   tags: Mapping[str, str] | None = None) -> Path:
+    """The run's checkpoint in `out_dir`: kept if complete, resumed if interrupted, retrained if stale."""
+    from moeclip.workflows import train_model
+
+    checkpoint = out_dir / "checkpoint.pt"
+    state = _checkpoint_state(checkpoint, run)
+    if state == "complete":
+        return checkpoint
+    if state == "stale":
+        checkpoint.unlink()
+    return train_model(profile, run.model, run.train, run.train_on, out_dir, run_name=run_name, tags=tags)
+
+
+def train(params: Path, auxiliary: str, profile_name: str | None = None) -> Path:
+    """Stage `train@<auxiliary>`: the profile's model trained on one auxiliary dataset."""
+    import pandas as pd
+
+    from moeclip.checkpoint import read_checkpoint
+
+    benchmark, profile = load_plan(params, profile_name)
+    if auxiliary not in benchmark.main.targets:
+        raise MoeclipError(f"'{auxiliary}' is not a main training in '{params}' "
+                           f"(main.targets: {', '.join(benchmark.main.targets)})")
+    checkpoint = ensure_trained(profile, main_run(profile, auxiliary), training_dir(profile, auxiliary),
+                                f"train/{auxiliary}", {"auxiliary": auxiliary})
+    with atomic_path(checkpoint.parent / LOSSES) as temporary:  # the loss curves `dvc plots` draws
+        pd.DataFrame(read_checkpoint(checkpoint)["history"]).to_csv(temporary, index=False)
+    return checkpoint
+
+
+def _main_checkpoint(profile: Profile, auxiliary: str) -> Path:
+    checkpoint = training_dir(profile, auxiliary) / "checkpoint.pt"
+    if _checkpoint_state(checkpoint, main_run(profile, auxiliary)) != "complete":
+        raise MoeclipError(f"'{checkpoint}' is missing or unfinished: run `dvc repro train@{auxiliary}` "
+                           f"(or `moeclip stage train {auxiliary}`) first")
+    return checkpoint
+
+
+# -- evaluations -------------------------------------------------------------------------------
+def evaluate(params: Path, auxiliary: str, target: str, profile_name: str | None = None) -> Path:
+    """Stage `evaluate-<auxiliary>@<target>`: zero-shot results of a main training on one target dataset."""
+    from moeclip.workflows import evaluate_checkpoint
+
+    _, profile = load_plan(params, profile_name)
+    summary = evaluate_checkpoint(_main_checkpoint(profile, auxiliary), {target: profile.manifest(target)},
+                                  evaluation_dir(profile, auxiliary, target), profile.tracking, profile.device,
+                                  run_name=f"evaluate/{auxiliary}/{target}",
+                                  tags={"auxiliary": auxiliary, "target": target, "profile": profile.name})
+    metrics = evaluation_metrics(profile, auxiliary, target)
+    _write_json(metrics, _summary_values(summary))
+    return metrics
+
+
+def _summary_values(summary) -> dict[str, dict[str, float]]:
+    """An evaluation summary frame as {dataset: {metric: value}}, leaving out metrics a dataset cannot have."""
+    return {dataset: {metric: float(value) for metric, value in row.dropna().items()}
+            for dataset, row in summary.iterrows()}
+
+
+# -- experiments -------------------------------------------------------------------------------
+def variant_slug(name: str) -> str:
+    """A folder name for a variant ('w/o FOFS & ETF Loss' -> 'w-o-fofs-etf-loss')."""
+    return re.sub(r"[^a-z0-9.=]+", "-", name.lower()).strip("-") or "variant"
+
+
+def _checkpoint_for(benchmark: Benchmark, profile: Profile, run: Run, folder: Path, experiment: str) -> Path:
+    """Reuse a main training when the run is one; otherwise train (or build, if untrained) in `folder`.
+
+    Trainings of earlier configurations of the variant are removed, so the folder holds only live work.
+    """
+    from moeclip.workflows import untrained_checkpoint
+
+    trainings = folder / "trainings"
+    reused = [auxiliary for auxiliary in benchmark.main.targets
+              if main_run(profile, auxiliary).training_key == run.training_key]
+    _prune(trainings, {str(run.training_key)} if run.trained and not reused else set())
+    if not run.trained:
+        return untrained_checkpoint(run.model, profile.train.seed, folder / "untrained.pt")
+    if reused:
+        return _main_checkpoint(profile, reused[0])
+    return ensure_trained(profile, run, trainings / str(run.training_key), f"{experiment}/{run.name}",
+                          {"experiment": experiment, "variant": run.name})
+
+
+def _evaluate_variant(profile: Profile, run: Run, checkpoint: Path, datasets: tuple[str, ...], folder: Path,
+                      experiment: str, cost: bool) -> dict[str, dict[str, float]]:
+    """A variant's per-dataset metrics (x100), re-evaluated only when its inputs changed."""
+    from moeclip.workflows import evaluate_checkpoint
+
+    manifests = {dataset: profile.manifest(dataset) for dataset in datasets}
+    key = _digest({"checkpoint": _file_digest(checkpoint), "test_time": run.test_time, "cost": cost,
+                   "manifests": {name: _file_digest(path) for name, path in manifests.items()}})
+    results_file = folder / f"{key}.json"
+    if results_file.is_file():
+        return json.loads(results_file.read_text())
+    summary = evaluate_checkpoint(checkpoint, manifests, folder / "tables", profile.tracking, profile.device,
+                                  run_name=f"{experiment}/{run.name}", test_time=run.test_time,
+                                  tags={"experiment": experiment, "variant": run.name, "profile": profile.name})
+    results = _summary_values(summary)
+    if cost:
+        from moeclip.cost import measure_cost
+
+        results["cost"] = measure_cost(checkpoint, run.test_time, profile.device)
+    for old in folder.glob("*.json"):
+        old.unlink()
+    _write_json(results_file, results)
+    return results
+
+
+def _prune(folder: Path, keep: set[str]) -> None:
+    """Remove sub-folders no current variant uses, so the stage's output holds only live results."""
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.is_dir() and child.name not in keep:
+                shutil.rmtree(child)
+
+
+def run_experiment(params: Path, experiment: str, profile_name: str | None = None) -> Path:
+    """Stage `experiment@<name>`: train (or reuse) and evaluate every variant; writes its metrics file."""
+    benchmark, profile = load_plan(params, profile_name)
+    runs = experiment_runs(benchmark, profile, experiment)
+    spec = benchmark.experiments[experiment]
+    out = experiment_dir(profile, experiment)
+    slugs = [variant_slug(run.name) for run in runs]
+    if len(set(slugs)) != len(slugs):
+        raise MoeclipError(f"experiment '{experiment}' has variant names that map to the same folder: {slugs}")
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    for run, slug in zip(runs, slugs):
+        checkpoint = _checkpoint_for(benchmark, profile, run, out / "variants" / slug, experiment)
+        metrics[run.name] = _evaluate_variant(profile, run, checkpoint, spec.datasets, out / "variants" / slug,
+                                              experiment, spec.cost)
+    _prune(out / "variants", set(slugs))
+    _write_json(experiment_metrics(profile, experiment), metrics)
+    return experiment_metrics(profile, experiment)
+
+
+# -- analyses (Figs. 5/10 and 9, Table 14) --------------------------------------------------
+def analyse(params: Path, profile_name: str | None = None) -> Path:
+    """Stage `analysis`: expert utilisation per dataset, inter-expert similarity, routed-patch statistics."""
+    import pandas as pd
+
+    from moeclip.analysis import expert_utilisation, inter_expert_similarity, routed_patch_statistics
+    from moeclip.checkpoint import load_model
+    from moeclip.params import resolve_device
+
+    benchmark, profile = load_plan(params, profile_name)
+    auxiliary = benchmark.main.auxiliary
+    model, _ = load_model(_main_checkpoint(profile, auxiliary), resolve_device(profile.device))
+    layer = profile.analysis.layer
+    if str(layer) not in model.moe:
+        raise MoeclipError(f"analysis layer {layer} of profile '{profile.name}' carries no MoE "
+                           f"(MoE layers: {sorted(int(k) for k in model.moe)})")
+    out = analysis_dir(profile)
+    utilisation = pd.concat(
+        [expert_utilisation(model, _loader(profile, model, dataset), [layer]).assign(dataset=dataset)
+         for dataset in benchmark.main.targets[auxiliary]], ignore_index=True)
+    similarity = inter_expert_similarity(model, _loader(profile, model, profile.analysis.similarity_dataset), layer)
+    statistics = routed_patch_statistics(model, _loader(profile, model, profile.analysis.statistics_dataset), layer)
+    with atomic_path(out / "utilisation.csv") as temporary:
+        utilisation.to_csv(temporary, index=False)
+    with atomic_path(out / "routed_statistics.csv") as temporary:
+        statistics.to_csv(temporary, index=False)
+    _write_json(out / "similarity.json", {"layer": layer, "dataset": profile.analysis.similarity_dataset,
+                                          "matrix": [[None if v != v else float(v) for v in row] for row in similarity]})
+    return out
+
+
+def _loader(profile: Profile, model, dataset: str):
+    from torch.utils.data import DataLoader
+
+    from moeclip.data.dataset import ManifestDataset
+    from moeclip.workflows import read_manifests
+
+    frame = read_manifests({dataset: profile.manifest(dataset)})
+    return DataLoader(ManifestDataset(frame, model.config.image_size), batch_size=8)
+
+
+# -- report ----------------------------------------------------------------------------------
+def report(params: Path, profile_name: str | None = None) -> Path:
+    """Stage `report`: every table and figure, rendered from the stages' metric files."""
+    from moeclip.reports.render import render_reports
+
+    benchmark, profile = load_plan(params, profile_name)
+    return render_reports(benchmark, profile)

@@ -1,0 +1,229 @@
+"""`moeclip report`: every table and figure of the paper, regenerated from the pipeline's metric files.
+
+Inputs are only what the DVC stages write (and log to MLflow): the main evaluations'
+summary.json, each experiment's metrics.json and the analysis files. Each table goes to
+`<reports>/<profile>/<table>.md` and `.tex`, figures to PNG, and README.md collects them all.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from moeclip.atomic import atomic_path
+from moeclip.errors import MoeclipError
+from moeclip.experiments import Benchmark, experiment_runs
+from moeclip.figures import save_figure
+from moeclip.params import Profile
+from moeclip.pipeline import analysis_dir, evaluation_metrics, experiment_metrics
+from moeclip.reports.paper import load_paper_results, paper_table
+from moeclip.reports.tables import (Comparison, MethodTable, fmt, method_latex, method_markdown, variant_latex,
+                                    variant_markdown)
+
+ABLATION_TABLES = ("table2", "table5", "table6", "table7", "table8", "table9", "table10", "table11", "table12",
+                   "table13")
+TABLE1_METRICS = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap"]
+Values = dict[str, dict[str, float | None]]  # dataset -> metric -> value
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise MoeclipError(f"'{path}' is missing: run the pipeline (`dvc repro`) before `moeclip report`")
+    return json.loads(path.read_text())
+
+
+def _with_averages(values: Values, cells: list[tuple[str, str]]) -> dict[tuple[str, str], float | None]:
+    """Our value per (dataset, metric) cell; 'average*' cells are the mean over the table's real datasets."""
+    real = {dataset for dataset, _ in cells if not dataset.startswith("average")}
+    out: dict[tuple[str, str], float | None] = {}
+    for dataset, metric in cells:
+        if dataset.startswith("average"):
+            present = [values[d][metric] for d in real if values.get(d, {}).get(metric) is not None]
+            out[(dataset, metric)] = round(float(np.mean(present)), 1) if present else None
+        else:
+            out[(dataset, metric)] = values.get(dataset, {}).get(metric)
+    return out
+
+
+def _paper_cells(key: str) -> tuple[list[tuple[str, str]], dict[str, dict[tuple[str, str], float | None]]]:
+    """The (dataset, metric) columns a paper table prints (non-null somewhere), and its values per row."""
+    frame = paper_table(key)
+    present = frame.dropna(subset=["value"])
+    cells = list(dict.fromkeys(zip(present["dataset"], present["metric"])))
+    values: dict[str, dict[tuple[str, str], float | None]] = {}
+    for record in frame.itertuples():
+        values.setdefault(record.row, {})[(record.dataset, record.metric)] = \
+            None if math.isnan(record.value) else record.value
+    return cells, values
+
+
+AVERAGE_NAMES = {"average": "Average", "average_image": "Average (image)", "average_pixel": "Average (pixel)"}
+
+
+def _dataset_names() -> dict[str, str]:
+    return {slug: entry["name"] for slug, entry in load_paper_results()["datasets"].items()} | AVERAGE_NAMES
+
+
+def _ours_label(profile: Profile) -> str:
+    return f"MoECLIP (ours, {profile.name})"
+
+
+def table1(benchmark: Benchmark, profile: Profile) -> MethodTable:
+    """Table 1 from the main evaluations: each dataset's number from the training the paper uses for it."""
+    results = load_paper_results()["table1"]
+    default = benchmark.main.auxiliary
+    sources = {target: default for target in benchmark.main.targets[default]}
+    sources |= {default: auxiliary for auxiliary, targets in benchmark.main.targets.items() if default in targets}
+    ours_values: Values = {target: _read_json(evaluation_metrics(profile, auxiliary, target)).get(target, {})
+                           for target, auxiliary in sources.items()}
+    datasets = {metric: [*(results["image_datasets"] if metric.startswith("image") else results["pixel_datasets"]),
+                         "average_image" if metric.startswith("image") else "average_pixel"]
+                for metric in TABLE1_METRICS}
+    cells = [(d, m) for m in TABLE1_METRICS for d in datasets[m]]
+    _, paper = _paper_cells("table1")
+    return MethodTable("Table 1: zero-shot anomaly detection across 14 datasets", TABLE1_METRICS, datasets,
+                       list(results["methods"]), paper, _with_averages(ours_values, cells), _ours_label(profile),
+                       _dataset_names())
+
+
+def experiment_table(benchmark: Benchmark, profile: Profile, key: str) -> Comparison:
+    """Tables 2, 5-13 from an experiment's metrics.json, rows in params order."""
+    metrics = _read_json(experiment_metrics(profile, key))
+    runs = experiment_runs(benchmark, profile, key)
+    cells, paper_by_row = _paper_cells(key)
+    ours = {run.name: _with_averages(metrics.get(run.name, {}), cells) for run in runs}
+    paper = {run.name: paper_by_row.get(run.paper_row, {}) for run in runs}
+    title = f"{key.replace('table', 'Table ')}: {benchmark.experiments[key].title}"
+    return Comparison(key, title, [run.name for run in runs], cells, ours, paper,
+                      {run.name: run.paper_row for run in runs}, _dataset_names())
+
+
+def table14(profile: Profile) -> Comparison:
+    """Table 14 from the analysis stage's routed-patch statistics (raw statistics, not x100)."""
+    path = analysis_dir(profile) / "routed_statistics.csv"
+    if not path.is_file():
+        raise MoeclipError(f"'{path}' is missing: run the pipeline (`dvc repro`) before `moeclip report`")
+    statistics = pd.read_csv(path)
+    cells, paper_by_row = _paper_cells("table14")
+    dataset = profile.analysis.statistics_dataset
+    ours = {f"Expert {int(row.expert)}": {(dataset, m): getattr(row, m) for _, m in cells}
+            for row in statistics.itertuples()}
+    rows = list(ours)
+    return Comparison("table14", f"Table 14: routed-patch statistics at layer {profile.analysis.layer} "
+                      f"({dataset}, top-1)", rows, cells, ours, {r: paper_by_row.get(r, {}) for r in rows},
+                      dataset_names=_dataset_names(), mark_best=False, digits=2)
+
+
+# -- figures ---------------------------------------------------------------------------------
+def _sweep_values(benchmark: Benchmark, profile: Profile, key: str) -> pd.DataFrame:
+    """An experiment's variants named 'parameter=value' as rows: parameter, value, and our metrics."""
+    metrics = _read_json(experiment_metrics(profile, key))
+    dataset = benchmark.experiments[key].datasets[0]
+    rows = []
+    for run in experiment_runs(benchmark, profile, key):
+        parameter, _, value = run.name.partition("=")
+        rows.append({"parameter": parameter, "value": value, **metrics.get(run.name, {}).get(dataset, {})})
+    return pd.DataFrame(rows)
+
+
+def sweep_figure(frame: pd.DataFrame, title: str) -> Figure:
+    """One panel per swept parameter: image and pixel AUROC against the parameter's values."""
+    parameters = list(dict.fromkeys(frame["parameter"]))
+    fig = Figure(figsize=(4 * len(parameters), 3.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(parameters)))
+    for ax, parameter in zip(axes, parameters):
+        part = frame[frame["parameter"] == parameter]
+        part = part.iloc[np.argsort(part["value"].astype(float).to_numpy(), kind="stable")]
+        for metric in ("image_auroc", "pixel_auroc"):
+            if metric in part:
+                ax.plot(part["value"].astype(str), part[metric], marker="o", label=metric.replace("_", " "))
+        ax.set_xlabel(parameter)
+        ax.set_ylabel("x100")
+        ax.legend()
+    fig.suptitle(title)
+    return fig
+
+
+def similarity_figure(matrix: list[list[float | None]], layer: int, dataset: str) -> Figure:
+    values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+    fig = Figure(figsize=(4.5, 4), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(values, vmin=-1, vmax=1, cmap="coolwarm")
+    labels = [f"E{i + 1}" for i in range(len(values))]
+    ax.set_xticks(range(len(values)), labels)
+    ax.set_yticks(range(len(values)), labels)
+    for (i, j), value in np.ndenumerate(values):
+        ax.text(j, i, fmt(value, 2), ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax)
+    ax.set_title(f"Inter-expert cosine similarity (layer {layer}, {dataset})")
+    return fig
+
+
+def utilisation_figure(frame: pd.DataFrame) -> Figure:
+    """Fig. 9: each dataset's routing assignments stacked by expert."""
+    shares = frame.pivot_table(index="dataset", columns="expert", values="share", sort=False)
+    fig = Figure(figsize=(max(6.0, 0.6 * len(shares)), 4), layout="constrained")
+    ax = fig.subplots()
+    bottom = np.zeros(len(shares))
+    for expert in shares.columns:
+        ax.bar(shares.index, shares[expert], bottom=bottom, label=f"expert {expert}")
+        bottom += shares[expert].to_numpy()
+    ax.set_ylabel("share of assignments (%)")
+    ax.tick_params(axis="x", rotation=45)
+    ax.legend(fontsize=8)
+    ax.set_title("Expert utilisation per dataset")
+    return fig
+
+
+# -- writing -----------------------------------------------------------------------------------
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text if text.endswith("\n") else text + "\n")
+
+
+def _banner(profile: Profile) -> str:
+    if profile.data.synthetic:
+        return (f"> Profile `{profile.name}`: synthetic datasets and a tiny random-weight ViT. These numbers show the "
+                "pipeline end to end; they are **not** paper results. Paper numbers are the paper's as printed.")
+    return f"> Profile `{profile.name}`: our numbers vs the paper's as printed (Δ = ours - paper)."
+
+
+def render_reports(benchmark: Benchmark, profile: Profile) -> Path:
+    """Write every table (.md and .tex) and figure (.png) of the profile, plus README.md indexing them."""
+    out = profile.report_dir
+    sections = [f"# Results: profile `{profile.name}`", "", _banner(profile), "",
+                "Bold marks the best value of each column (ours and the paper's separately; in Table 1 the best "
+                "method per dataset). Δ = ours - paper.", ""]
+    first = table1(benchmark, profile)
+    _write_text(out / "table1.md", method_markdown(first))
+    _write_text(out / "table1.tex", method_latex(first))
+    sections.append(method_markdown(first))
+    comparisons = [experiment_table(benchmark, profile, key) for key in ABLATION_TABLES]
+    comparisons.append(table14(profile))
+    for comparison in comparisons:
+        _write_text(out / f"{comparison.key}.md", variant_markdown(comparison))
+        _write_text(out / f"{comparison.key}.tex", variant_latex(comparison))
+        sections.append(variant_markdown(comparison))
+    figures = {
+        "fig6_num_experts.png": sweep_figure(_sweep_values(benchmark, profile, "fig6"), "Fig. 6: number of experts"),
+        "fig7_hyperparameters.png": sweep_figure(_sweep_values(benchmark, profile, "fig7"),
+                                                 "Fig. 7: hyperparameter sweeps"),
+    }
+    similarity = _read_json(analysis_dir(profile) / "similarity.json")
+    figures["fig5_expert_similarity.png"] = similarity_figure(similarity["matrix"], similarity["layer"],
+                                                              similarity["dataset"])
+    figures["fig9_expert_utilisation.png"] = utilisation_figure(pd.read_csv(analysis_dir(profile) / "utilisation.csv"))
+    sections += ["## Figures", ""]
+    for name, figure in figures.items():
+        save_figure(figure, out / name)
+        sections += [f"![{name}]({name})", ""]
+    for key in ("fig6", "fig7"):
+        frame = _sweep_values(benchmark, profile, key)
+        sections += [f"### Numbers behind {key}", "", frame.to_markdown(index=False, floatfmt=".1f"), ""]
+    _write_text(out / "README.md", "\n".join(sections))
+    return out

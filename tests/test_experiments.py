@@ -1,0 +1,96 @@
+"""params.yaml's benchmark plan: variants resolve onto profiles, training keys decide reuse, errors name the problem."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moeclip.config import ModelConfig, TrainConfig
+from moeclip.experiments import experiment_runs, load_plan, main_run
+from moeclip.params import ParamsError, read_params
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
+
+# SPEC.md section 10: every table and figure that needs its own runs.
+SPEC_EXPERIMENTS = {"table2", "table5", "table6", "table7", "table8", "table9", "table10", "table11", "table12",
+                    "table13", "fig6", "fig7"}
+
+
+def test_params_hold_every_spec_experiment_and_the_paper_defaults():
+    benchmark, paper = load_plan(PARAMS, "paper")
+    assert set(benchmark.experiments) == SPEC_EXPERIMENTS
+    assert paper.model == ModelConfig() and paper.train == TrainConfig(num_workers=4)
+    assert len(benchmark.datasets) == 14
+    assert benchmark.main.auxiliary == "visa"
+    assert set(benchmark.main.targets["visa"]) == set(benchmark.datasets) - {"visa"}
+
+
+def test_demo_profile_is_the_paper_with_a_tiny_backbone_and_reduced_sweeps():
+    benchmark, demo = load_plan(PARAMS)
+    assert demo.name == "demo" and demo.data.synthetic
+    assert demo.model.backbone == "MoECLIP-Tiny-ViT" and demo.model.lora_rank == 8 and demo.train.lambda_etf == 0.01
+    _, paper = load_plan(PARAMS, "paper")
+    for name in benchmark.experiments:
+        assert 1 <= len(experiment_runs(benchmark, demo, name)) <= len(experiment_runs(benchmark, paper, name))
+    assert len(experiment_runs(benchmark, paper, "fig7")) == 25
+
+
+def test_default_variants_share_the_main_training_and_test_time_variants_reuse_it():
+    benchmark, paper = load_plan(PARAMS, "paper")
+    main_key = main_run(paper, "visa").training_key
+    runs = {run.name: run for run in experiment_runs(benchmark, paper, "table2")}
+    assert runs["MoECLIP"].training_key == main_key
+    assert runs["w/o FOFS"].training_key != main_key
+    assert runs["w/o FOFS"].model.fofs is False and runs["w/o FOFS"].model.num_experts == 4
+    noise = {run.name: run for run in experiment_runs(benchmark, paper, "table11")}
+    assert noise["0.6"].training_key == main_key
+    assert noise["0.6"].test_time["router_noise"] == 0.6
+    medical = {run.name: run for run in experiment_runs(benchmark, paper, "table12")}
+    assert medical["MoECLIP (Medical)"].training_key == main_run(paper, "brainmri").training_key
+
+
+def test_vanilla_clip_is_untrained_and_reads_the_profiles_layers():
+    benchmark, demo = load_plan(PARAMS)
+    vanilla = experiment_runs(benchmark, demo, "table2")[0]
+    assert vanilla.name == "Vanilla CLIP" and not vanilla.trained and vanilla.training_key is None
+    assert vanilla.model.feature_layers == (1, 2, 3, 4) and vanilla.model.moe_layers == ()
+
+
+def test_profile_variants_map_to_paper_rows():
+    benchmark, demo = load_plan(PARAMS)
+    layers = {run.name: run for run in experiment_runs(benchmark, demo, "table8")}
+    assert layers["Layer 2"].paper_row == "Layer 12"
+    assert layers["Layer 2"].model.feature_layers == (2,)
+    assert layers["Ensemble"].paper_row == "Ensemble"
+
+
+def _edited(tmp_path: Path, edit) -> Path:
+    document = read_params(PARAMS)
+    edit(document)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def test_invalid_variants_and_selections_are_named(tmp_path):
+    bad_model = _edited(tmp_path, lambda d: d["experiments"]["table9"]["variants"].update({"0": {"model": {
+        "paa_scales": [2]}}}))
+    benchmark, paper = load_plan(bad_model, "paper")
+    with pytest.raises(ParamsError, match=r"experiment 'table9' variant '0' model is invalid"):
+        experiment_runs(benchmark, paper, "table9")
+    unknown = _edited(tmp_path, lambda d: d["profiles"]["demo"]["experiments"].update({"table9": {"only": ["7"]}}))
+    benchmark, demo = load_plan(unknown)
+    with pytest.raises(ParamsError, match=r"unknown variants of 'table9': \['7'\]"):
+        experiment_runs(benchmark, demo, "table9")
+    with pytest.raises(ParamsError, match="no experiment 'table99'"):
+        experiment_runs(benchmark, demo, "table99")
+    no_auxiliary = _edited(tmp_path, lambda d: d["main"].update(auxiliary="btad"))
+    with pytest.raises(ParamsError, match="main.auxiliary 'btad' has no entry"):
+        load_plan(no_auxiliary)
+
+
+def test_duplicate_keys_are_rejected(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("profile: demo\nprofiles:\n  demo: {}\n  demo: {}\n")
+    with pytest.raises(ParamsError, match="duplicate key 'demo'"):
+        read_params(path)

@@ -1,0 +1,105 @@
+"""`moeclip report`: tables put ours beside the paper's with the difference and the best marked."""
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from moeclip.errors import MoeclipError
+from moeclip.experiments import experiment_runs, load_plan
+from moeclip.pipeline import analysis_dir, evaluation_metrics, experiment_metrics
+from moeclip.reports.render import ABLATION_TABLES, render_reports
+from moeclip.reports.tables import Comparison, best_index, fmt_delta, variant_latex, variant_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _comparison() -> Comparison:
+    cells = [("mvtec", "pixel_auroc"), ("cost", "inference_ms")]
+    ours = {"A": {cells[0]: 90.0, cells[1]: 10.0}, "B": {cells[0]: 92.5, cells[1]: 12.0}}
+    paper = {"A": {cells[0]: 91.0, cells[1]: 20.0}, "B": {cells[0]: 90.0, cells[1]: None}}
+    return Comparison("t", "Test table", ["A", "B"], cells, ours, paper, {"B": "Paper B"}, {"mvtec": "MVTec-AD"})
+
+
+def test_markdown_cells_hold_ours_paper_and_difference_with_best_in_bold():
+    lines = variant_markdown(_comparison()).splitlines()
+    assert lines[2].startswith("| variant | MVTec-AD P-AUROC ours | MVTec-AD P-AUROC paper | MVTec-AD P-AUROC Δ")
+    # Higher AUROC is better, lower latency is better; a missing paper value shows '-'.
+    assert lines[4] == "| A | 90.0 | **91.0** | -1.0 | **10.0** | **20.0** | -10.0 |"
+    assert lines[5] == "| B (paper: Paper B) | **92.5** | 90.0 | +2.5 | 12.0 | - | - |"
+
+
+def test_latex_has_grouped_headers_escaped_labels_and_bold():
+    latex = variant_latex(_comparison())
+    assert r"\multicolumn{3}{c}{MVTec-AD P-AUROC}" in latex
+    assert r"A & 90.0 & \textbf{91.0} & -1.0 & \textbf{10.0} & \textbf{20.0} & -10.0 \\" in latex
+    assert latex.count(r"\begin{tabular}") == latex.count(r"\end{tabular}") == 1
+
+
+def test_best_and_difference_helpers():
+    assert best_index([1.0, None, 3.0, 3.0], "pixel_auroc") == {2, 3}
+    assert best_index([5.0, 2.0], "params_m") == {1}
+    assert best_index([None, float("nan")], "image_ap") == set()
+    assert fmt_delta(93.96, 93.9) == "+0.1" and fmt_delta(None, 1.0) == "-"
+
+
+def _fake_pipeline_outputs(params: Path) -> tuple:
+    """Metric files as the stages write them, with our value = 50 + row index everywhere."""
+    benchmark, profile = load_plan(params)
+    for auxiliary, targets in benchmark.main.targets.items():
+        for target in targets:
+            path = evaluation_metrics(profile, auxiliary, target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({target: {"image_auroc": 80.0, "image_ap": 81.0, "pixel_auroc": 90.0,
+                                                 "pixel_ap": 30.0}}))
+    for name, spec in benchmark.experiments.items():
+        metrics = {}
+        for index, run in enumerate(experiment_runs(benchmark, profile, name)):
+            metrics[run.name] = {d: {"image_auroc": 50.0 + index, "pixel_auroc": 60.0 + index} for d in spec.datasets}
+            if spec.cost:
+                metrics[run.name]["cost"] = {"params_m": 1.0, "inference_ms": 2.0, "peak_memory_mb": None,
+                                             "flops_g": 0.1}
+        path = experiment_metrics(profile, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics))
+    folder = analysis_dir(profile)
+    folder.mkdir(parents=True)
+    pd.DataFrame({"expert": [1, 2, 3, 4], "n_patches": [5, 6, 7, 8], "gradient": [1.0, 2, 3, 4],
+                  "contrast": [1.0, 2, 3, 4], "entropy": [0.5, 1, 1.5, 2]}).to_csv(folder / "routed_statistics.csv")
+    pd.DataFrame({"dataset": ["mvtec"] * 4, "layer": 3, "expert": [1, 2, 3, 4], "share": [25.0] * 4}).to_csv(
+        folder / "utilisation.csv", index=False)
+    (folder / "similarity.json").write_text(json.dumps({"layer": 3, "dataset": "mvtec", "matrix": [
+        [1.0, 0.1, None, 0.2], [0.1, 1.0, 0.3, 0.0], [None, 0.3, 1.0, 0.1], [0.2, 0.0, 0.1, 1.0]]}))
+    return benchmark, profile
+
+
+def test_report_renders_every_table_with_all_rows(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    benchmark, profile = _fake_pipeline_outputs(ROOT / "params.yaml")
+    out = render_reports(benchmark, profile)
+    assert out == Path("reports/demo")
+    for key in ("table1", *ABLATION_TABLES, "table14"):
+        assert (out / f"{key}.md").is_file() and (out / f"{key}.tex").is_file()
+    for figure in ("fig5_expert_similarity", "fig6_num_experts", "fig7_hyperparameters", "fig9_expert_utilisation"):
+        assert (out / f"{figure}.png").stat().st_size > 1000
+    table1 = (out / "table1.md").read_text()
+    # Every dataset of the paper's Table 1 is a row; MoECLIP (paper) mvtec image AUROC 93.9 vs ours 80.0.
+    for name in ("MVTec-AD", "VisA", "BTAD", "RSDD", "DTD-Synthetic", "Brain MRI", "Head CT", "Liver CT",
+                 "Retina OCT", "ColonDB", "ClinicDB", "CVC-300", "Endo", "Kvasir"):
+        assert f"| {name} |" in table1
+    assert "| MVTec-AD | 91.8 | 86.1 |" in table1 and "| **93.9** | 80.0 | -13.9 |" in table1
+    assert "| Average (pixel) | 14.7 |" in table1
+    table2 = (out / "table2.md").read_text()
+    for row in experiment_runs(benchmark, profile, "table2"):
+        assert f"| {row.name} |" in table2
+    # The demo's "Layer 2" row is compared with the paper's "Layer 12" row (MVTec-AD image AUROC 90.0).
+    assert "| Layer 2 (paper: Layer 12) | 50.0 | 90.0 | -40.0 |" in (out / "table8.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "not** paper results" in readme and "![fig6_num_experts.png](fig6_num_experts.png)" in readme
+
+
+def test_report_without_pipeline_outputs_says_what_to_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    benchmark, profile = load_plan(ROOT / "params.yaml")
+    with pytest.raises(MoeclipError, match=r"metrics/evaluate/visa/mvtec.json' is missing: run the pipeline"):
+        render_reports(benchmark, profile)
