@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from moeclip.data import synthetic
 from moeclip.data.synthetic import (
@@ -157,6 +158,36 @@ def test_defects_stand_out_from_class_statistics(demo: Path) -> None:
     brain_pairs = [(p, test / "Ungood" / "label" / p.name) for p in sorted((test / "Ungood" / "img").glob("*"))]
     ratios["brain"] = _defect_contrast(sorted((test / "good" / "img").glob("*")), brain_pairs)
     assert min(ratios.values()) > 1.5, ratios
+
+
+def _checker_response(pairs: list[tuple[Path, Path]]) -> tuple[float, float]:
+    """Mean agreement of the fine detail (pixel minus its 4x4 neighbourhood) with the signature
+    checker's sign, inside and outside the masks; about 0 where the checker is absent."""
+    inside, outside = [], []
+    for image, mask in pairs:
+        gray = _pixels(image).mean(axis=-1) / 255.0
+        detail = gray - ndimage.uniform_filter(gray, 4, mode="reflect")
+        rows, cols = np.indices(gray.shape) // synthetic.SIGNATURE_CELL
+        agreement = detail * np.where((rows + cols) % 2 == 1, 1.0, -1.0)
+        defect = np.asarray(Image.open(mask)) > 0
+        inside.append(agreement[defect])
+        outside.append(agreement[~defect])
+    return float(np.concatenate(inside).mean()), float(np.concatenate(outside).mean())
+
+
+def test_every_dataset_marks_defects_with_the_same_checker(demo: Path) -> None:
+    """The cross-dataset cue the demo's transfer rests on: one grid-anchored checker, in colour and grayscale."""
+    pairs = {
+        "mvtec": [pair for name in MVTEC_CLASSES for pair in _mvtec_pairs(demo / "mvtec" / name)],
+        "visa": [(p, p.parents[2] / "Masks" / "Anomaly" / f"{p.stem}.png")
+                 for p in sorted((demo / "visa").glob("*/Data/Images/Anomaly/*.JPG"))],
+        "brainmri": [(p, p.parents[1] / "label" / p.name)
+                     for p in sorted((demo / "brainmri" / "test" / "Ungood" / "img").glob("*.png"))],
+        "colondb": [(p, demo / "colondb" / "masks" / p.name) for p in sorted((demo / "colondb" / "images").glob("*.png"))],
+    }
+    for name, dataset_pairs in pairs.items():
+        inside, outside = _checker_response(dataset_pairs)
+        assert inside > 0.05 and abs(outside) < 0.2 * inside, (name, inside, outside)
 
 
 @pytest.mark.parametrize("defect", sorted(INDUSTRIAL_DEFECTS))

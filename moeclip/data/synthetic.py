@@ -1,10 +1,13 @@
 """Deterministic synthetic demo datasets written in the real on-disk layouts.
 
 Why: the offline demo and the tests need data that goes through the very same layout parsers
-as the real benchmarks (DATASETS.md), and whose defects share one appearance model across all
+as the real benchmarks (DATASETS.md), and whose defects share one appearance across all
 classes and datasets, so that a model trained on the VisA-style set can learn "defect versus
 normal" and transfer to the unseen MVTec-style, medical and colonoscopy-style sets, as in the
-ZSAD protocol. Every image is drawn from its own numpy Generator keyed by (seed, dataset, class,
+ZSAD protocol. Each defect keeps its own kind's look (scratch, stain, lesion, polyp...) and
+is overlaid with one fixed fine checker (`_signature`): with the demo's random-weight
+backbone, only such a pixel-identical cue can be learnt on one dataset and recognised on
+another. Every image is drawn from its own numpy Generator keyed by (seed, dataset, class,
 split, index), so the same seed gives byte-identical files whatever else changes.
 """
 
@@ -27,6 +30,8 @@ from tqdm import tqdm
 MASK_THRESHOLD = 0.3  # defect opacity above which a pixel counts as anomalous in the mask
 CENTRE_JITTER = 0.06  # object position jitter, as a fraction of the image side
 MAX_PLACEMENT_TRIES = 20
+SIGNATURE_CELL = 2  # side of the squares of the checker that marks every defect, in pixels
+SIGNATURE_OPACITY = 0.7  # how strongly that checker covers each defect's own fill (the rest shows its kind)
 
 Colour = tuple[float, ...]
 
@@ -488,8 +493,23 @@ def _sample_rng(seed: int, *keys: str | int) -> np.random.Generator:
     return np.random.default_rng([seed, *words])
 
 
+def _signature(size: int, channels: int) -> np.ndarray:
+    """The black-and-white checker that every defect carries, anchored to the image grid.
+
+    Why: the demo backbone has random weights, so what a model trained on the VisA-style set
+    can recognise in the unseen sets is only an appearance that is pixel-for-pixel the same
+    in every class and dataset; defects drawn relative to each class's own colours are not.
+    A fine achromatic checker looks the same in colour and in grayscale images, and its fixed
+    phase gives every defective patch the same pattern.
+    """
+    rows, cols = np.indices((size, size)) // SIGNATURE_CELL
+    checker = 0.05 + 0.9 * ((rows + cols) % 2).astype(np.float32)
+    return np.repeat(checker[..., None], channels, axis=-1)
+
+
 def place_defect(rng: np.random.Generator, scene: Scene, defect: Defect) -> tuple[np.ndarray, np.ndarray]:
-    """Paint a random instance of `defect` on the object; retry until it covers enough object pixels.
+    """Paint a random instance of `defect`, marked with the shared checker, on the object; retry
+    until it covers enough object pixels.
 
     Returns the defective image and its boolean mask.
     """
@@ -501,7 +521,9 @@ def place_defect(rng: np.random.Generator, scene: Scene, defect: Defect) -> tupl
         alpha = defect.shape(rng, size, np.array([col + 0.5, row + 0.5])) * scene.foreground
         mask = alpha > MASK_THRESHOLD
         if mask.sum() >= min_area:
-            return _paint(scene.image, alpha, defect.fill(rng, scene, alpha)), mask
+            opacity = np.full(alpha.shape, SIGNATURE_OPACITY, np.float32)
+            fill = _paint(defect.fill(rng, scene, alpha), opacity, _signature(size, scene.image.shape[-1]))
+            return _paint(scene.image, alpha, fill), mask
     raise RuntimeError("could not place a defect on the object")
 
 
