@@ -86,7 +86,8 @@ class TextAnchors(nn.Module):
         cached = self._eot_cache.get(description)
         if cached is None or cached[0].device != device:
             normal, abnormal = prompt_ensemble(description)
-            with torch.no_grad():
+            # float32 even under autocast, so the cache is the same whichever execution mode filled it
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 cached = (self._encode(self.tokenizer(normal).to(device)),
                           self._encode(self.tokenizer(abnormal).to(device)))
             self._eot_cache[description] = cached
