@@ -1,9 +1,10 @@
 """How a MoECLIP model is computed: the fast path and the straightforward reference, on the same weights.
 
 Both compute the same equations; they differ only in how:
-- `bf16`: matmuls and convolutions autocast to bfloat16. The router, maps, scores, losses
-  and metrics stay in float32, and so does the residual stream (LayerNorm outputs are
-  float32 under autocast), so results change by bf16 rounding only.
+- `bf16`: the matmuls of the frozen blocks, the experts and the segmentation projections
+  autocast to bfloat16 (weights stay float32). The residual stream, router, text anchors,
+  image adapter, maps, scores, losses and metrics stay float32, so results change by the
+  rounding of those matmul outputs only.
 - `sparse_experts`: at inference each token mixes only its top-k experts without forming
   the K outputs; the reference evaluates every expert and mixes them densely.
 - `fused_attention`: the frozen ViT's attention uses the fused scaled-dot-product kernels

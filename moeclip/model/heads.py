@@ -54,7 +54,12 @@ class DepthwiseImageAdapter(nn.Module):
         self.pointwise = nn.Conv1d(width, embed_dim, 1, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L, d) patch tokens -> (B, D) image embedding."""
-        hidden = F.gelu(self.depthwise(self.norm(tokens).transpose(1, 2)))
-        patches = F.normalize(self.pointwise(hidden).transpose(1, 2), dim=-1)
+        """(B, L, d) patch tokens -> (B, D) image embedding.
+
+        In float32 even under bf16 autocast (0.2 % of the FLOPs): V_image alone decides S_A,
+        and bf16 rounding here would reorder the image scores of nearly tied images.
+        """
+        with torch.autocast(tokens.device.type, enabled=False):
+            hidden = F.gelu(self.depthwise(self.norm(tokens.float()).transpose(1, 2)))
+            patches = F.normalize(self.pointwise(hidden).transpose(1, 2), dim=-1)
         return patches.mean(dim=1)

@@ -79,8 +79,13 @@ class TextAnchors(nn.Module):
         return eot @ self._clip.text_projection
 
     def _anchor(self, eot: torch.Tensor) -> torch.Tensor:
-        """Normalise each prompt embedding, average the set, normalise again."""
-        return F.normalize(F.normalize(self._project(eot), dim=-1).mean(dim=0), dim=-1)
+        """Normalise each prompt embedding, average the set, normalise again.
+
+        In float32 even under bf16 autocast (a few prompts, negligible cost): a rounded anchor
+        would shift every logit of its class in the same direction.
+        """
+        with torch.autocast(eot.device.type, enabled=False):
+            return F.normalize(F.normalize(self._project(eot.float()), dim=-1).mean(dim=0), dim=-1)
 
     def _frozen_eot(self, description: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._eot_cache.get(description)
