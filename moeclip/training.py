@@ -76,6 +76,19 @@ def training_execution(config: TrainConfig, device: torch.device) -> Execution:
     return replace(fast, bf16=fast.bf16 and config.amp)
 
 
+def build_optimizer(model: MoECLIP, config: TrainConfig,
+                    device: torch.device) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.MultiStepLR]:
+    """Adam over the trainable parameters and the MultiStepLR schedule (SPEC 7).
+
+    On CUDA the fused Adam kernel updates all parameters in one launch.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("this model configuration has nothing to train")
+    optimizer = torch.optim.Adam(trainable, lr=config.lr, betas=config.betas, fused=device.type == "cuda")
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
+
+
 def train_step(model: MoECLIP, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                batch: Mapping[str, Any], config: TrainConfig, device: torch.device,
                execution: Execution) -> dict[str, float]:
@@ -106,15 +119,8 @@ class Trainer:
         self.model = build_model(model_config, seed=train_config.seed).to(self.device)
         self.dataset = ManifestDataset(frame, model_config.image_size, train=train_config.augment,
                                        seed=train_config.seed)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError("this model configuration has nothing to train")
-        # The fused kernel updates all parameters in one launch on CUDA (the CPU has none).
-        self.optimizer = torch.optim.Adam(trainable, lr=train_config.lr, betas=train_config.betas,
-                                          fused=self.device.type == "cuda")
+        self.optimizer, self.scheduler = build_optimizer(self.model, train_config, self.device)
         self.execution = training_execution(train_config, self.device)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(train_config.milestones),
-                                                              train_config.gamma)
         self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "complete": False}
         self.history: list[dict[str, float]] = []
 
