@@ -1,0 +1,166 @@
+"""Render benchmark JSON into reports/performance.md, with the paper profile's time estimate per stage.
+
+Each folder holds the JSON of one machine and model size (inference.json, train.json,
+eval.json, as written by the benchmarks' --out); it becomes one section. The paper profile
+(SPEC 7, 10) is 2 trainings (on VisA and on MVTec-AD, 20 epochs at batch 2 each) and 14
+evaluations (every dataset's test set once). Its time on one device is estimated from the
+measured fast-path throughputs:
+
+    training   = epochs * (N_test(VisA) + N_test(MVTec-AD)) / (training images/s at batch 2)
+    evaluation = sum over the 14 datasets of N_test / (evaluation images/s, data loading and metrics included)
+
+    python -m benchmarks.report reports/benchmarks/cpu-tiny --out reports/performance.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from moeclip.config import TrainConfig
+from moeclip.data.registry import DATASETS
+
+BENCHMARKS = ("inference", "train", "eval")
+TRAINED_ON = ("visa", "mvtec")
+# SPEC section 11: the authors' release on one H100, random weights, 518 px, fp32. Its
+# inference figure is the forward alone (no data loading or metrics), so the evaluation
+# estimate below is a lower bound for the release.
+RELEASE = {"train_images_per_s": 2 / 0.170, "eval_images_per_s": 31.0}
+
+
+def paper_profile_images() -> dict[str, int]:
+    """Images the paper profile pushes through each stage (test-set counts of paper Table 3)."""
+    def test_images(name: str) -> int:
+        return DATASETS[name].expected_normal + DATASETS[name].expected_anomalous
+    return {"train": TrainConfig().epochs * sum(test_images(name) for name in TRAINED_ON),
+            "eval": sum(test_images(name) for name in DATASETS)}
+
+
+def estimate(train_images_per_s: float, eval_images_per_s: float) -> dict[str, float]:
+    """Seconds per stage of the paper profile at the given throughputs."""
+    images = paper_profile_images()
+    train, evaluation = images["train"] / train_images_per_s, images["eval"] / eval_images_per_s
+    return {"train_s": train, "eval_s": evaluation, "total_s": train + evaluation}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _number(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> list[str]:
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_number(row.get(key), spec) for key, _, spec in columns) + " |" for row in rows]
+    return lines
+
+
+def _fast_row(report: dict[str, Any], batch: int | None = None) -> dict[str, Any]:
+    rows = [row for row in report["rows"] if row["mode"] == "fast" and (batch is None or row["batch"] == batch)]
+    return rows[0]
+
+
+SECTIONS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
+    "inference": ("Inference (maps + scores, random input)", [
+        ("mode", "mode", ""), ("batch", "batch", "d"), ("images_per_s", "images/s", ".1f"),
+        ("latency_ms", "latency (ms)", ".2f"), ("peak_memory_mib", "peak memory (MiB)", ".0f"),
+        ("speedup", "x reference", ".2f"), ("max_map_diff", "max map diff", ".1e"),
+        ("max_score_diff", "max score diff", ".1e")]),
+    "train": ("Training step (paper losses, backward, Adam)", [
+        ("mode", "mode", ""), ("batch", "batch", "d"), ("images_per_s", "images/s", ".1f"),
+        ("step_ms", "step (ms)", ".1f"), ("peak_memory_mib", "peak memory (MiB)", ".0f"),
+        ("speedup", "x reference", ".2f"), ("largest", "largest batch run", "")]),
+    "eval": ("Evaluation (PNG decoding, forward, normalisation, all metrics)", [
+        ("mode", "mode", ""), ("images", "images", "d"), ("batch", "batch", "d"),
+        ("images_per_s", "images/s", ".1f"), ("seconds", "seconds", ".2f"),
+        ("peak_memory_mib", "peak memory (MiB)", ".0f"), ("speedup", "x reference", ".2f"),
+        ("max_metric_diff_points", "max metric diff (points)", ".3f")]),
+}
+
+
+def render_folder(folder: Path) -> tuple[list[str], bool]:
+    """One section for the JSON files in `folder`; also says whether it was measured on a GPU."""
+    reports = {name: json.loads((folder / f"{name}.json").read_text())
+               for name in BENCHMARKS if (folder / f"{name}.json").is_file()}
+    if not reports:
+        raise SystemExit(f"no benchmark JSON ({', '.join(BENCHMARKS)}.json) in {folder}")
+    first = next(iter(reports.values()))
+    env = first["environment"]
+    gpu = env["device"] == "cuda"
+    title = f"{env['device_name']} ({env['device']}), {first['backbone']} at {first['image_size']} px"
+    lines = [f"## {title}", "",
+             f"Measured from `{folder}`: torch {env['torch']}, open_clip {env['open_clip']}, Python {env['python']}"
+             + (f", CUDA {env['cuda']}" if env["cuda"] else f", {env['cpu_threads']} CPU threads") + ".",
+             f"Fast path: `{first['modes']['fast']}`" + (f", compiled ({first['compile_mode'] or 'default'})"
+                                                        if first["compiled"] else "")
+             + f"; reference: `{first['modes']['reference']}`. Peak memory: `{first['memory']}`.", ""]
+    if not gpu:
+        lines += ["**CPU numbers of the tiny test model: they show the ratios and that the benchmarks run, "
+                  "not the speed at real size.**", ""]
+    for name, report in reports.items():
+        caption, columns = SECTIONS[name]
+        lines += [f"### {caption}", "", *_table(report["rows"], columns), ""]
+    if "train" in reports and "eval" in reports:
+        train = _fast_row(reports["train"], TrainConfig().batch_size)["images_per_s"]
+        evaluation = _fast_row(reports["eval"])["images_per_s"]
+        times = estimate(train, evaluation)
+        lines += ["### Paper profile estimate from these measurements", "",
+                  *_table([{"train": train, "eval": evaluation, **{k: _duration(v) for k, v in times.items()}}], [
+                      ("train", "training images/s (batch 2)", ".1f"), ("eval", "evaluation images/s", ".1f"),
+                      ("train_s", "2 trainings", ""), ("eval_s", "14 evaluations", ""), ("total_s", "total", "")]),
+                  ""]
+        if not gpu:
+            lines += ["(The tiny model on a CPU: this only exercises the formula.)", ""]
+    return lines, gpu
+
+
+def render(folders: list[Path]) -> str:
+    images = paper_profile_images()
+    release = estimate(**RELEASE)
+    lines = ["# Performance", "",
+             "Generated by `python -m benchmarks.report` from the benchmarks' JSON; do not edit by hand.",
+             "Every ratio (x reference) compares the fast path with the reference computation of the same "
+             "model (fp32, every expert evaluated, attention weights materialised) on the same weights, "
+             "measured alternately in one run on one machine (best of the rounds).", "",
+             "## Paper profile: how the estimate is made", "",
+             f"- 2 trainings x {TrainConfig().epochs} epochs over the VisA and MVTec-AD test sets: "
+             f"{images['train']:,} training images at batch {TrainConfig().batch_size};",
+             f"- 14 evaluations, each dataset's test set once: {images['eval']:,} images;",
+             "- stage time = images / measured fast-path images/s on one device (training at batch 2; "
+             "evaluation end to end: decoding, forward, normalisation, metrics).", "",
+             "For comparison, the same formula with the authors' release on one H100 (SPEC section 11, "
+             f"not measured here): training {RELEASE['train_images_per_s']:.1f} images/s (170 ms per batch-2 step) "
+             f"-> {_duration(release['train_s'])}; inference {RELEASE['eval_images_per_s']:.0f} images/s "
+             f"(forward only) -> {_duration(release['eval_s'])} or more; total {_duration(release['total_s'])} "
+             "or more.", ""]
+    sections, gpus = [], []
+    for folder in folders:
+        section, gpu = render_folder(folder)
+        sections += section
+        gpus.append(gpu)
+    if not any(gpus):
+        lines += ["**No GPU measurement yet.** The full-size (ViT-L-14-336, 518 px) GPU rows, and with them the "
+                  "paper profile's estimate, are pending: on a GPU machine run the three benchmarks with "
+                  "`--out reports/benchmarks/<gpu>/<name>.json` and regenerate this file with that folder added.", ""]
+    return "\n".join(lines + sections).rstrip() + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", type=Path, nargs="+", help="folders of benchmark JSON, one machine/size each")
+    parser.add_argument("--out", type=Path, default=Path("reports/performance.md"))
+    args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(args.folders))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
