@@ -9,7 +9,10 @@ Both compute the same equations; they differ only in how:
   the K outputs; the reference evaluates every expert and mixes them densely.
 - `fused_attention`: the frozen ViT's attention uses the fused scaled-dot-product kernels
   (flash / memory-efficient); the reference forces the math backend, which materialises
-  the (B, heads, L, L) attention weights as the authors' release does.
+  the (B, heads, L, L) attention weights as the authors' release does. At inference
+  nn.MultiheadAttention takes its native fast path, whose CUDA kernel dispatches to the
+  fused kernels but whose CPU kernel always materialises the weights; on the CPU the fast
+  path is therefore switched off, so attention goes through scaled_dot_product_attention.
 The reference mode (`REFERENCE`) is what benchmarks divide by and what the equality tests
 compare against.
 """
@@ -47,14 +50,17 @@ def fast_execution(device: str | torch.device) -> Execution:
 @contextlib.contextmanager
 def executing(model: MoECLIP, how: Execution, device_type: str) -> Iterator[None]:
     """Run `model` the way `how` says inside this block (autocast, expert dispatch, attention kernels)."""
-    previous = model.dense_inference
+    previous = model.dense_inference, torch.backends.mha.get_fastpath_enabled()
     model.dense_inference = not how.sparse_experts
+    if how.fused_attention and device_type == "cpu":
+        torch.backends.mha.set_fastpath_enabled(False)
     attention = contextlib.nullcontext() if how.fused_attention else sdpa_kernel([SDPBackend.MATH])
     try:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=how.bf16), attention:
             yield
     finally:
-        model.dense_inference = previous
+        model.dense_inference = previous[0]
+        torch.backends.mha.set_fastpath_enabled(previous[1])
 
 
 def compile_backbone(model: MoECLIP, **options: Any) -> MoECLIP:
