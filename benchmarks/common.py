@@ -28,8 +28,8 @@ from moeclip.model.execution import REFERENCE, Execution, compile_backbone, fast
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="ViT-L-14-336")
-    parser.add_argument("--image-size", type=int, default=518)
-    parser.add_argument("--tiny", action="store_true", help="the tiny random-weight test backbone at 64 px (CPU smoke run)")
+    parser.add_argument("--image-size", type=int, help="input side in px; default 518, or 64 with --tiny")
+    parser.add_argument("--tiny", action="store_true", help="the tiny random-weight test backbone (CPU smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="fast path precision; auto = bf16 on CUDA, fp32 on the CPU")
@@ -42,8 +42,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     if args.tiny:
-        return ModelConfig.tiny()
-    return ModelConfig(backbone=args.backbone, image_size=args.image_size, weights=None,
+        return ModelConfig.tiny(image_size=args.image_size or 64)
+    return ModelConfig(backbone=args.backbone, image_size=args.image_size or 518, weights=None,
                        moe_layers=default_moe_layers(args.backbone))
 
 
