@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--source-size", type=int, help="side of the written images; default: the model's input size")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, help="DataLoader workers; default: one per spare core on CUDA, 0 on CPU")
+    parser.set_defaults(rounds=3)  # each round is a whole evaluation
     args = parser.parse_args()
     device = torch.device(args.device)
     config = model_config(args)

@@ -61,7 +61,7 @@ def main() -> None:
     add_common_arguments(parser)
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=1, help="calls per timed round")
     args = parser.parse_args()
     device = torch.device(args.device)
     config = model_config(args)

@@ -36,7 +36,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the frozen blocks on the fast path")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per contender, alternating; the best counts")
+    parser.add_argument("--rounds", type=int, default=20,
+                        help="timed rounds per mode, the modes alternating; the best round counts")
     parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
 
 

@@ -14,4 +14,5 @@ from moeclip.metrics.ranking import (
     ranking_metrics,
 )
 
-__all__ = ["PixelMetricAccumulator", "aupro", "auroc", "average_precision", "f1_max", "pixel_metrics", "ranking_metrics"]
+__all__ = ["PixelMetricAccumulator", "aupro", "auroc", "average_precision", "f1_max", "pixel_metrics",
+           "ranking_metrics"]

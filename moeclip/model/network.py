@@ -106,7 +106,10 @@ class MoECLIP(nn.Module):
         return features, aux
 
     def _project(self, normed: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
-        """(len(layers), ..., d) ln_post outputs -> (len(layers), ..., D) unit vectors via Proj_l (CLIP's proj if vanilla)."""
+        """(len(layers), ..., d) ln_post outputs -> (len(layers), ..., D) unit vectors.
+
+        Each layer's Proj_l, or CLIP's own projection for vanilla CLIP.
+        """
         if self.config.vanilla:
             return F.normalize(normed @ self.clip.visual.proj, dim=-1)
         return self.projections(normed, layers)
