@@ -23,6 +23,7 @@ from benchmarks.common import (
     emit,
     environment,
     header,
+    measured_alone,
     model_config,
     modes,
     print_table,
@@ -60,10 +61,10 @@ def main() -> None:
         seconds = best_seconds(calls, device, args.warmup, args.iters, args.rounds)
         normalised = {}
         for name, call in calls.items():
-            with PeakMemory(device) as memory:
-                normalised[name] = finalize_class_scores(*call(), "industrial")
+            outputs, memory = measured_alone(models, name, call, device)
+            normalised[name] = finalize_class_scores(*outputs, "industrial")
             rows.append({"mode": name, "batch": batch, "images_per_s": batch / seconds[name],
-                         "latency_ms": seconds[name] * 1e3, "peak_memory_mib": memory.mib})
+                         "latency_ms": seconds[name] * 1e3, "peak_memory_mib": memory})
         rows[-1].update(
             speedup=seconds["reference"] / seconds["fast"],
             max_map_diff=float((normalised["fast"][0] - normalised["reference"][0]).abs().max()),

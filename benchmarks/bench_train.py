@@ -25,6 +25,7 @@ from benchmarks.common import (
     emit,
     environment,
     header,
+    measured_alone,
     model_config,
     modes,
     print_table,
@@ -81,10 +82,9 @@ def main() -> None:
                 torch.cuda.empty_cache()
         seconds = best_seconds(calls, device, args.warmup, args.iters, args.rounds)
         for name, call in calls.items():
-            with PeakMemory(device) as memory:
-                call()
+            memory = measured_alone(models, name, call, device)[1]
             rows.append({"mode": name, "batch": batch, "images_per_s": batch / seconds[name],
-                         "step_ms": seconds[name] * 1e3, "peak_memory_mib": memory.mib})
+                         "step_ms": seconds[name] * 1e3, "peak_memory_mib": memory})
         if len(calls) == 2:
             rows[-1]["speedup"] = seconds["reference"] / seconds["fast"]
         batch = 4 if batch == 2 else batch * 2

@@ -78,15 +78,24 @@ def contenders(config: ModelConfig, args: argparse.Namespace, device: torch.devi
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Device and software versions, recorded in every report."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
         "device": device.type, "device_name": name, "torch": torch.__version__, "open_clip": open_clip.__version__,
         "python": sys.version.split()[0], "cuda": torch.version.cuda if device.type == "cuda" else None,
         "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
     }
+
+
+def _cpu_name() -> str:
+    """The processor's model name (Linux), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def modes(fast: Execution) -> dict[str, dict[str, bool]]:
@@ -121,13 +130,30 @@ def best_seconds(calls: dict[str, Callable[[], Any]], device: torch.device, warm
     return best
 
 
+def measured_alone(models: dict[str, tuple[MoECLIP, Execution]], name: str, call: Callable[[], Any],
+                   device: torch.device) -> tuple[Any, float]:
+    """The result of one call of mode `name` and its peak memory (MiB), with the other modes' models
+    moved off the GPU meanwhile, so that only this mode's own weights count."""
+    others = [model for other, (model, _) in models.items() if other != name and device.type == "cuda"]
+    for model in others:
+        model.to("cpu")
+    try:
+        with PeakMemory(device) as memory:
+            result = call()
+    finally:
+        for model in others:
+            model.to(device)
+    return result, memory.mib
+
+
 class PeakMemory:
     """Peak memory while the block runs, in MiB.
 
     CUDA: the peak of memory allocated by tensors (weights included). CPU: the process's
     resident set size, sampled every millisecond (the kernel's own peak only ever grows,
-    so it cannot separate two measurements in one process). The benchmarks measure it on
-    a call of its own, since the sampling thread would disturb the timed calls.
+    so it cannot separate two measurements in one process; it includes both modes' models).
+    The benchmarks measure it on a call of its own, since the sampling thread would
+    disturb the timed calls.
     """
 
     def __init__(self, device: torch.device) -> None:

@@ -138,9 +138,9 @@ def test_compiled_backbone_gives_the_same_maps():
 
 @pytest.fixture(scope="module")
 def demo_frame(tmp_path_factory) -> pd.DataFrame:
-    """The synthetic demo's MVTec-, Brain-MRI- and ColonDB-like test sets, 3 normal + 3 anomalous per class."""
+    """The synthetic demo's MVTec-, Brain-MRI- and ColonDB-like test sets, 2 normal + 2 anomalous per class."""
     root = tmp_path_factory.mktemp("demo")
-    generate_demo_datasets(root / "raw", seed=0, per_class=3)
+    generate_demo_datasets(root / "raw", seed=0, per_class=2)
     frames = []
     for name in ("mvtec", "brainmri", "colondb"):
         prepare_dataset(name, root / "raw" / name, root / f"{name}.parquet")
