@@ -76,3 +76,10 @@ def test_metrics_benchmark_smoke_run_agrees_with_sklearn():
     for method in ("one_shot", "streaming"):
         assert row[method]["max_abs_diff_vs_sklearn"] < 1e-9
         assert abs(row[method]["auroc"] - row["sklearn"]["auroc"]) < 1e-9
+
+
+def test_committed_performance_report_is_generated_from_the_committed_json(tmp_path):
+    folders = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "reports" / "benchmarks").iterdir() if p.is_dir())
+    out = tmp_path / "performance.md"
+    _run("benchmarks.report", *folders, "--out", str(out))
+    assert out.read_text() == (ROOT / "reports" / "performance.md").read_text()
