@@ -101,7 +101,8 @@ def main() -> None:
                                                 if len(largest) == 2 else None),
     }
     print_table(header("training step", config, env, fast), rows, [
-        ("mode", "mode", ""), ("batch", "batch", "d"), ("images_per_s", "images/s", ".1f"), ("step_ms", "step ms", ".1f"),
+        ("mode", "mode", ""), ("batch", "batch", "d"), ("images_per_s", "images/s", ".1f"),
+        ("step_ms", "step ms", ".1f"),
         ("peak_memory_mib", "peak MiB", ".0f"), ("speedup", "x reference", ".2f"), ("largest", "largest", ""),
     ])
     emit(report, args.out)

@@ -66,7 +66,8 @@ def build_randomised(config: ModelConfig, seed: int, device: torch.device) -> Mo
     return model.to(device).eval()
 
 
-def contenders(config: ModelConfig, args: argparse.Namespace, device: torch.device) -> dict[str, tuple[MoECLIP, Execution]]:
+def contenders(config: ModelConfig, args: argparse.Namespace,
+               device: torch.device) -> dict[str, tuple[MoECLIP, Execution]]:
     """The reference and the fast path, each with its own copy of the same weights (the fast
     one compiled if asked), so that they can alternate. Models come in eval mode."""
     fast_model = build_randomised(config, args.seed, device)

@@ -111,7 +111,8 @@ def render_folder(folder: Path) -> tuple[list[str], bool]:
     env = first["environment"]
     gpu = env["device"] == "cuda"
     precision = "bf16" if first["modes"]["fast"]["bf16"] else "fp32"
-    title = f"{env['device_name']} ({env['device']}), {first['backbone']} at {first['image_size']} px, {precision} fast path"
+    title = (f"{env['device_name']} ({env['device']}), {first['backbone']} at {first['image_size']} px, "
+             f"{precision} fast path")
     lines = [f"## {title}", "",
              f"Measured from `{folder}`: torch {env['torch']}, open_clip {env['open_clip']}, Python {env['python']}"
              + (f", CUDA {env['cuda']}" if env["cuda"] else f", {env['cpu_threads']} CPU threads") + ".",

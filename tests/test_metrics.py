@@ -8,7 +8,15 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from moeclip.metrics import PixelMetricAccumulator, aupro, auroc, average_precision, f1_max, pixel_metrics, ranking_metrics
+from moeclip.metrics import (
+    PixelMetricAccumulator,
+    aupro,
+    auroc,
+    average_precision,
+    f1_max,
+    pixel_metrics,
+    ranking_metrics,
+)
 from moeclip.metrics._runs import RunStore, merge, split_tallies, tally_owned, tally_torch
 from moeclip.metrics.ranking import metrics_from_tallies
 
@@ -216,7 +224,8 @@ def test_pixel_metrics_equal_sklearn_and_aupro(as_tensor: bool) -> None:
     masks[3, 10:, 10:] = True
     masks[3, 0, 0] = True  # a second, one-pixel region
     maps[masks] += 0.3
-    result = pixel_metrics(torch.from_numpy(maps) if as_tensor else maps, torch.from_numpy(masks) if as_tensor else masks)
+    convert = torch.from_numpy if as_tensor else np.asarray
+    result = pixel_metrics(convert(maps), convert(masks))
     assert abs(result["auroc"] - roc_auc_score(masks.ravel(), maps.ravel())) < TOL
     assert abs(result["ap"] - average_precision_score(masks.ravel(), maps.ravel())) < TOL
     assert abs(result["aupro"] - _official_aupro(maps, masks, 0.3)) < TOL

@@ -79,7 +79,8 @@ def test_image_embedding_is_the_mean_of_normalised_adapter_patches(tiny):
     torch.testing.assert_close(vision.image_embedding, expected)
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(projection_activation=True, paa_scales=(3, 5), image_adapter=False)])
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(projection_activation=True, paa_scales=(3, 5), image_adapter=False)])
 def test_batched_heads_equal_paa_ln_post_and_each_layers_projection(overrides):
     model = build_model(ModelConfig.tiny(moe_layers=(1, 3), **overrides), seed=6).eval()
     _randomise_trainables(model, seed=6)
@@ -217,3 +218,14 @@ def test_backbone_attention_uses_fused_scaled_dot_product_attention(tiny, monkey
     # an input that needs gradients (as for Grad-CAM) keeps every block on the autograd path
     tiny.training_outputs(torch.randn(1, 3, 64, 64, requires_grad=True), ["bottle"])
     assert calls.count(65) == 4  # each of the 4 ViT blocks, over CLS + 8x8 patches
+
+
+def test_blocks_before_the_first_moe_layer_record_no_autograd_graph():
+    model = build_model(ModelConfig.tiny(moe_layers=(3, 4)), seed=0).train()
+    recorded = []
+    hooks = [block.register_forward_hook(lambda _m, _i, out: recorded.append(out.requires_grad))
+             for block in model.clip.visual.transformer.resblocks]
+    model.training_outputs(torch.randn(1, 3, 64, 64), ["bottle"])
+    for hook in hooks:
+        hook.remove()
+    assert recorded == [False, False, False, True]  # block 3 feeds the first MoE; block 4 follows it
