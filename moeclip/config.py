@@ -143,5 +143,6 @@ class TrainConfig(BaseModel):
                            "no ETF and no balance loss")
     augment: bool = True
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on the CPU)")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | None = Field(
+        None, ge=0, description="data-loading processes; null = one per spare core on CUDA, none on the CPU")
     checkpoint_every: int = Field(200, ge=1, description="iterations between resumable checkpoints")

@@ -6,20 +6,25 @@ the class can have them. Dataset figures are means over classes, x100.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from moeclip.data.dataset import ManifestDataset
-from moeclip.metrics import PixelMetricAccumulator, aupro, ranking_metrics
+from moeclip.config import Domain
+from moeclip.data.dataset import ManifestDataset, loader_options
+from moeclip.metrics import pixel_metrics, ranking_metrics
 from moeclip.model import MoECLIP
+from moeclip.model.execution import Execution, executing, fast_execution
 from moeclip.model.scoring import finalize_class_scores
+
 
 @dataclass
 class Example:
@@ -41,42 +46,49 @@ class Evaluation:
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro", "image_f1_max", "pixel_f1_max")
 
 
-def _predict_class(model: MoECLIP, frame: pd.DataFrame, batch_size: int, device: torch.device,
-                   num_workers: int) -> dict[str, torch.Tensor]:
-    """Raw test maps and S_A for one class's images, with their labels and masks (on the CPU)."""
-    dataset = ManifestDataset(frame, model.config.image_size, train=False)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-    domain = frame["domain"].iloc[0]
+def _predict_class(model: MoECLIP, batches: Iterable[dict[str, Any]], domain: Domain, device: torch.device,
+                   execution: Execution) -> dict[str, torch.Tensor]:
+    """One class's test maps and S_A (on `device`), its labels and masks (on the CPU), and the final scores."""
     collected: dict[str, list[torch.Tensor]] = {"maps": [], "scores": [], "labels": [], "masks": [], "has_mask": []}
-    with torch.inference_mode():
-        for batch in loader:
-            maps, scores = model.predict(batch["image"].to(device), batch[model.config.prompt_field], domain)
-            collected["maps"].append(maps.float().cpu())
-            collected["scores"].append(scores.float().cpu())
-            collected["labels"].append(batch["label"])
-            collected["masks"].append(batch["mask"][:, 0] > 0.5)
-            collected["has_mask"].append(torch.as_tensor(batch["has_mask"]))
+    for batch in batches:
+        with executing(model, execution, device.type):
+            maps, scores = model.predict(batch["image"].to(device, non_blocking=True),
+                                         batch[model.config.prompt_field], domain)
+        collected["maps"].append(maps.float())
+        collected["scores"].append(scores.float())
+        collected["labels"].append(batch["label"])
+        collected["masks"].append(batch["mask"][:, 0] > 0.5)
+        collected["has_mask"].append(torch.as_tensor(batch["has_mask"]))
     outputs = {key: torch.cat(values) for key, values in collected.items()}
     outputs["maps"], outputs["final_scores"] = finalize_class_scores(outputs["maps"], outputs["scores"], domain)
     return outputs
 
 
 def _class_metrics(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Metrics the class can have: image ones need both labels, pixel ones need every mask known."""
+    """Metrics the class can have: image ones need both labels, pixel ones need every mask known.
+
+    The scores are sorted where the maps are (on the GPU when evaluating on one).
+    """
     maps, scores = outputs["maps"], outputs["final_scores"]
     labels, masks = outputs["labels"], outputs["masks"]
     row: dict[str, float] = {}
     if labels.min() == 0 and labels.max() == 1:
-        image = ranking_metrics(scores.numpy(), labels.numpy())
+        image = ranking_metrics(scores, labels)
         row.update(image_auroc=image["auroc"], image_ap=image["ap"], image_f1_max=image["f1_max"])
     if bool(outputs["has_mask"].all()) and bool(masks.any()) and not bool(masks.all()):
-        pixels = PixelMetricAccumulator()
-        for one_map, one_mask in zip(maps, masks):
-            pixels.update(one_map.numpy(), one_mask.numpy())
-        pixel = pixels.compute()
+        pixel = pixel_metrics(maps, masks)
         row.update(pixel_auroc=pixel["auroc"], pixel_ap=pixel["ap"], pixel_f1_max=pixel["f1_max"],
-                   pixel_aupro=aupro(list(maps.numpy()), list(masks.numpy())))
+                   pixel_aupro=pixel["aupro"])
     return row
+
+
+def _class_batches(sizes: list[int], batch_size: int) -> list[list[int]]:
+    """Index batches over consecutive classes of the given sizes; no batch spans two classes."""
+    batches, start = [], 0
+    for size in sizes:
+        batches += [list(range(i, min(i + batch_size, start + size))) for i in range(start, start + size, batch_size)]
+        start += size
+    return batches
 
 
 def _classes(frame: pd.DataFrame) -> Iterator[tuple[tuple[str, str], pd.DataFrame]]:
@@ -87,21 +99,35 @@ def _examples(outputs: dict[str, torch.Tensor], group: pd.DataFrame, count: int)
     """The first `count` anomalous images of a class that have a mask."""
     chosen = [i for i in range(len(group)) if outputs["labels"][i] == 1 and outputs["masks"][i].any()][:count]
     return [Example(str(group["image_path"].iloc[i]), str(group["dataset"].iloc[i]), str(group["class_name"].iloc[i]),
-                    outputs["masks"][i].numpy(), outputs["maps"][i].numpy()) for i in chosen]
+                    outputs["masks"][i].numpy(), outputs["maps"][i].cpu().numpy()) for i in chosen]
 
 
 def evaluate_frame(model: MoECLIP, frame: pd.DataFrame, batch_size: int = 8, device: str | torch.device = "cpu",
-                   num_workers: int = 0, examples_per_class: int = 0) -> Evaluation:
-    """One row per (dataset, class): counts and every metric the class can have (fractions, not x100)."""
+                   num_workers: int | None = None, examples_per_class: int = 0,
+                   execution: Execution | None = None) -> Evaluation:
+    """One row per (dataset, class): counts and every metric the class can have (fractions, not x100).
+
+    One DataLoader streams all classes (no batch spans two), so its workers keep decoding
+    across class boundaries; `num_workers` None picks them for `device` (see `loader_options`).
+    The model runs as `execution` says, by default the fast path for `device`.
+    """
     device = torch.device(device)
+    execution = fast_execution(device) if execution is None else execution
     model.eval()
+    ordered = frame.sort_values(["dataset", "class_name"], kind="stable")
+    groups = list(_classes(ordered))
+    dataset = ManifestDataset(ordered, model.config.image_size, train=False)
+    loader = DataLoader(dataset, batch_sampler=_class_batches([len(g) for _, g in groups], batch_size),
+                        **loader_options(device, num_workers))
+    batches = iter(loader)
     rows, examples = [], []
-    groups = list(_classes(frame))
-    for (dataset, class_name), group in tqdm(groups, desc="classes", unit="class"):
-        outputs = _predict_class(model, group, batch_size, device, num_workers)
-        rows.append({"dataset": dataset, "class_name": class_name, "n_images": len(group),
-                     "n_anomalous": int(group["label"].sum()), **_class_metrics(outputs)})
-        examples += _examples(outputs, group, examples_per_class)
+    with torch.inference_mode():
+        for (dataset_name, class_name), group in tqdm(groups, desc="classes", unit="class"):
+            class_batches = itertools.islice(batches, math.ceil(len(group) / batch_size))
+            outputs = _predict_class(model, class_batches, group["domain"].iloc[0], device, execution)
+            rows.append({"dataset": dataset_name, "class_name": class_name, "n_images": len(group),
+                         "n_anomalous": int(group["label"].sum()), **_class_metrics(outputs)})
+            examples += _examples(outputs, group, examples_per_class)
     per_class = pd.DataFrame(rows, columns=["dataset", "class_name", "n_images", "n_anomalous", *METRICS])
     return Evaluation(per_class, examples)
 

@@ -75,32 +75,47 @@ def expert_contrastive_loss(expert_outputs: torch.Tensor, temperature: float = 0
                                                              device=unit.device))
 
 
-def focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0, eps: float = 1e-8) -> torch.Tensor:
+def _focal_per_map(probs: torch.Tensor, mask: torch.Tensor, gamma: float, eps: float = 1e-8) -> torch.Tensor:
+    """Mean over pixels of -(1 - p_t)^gamma log p_t: (..., 2, H, W) probs, (..., H, W) mask -> (...)."""
+    p_true = torch.where(mask > 0.5, probs[..., 1, :, :], probs[..., 0, :, :]).clamp_min(eps)
+    return (-(1 - p_true).pow(gamma) * p_true.log()).mean(dim=(-2, -1))
+
+
+def _dice(pred: torch.Tensor, target: torch.Tensor, dims: tuple[int, ...], eps: float = 1e-6) -> torch.Tensor:
+    """1 - 2 sum(y p) / (sum(y) + sum(p)), the sums over `dims`."""
+    overlap = (pred * target).sum(dim=dims)
+    return 1 - 2 * overlap / (pred.sum(dim=dims) + target.sum(dim=dims) + eps)
+
+
+def focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     """Eq. B.3 on 2-channel maps: mean over pixels of -(1 - p_t)^gamma log p_t, p_t the true class's probability.
 
     `probs` is (B, 2, H, W) = [normal, anomalous]; `mask` is (B, H, W) in {0, 1}.
     """
-    p_true = torch.where(mask > 0.5, probs[:, 1], probs[:, 0]).clamp_min(eps)
-    return (-(1 - p_true).pow(gamma) * p_true.log()).mean()
+    return _focal_per_map(probs, mask, gamma).mean()
 
 
-def dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Eq. B.4 per image, averaged over the batch: 1 - 2 sum(y p) / (sum(y) + sum(p))."""
-    pred, target = pred.flatten(1), target.flatten(1)
-    overlap = (pred * target).sum(1)
-    return (1 - 2 * overlap / (pred.sum(1) + target.sum(1) + eps)).mean()
+def dice_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. B.4 per image, averaged over the batch: 1 - 2 sum(y p) / (sum(y) + sum(p)); (B, ...) inputs."""
+    return _dice(pred, target, tuple(range(1, pred.dim()))).mean()
 
 
-def segmentation_loss(maps: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+def segmentation_loss(maps: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0,
+                      known: torch.Tensor | None = None) -> torch.Tensor:
     """L_seg (Eq. 15): sum over the M maps of Focal + Dice(anomalous, mask) + Dice(normal, 1 - mask).
 
-    `maps` is (B, M, 2, H, W) softmax output (Eq. 12); `mask` is (B, H, W).
+    `maps` is (B, M, 2, H, W) softmax output (Eq. 12); `mask` is (B, H, W). Each term is a
+    mean over the batch, restricted to the samples where the bool (B,) `known` is true (all
+    by default; 0 if none). All maps and samples are computed at once, and the restriction is
+    a weighting, so no step waits for the device to say which samples are known.
     """
-    total = maps.new_zeros((), dtype=torch.float32)
-    for index in range(maps.shape[1]):
-        probs = maps[:, index].float()
-        total = total + focal_loss(probs, mask, gamma) + dice_loss(probs[:, 1], mask) + dice_loss(probs[:, 0], 1 - mask)
-    return total
+    probs, target = maps.float(), mask.float().unsqueeze(1)  # (B, M, 2, H, W), (B, 1, H, W)
+    pixels = (-2, -1)
+    per_map = (_focal_per_map(probs, target, gamma) + _dice(probs[:, :, 1], target, pixels)
+               + _dice(probs[:, :, 0], 1 - target, pixels))  # (B, M)
+    per_sample = per_map.sum(dim=1)
+    weight = torch.ones_like(per_sample) if known is None else known.to(per_sample.dtype)
+    return (per_sample * weight).sum() / weight.sum().clamp_min(1)
 
 
 def classification_loss(cosines: torch.Tensor, labels: torch.Tensor, kind: str = "bce") -> torch.Tensor:

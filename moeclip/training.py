@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from moeclip.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from moeclip.config import ModelConfig, TrainConfig
-from moeclip.data.dataset import ManifestDataset
+from moeclip.data.dataset import ManifestDataset, loader_options
 from moeclip.losses import (
     balance_loss,
     classification_loss,
@@ -31,6 +31,7 @@ from moeclip.losses import (
     segmentation_loss,
 )
 from moeclip.model import MoECLIP, build_model
+from moeclip.model.execution import Execution, executing, fast_execution
 
 CONSTRAINTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "etf": etf_loss, "cosine": expert_cosine_loss, "contrastive": expert_contrastive_loss,
@@ -45,17 +46,21 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def compute_losses(model: MoECLIP, batch: Mapping[str, Any], config: TrainConfig,
-                   device: torch.device) -> dict[str, torch.Tensor]:
-    """L = L_seg + L_ac + lambda_etf * L_constraint + lambda_bal * L_bal (Eq. 16) for one batch."""
+def compute_losses(model: MoECLIP, batch: Mapping[str, Any], config: TrainConfig, device: torch.device,
+                   execution: Execution = Execution()) -> dict[str, torch.Tensor]:
+    """L = L_seg + L_ac + lambda_etf * L_constraint + lambda_bal * L_bal (Eq. 16) for one batch.
+
+    The forward runs as `execution` says; the losses are computed in float32 outside it,
+    without a host synchronisation.
+    """
     images = batch["image"].to(device, non_blocking=True)
     masks = batch["mask"][:, 0].to(device, non_blocking=True)
     labels = batch["label"].to(device, non_blocking=True)
-    known = torch.as_tensor(batch["has_mask"], device=device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
+    known = torch.as_tensor(batch["has_mask"]).to(device, non_blocking=True)
+    with executing(model, execution, device.type):
         maps, cosines, vision = model.training_outputs(images, batch[model.config.prompt_field])
     zero = images.new_zeros((), dtype=torch.float32)
-    seg = segmentation_loss(maps[known], masks[known], config.focal_gamma) if known.any() else zero
+    seg = segmentation_loss(maps, masks, config.focal_gamma, known)
     ac = classification_loss(cosines, labels, config.classification_loss)
     outputs = [aux.expert_outputs for aux in vision.moe.values() if aux.expert_outputs is not None]
     constraint = sum((CONSTRAINTS[config.expert_constraint](o) for o in outputs), zero)
@@ -63,6 +68,38 @@ def compute_losses(model: MoECLIP, batch: Mapping[str, Any], config: TrainConfig
         (balance_loss(aux.routing.probs, config.balance_unbiased) for aux in vision.moe.values()), zero)
     total = seg + ac + config.lambda_etf * constraint + config.lambda_bal * balance
     return {"loss": total, "seg": seg, "ac": ac, "constraint": constraint, "balance": balance}
+
+
+def training_execution(config: TrainConfig, device: torch.device) -> Execution:
+    """The fast path for `device`, in bf16 only where `config.amp` allows it."""
+    fast = fast_execution(device)
+    return replace(fast, bf16=fast.bf16 and config.amp)
+
+
+def build_optimizer(model: MoECLIP, config: TrainConfig,
+                    device: torch.device) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.MultiStepLR]:
+    """Adam over the trainable parameters and the MultiStepLR schedule (SPEC 7).
+
+    On CUDA the fused Adam kernel updates all parameters in one launch.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("this model configuration has nothing to train")
+    optimizer = torch.optim.Adam(trainable, lr=config.lr, betas=config.betas, fused=device.type == "cuda")
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
+
+
+def train_step(model: MoECLIP, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+               batch: Mapping[str, Any], config: TrainConfig, device: torch.device,
+               execution: Execution) -> dict[str, float]:
+    """One optimisation step; the losses come back as floats through a single host synchronisation."""
+    model.train(not config.release_compat)  # the release trains in eval mode (sparse, no dropout)
+    losses = compute_losses(model, batch, config, device, execution)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    optimizer.step()
+    scheduler.step()
+    return dict(zip(losses, torch.stack([value.detach() for value in losses.values()]).tolist()))
 
 
 def _epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -82,12 +119,8 @@ class Trainer:
         self.model = build_model(model_config, seed=train_config.seed).to(self.device)
         self.dataset = ManifestDataset(frame, model_config.image_size, train=train_config.augment,
                                        seed=train_config.seed)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError("this model configuration has nothing to train")
-        self.optimizer = torch.optim.Adam(trainable, lr=train_config.lr, betas=train_config.betas)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(train_config.milestones),
-                                                              train_config.gamma)
+        self.optimizer, self.scheduler = build_optimizer(self.model, train_config, self.device)
+        self.execution = training_execution(train_config, self.device)
         self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "complete": False}
         self.history: list[dict[str, float]] = []
 
@@ -124,17 +157,11 @@ class Trainer:
         # An own generator: creating the iterator would otherwise draw from the global RNG,
         # which a resumed run restores, and so shift the dropout stream.
         generator = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
-        return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.config.num_workers,
-                          pin_memory=self.device.type == "cuda", generator=generator)
+        return DataLoader(self.dataset, batch_sampler=batches, generator=generator,
+                          **loader_options(self.device, self.config.num_workers))
 
     def _step(self, batch: Mapping[str, Any]) -> dict[str, float]:
-        self.model.train(not self.config.release_compat)  # the release trains in eval mode (sparse, no dropout)
-        losses = compute_losses(self.model, batch, self.config, self.device)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        return {name: float(value.detach()) for name, value in losses.items()}
+        return train_step(self.model, self.optimizer, self.scheduler, batch, self.config, self.device, self.execution)
 
     def run(self, max_steps: int | None = None, log: LossLogger | None = None) -> TrainResult:
         """Train to the configured epochs (or stop after `max_steps` global steps, checkpointed)."""

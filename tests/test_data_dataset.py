@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from moeclip.data.dataset import ManifestDataset, seed_worker
+from moeclip.data.dataset import ManifestDataset, loader_options, seed_worker
 from moeclip.data.synthetic import generate_demo_datasets
 from moeclip.data.transforms import (
     CLIP_MEAN,
@@ -240,3 +240,13 @@ def test_seeded_augmentation_depends_only_on_seed_epoch_and_index(visa_frame: pd
     assert torch.equal(first[0], backward[0]["image"])
     forward.set_epoch(1)
     assert not torch.equal(forward[0]["image"], first[0])
+
+
+def test_loader_options_use_workers_and_pinned_memory_only_for_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert loader_options(torch.device("cpu")) == {"num_workers": 0, "pin_memory": False}
+    assert loader_options(torch.device("cuda")) == {"num_workers": 15, "pin_memory": True, "prefetch_factor": 4}
+    assert loader_options(torch.device("cpu"), num_workers=2) == {"num_workers": 2, "pin_memory": False,
+                                                                   "prefetch_factor": 4}
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert loader_options(torch.device("cuda"))["num_workers"] == 1

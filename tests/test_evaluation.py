@@ -57,6 +57,7 @@ class OracleModel(torch.nn.Module):
                 (np.asarray(Image.open(row.mask_path)) > 0).astype(np.float32)
             self.truth[row.image_path] = (mask, float(row.label))
         self.paths: list[str] = []
+        self.dense_inference = False  # the switch the evaluator's execution modes set
 
     def predict(self, images, descriptions, domain):
         paths, self.paths = self.paths[:len(images)], self.paths[len(images):]

@@ -8,7 +8,15 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from moeclip.metrics import PixelMetricAccumulator, aupro, auroc, average_precision, f1_max, ranking_metrics
+from moeclip.metrics import (
+    PixelMetricAccumulator,
+    aupro,
+    auroc,
+    average_precision,
+    f1_max,
+    pixel_metrics,
+    ranking_metrics,
+)
 from moeclip.metrics._runs import RunStore, merge, split_tallies, tally_owned, tally_torch
 from moeclip.metrics.ranking import metrics_from_tallies
 
@@ -205,6 +213,24 @@ def test_aupro_matches_reference(seed: int, max_fpr: float) -> None:
     expected = _official_aupro(maps, masks, max_fpr)
     assert abs(aupro(maps, masks, max_fpr=max_fpr) - expected) < TOL
     assert abs(aupro(list(torch.from_numpy(maps)), list(torch.from_numpy(masks)), max_fpr) - expected) < TOL
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_pixel_metrics_equal_sklearn_and_aupro(as_tensor: bool) -> None:
+    rng = np.random.default_rng(11)
+    maps = np.round(rng.random((4, 16, 16)), 2).astype(np.float32)  # ties
+    masks = np.zeros((4, 16, 16), bool)
+    masks[1, 2:6, 3:9] = True
+    masks[3, 10:, 10:] = True
+    masks[3, 0, 0] = True  # a second, one-pixel region
+    maps[masks] += 0.3
+    convert = torch.from_numpy if as_tensor else np.asarray
+    result = pixel_metrics(convert(maps), convert(masks))
+    assert abs(result["auroc"] - roc_auc_score(masks.ravel(), maps.ravel())) < TOL
+    assert abs(result["ap"] - average_precision_score(masks.ravel(), maps.ravel())) < TOL
+    assert abs(result["aupro"] - _official_aupro(maps, masks, 0.3)) < TOL
+    assert result["aupro"] == aupro(maps, masks)
+    assert result["f1_max"] == f1_max(maps.ravel(), masks.ravel())
 
 
 def test_aupro_images_without_regions_or_normals() -> None:

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from moeclip import ModelConfig, build_model
 from moeclip.losses import balance_loss, etf_loss
+from moeclip.model import patch_average
 from moeclip.model.text import prompt_ensemble
 
 
@@ -76,6 +77,32 @@ def test_image_embedding_is_the_mean_of_normalised_adapter_patches(tiny):
         hidden = F.gelu(adapter.depthwise(adapter.norm(tiny.clip.visual.ln_post(tokens)).transpose(1, 2)))
         expected = F.normalize(adapter.pointwise(hidden).transpose(1, 2), dim=-1).mean(1)
     torch.testing.assert_close(vision.image_embedding, expected)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(projection_activation=True, paa_scales=(3, 5), image_adapter=False)])
+def test_batched_heads_equal_paa_ln_post_and_each_layers_projection(overrides):
+    model = build_model(ModelConfig.tiny(moe_layers=(1, 3), **overrides), seed=6).eval()
+    _randomise_trainables(model, seed=6)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        vision = model.encode_image(images)
+        tokens = model._blocks(images, dense=False)[0]
+        def project(layer: int, scale: int) -> torch.Tensor:
+            pooled = model.clip.visual.ln_post(patch_average(tokens[layer][:, 1:], 8, scale))
+            projected = model.projections[str(layer)].linear(pooled)
+            if model.config.projection_activation:
+                projected = F.leaky_relu(projected)
+            return F.normalize(projected, dim=-1)
+
+        expected = [project(layer, scale) for layer in (1, 3) for scale in model.config.paa_scales]
+        last_s1 = project(3, 1)
+    torch.testing.assert_close(vision.patch_features, torch.stack(expected, dim=1))
+    if not model.config.image_adapter:
+        torch.testing.assert_close(vision.image_embedding, last_s1.mean(dim=1))
+    assert sorted(model.trainable_state_dict()) == sorted(  # the checkpoint keys of per-layer modules
+        [k for k in model.trainable_state_dict() if not k.startswith("projections.")]
+        + ["projections.1.linear.weight", "projections.3.linear.weight"])
 
 
 def test_prompt_ensemble_is_every_template_times_every_state():
@@ -191,3 +218,14 @@ def test_backbone_attention_uses_fused_scaled_dot_product_attention(tiny, monkey
     # an input that needs gradients (as for Grad-CAM) keeps every block on the autograd path
     tiny.training_outputs(torch.randn(1, 3, 64, 64, requires_grad=True), ["bottle"])
     assert calls.count(65) == 4  # each of the 4 ViT blocks, over CLS + 8x8 patches
+
+
+def test_blocks_before_the_first_moe_layer_record_no_autograd_graph():
+    model = build_model(ModelConfig.tiny(moe_layers=(3, 4)), seed=0).train()
+    recorded = []
+    hooks = [block.register_forward_hook(lambda _m, _i, out: recorded.append(out.requires_grad))
+             for block in model.clip.visual.transformer.resblocks]
+    model.training_outputs(torch.randn(1, 3, 64, 64), ["bottle"])
+    for hook in hooks:
+        hook.remove()
+    assert recorded == [False, False, False, True]  # block 3 feeds the first MoE; block 4 follows it

@@ -47,6 +47,17 @@ def test_segmentation_loss_sums_focal_and_both_dice_terms_over_maps():
     assert segmentation_loss(maps, mask).item() == pytest.approx(3 * single.item(), rel=1e-6)
 
 
+def test_segmentation_loss_ignores_samples_without_known_masks():
+    generator = torch.Generator().manual_seed(0)
+    anomalous = torch.rand(3, 4, 1, 5, 5, generator=generator)
+    maps = torch.cat([1 - anomalous, anomalous], dim=2)  # (B=3, M=4, 2, H, W)
+    mask = (torch.rand(3, 5, 5, generator=generator) > 0.5).float()
+    known = torch.tensor([True, False, True])
+    expected = segmentation_loss(maps[[0, 2]], mask[[0, 2]])
+    assert segmentation_loss(maps, mask, known=known).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert segmentation_loss(maps, mask, known=torch.zeros(3, dtype=torch.bool)).item() == 0.0
+
+
 def test_classification_loss_variants():
     cosines = torch.tensor([[0.1, 0.6], [0.4, -0.2]])
     labels = torch.tensor([1, 0])

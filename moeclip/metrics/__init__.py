@@ -5,7 +5,7 @@ separately in float32 and keep run-length tallies, so whole-dataset pixel metric
 fast and memory-bounded (see ``PixelMetricAccumulator``).
 """
 
-from moeclip.metrics.pro import aupro
+from moeclip.metrics.pro import aupro, pixel_metrics
 from moeclip.metrics.ranking import (
     PixelMetricAccumulator,
     auroc,
@@ -14,4 +14,5 @@ from moeclip.metrics.ranking import (
     ranking_metrics,
 )
 
-__all__ = ["PixelMetricAccumulator", "aupro", "auroc", "average_precision", "f1_max", "ranking_metrics"]
+__all__ = ["PixelMetricAccumulator", "aupro", "auroc", "average_precision", "f1_max", "pixel_metrics",
+           "ranking_metrics"]

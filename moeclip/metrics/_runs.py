@@ -126,6 +126,13 @@ def tally_torch(values: torch.Tensor) -> Runs:
     return Runs(to_numpy(uniq), narrow_counts(to_numpy(counts)))
 
 
+def tally(values: ArrayLike) -> Runs:
+    """Runs of unsorted 1-D values that nobody else references: sorted on the GPU for CUDA tensors."""
+    if isinstance(values, torch.Tensor) and values.is_cuda:
+        return tally_torch(values)
+    return tally_owned(to_numpy(values))
+
+
 def split_tallies(scores: ArrayLike, labels: ArrayLike) -> tuple[Runs, Runs]:
     """(positive runs, negative runs) of scores split by a 0/1 or bool label array.
 

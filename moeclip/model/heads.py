@@ -1,22 +1,44 @@
 """Trainable heads on the adapted patch tokens: per-layer projections (Eq. 11) and the depth-wise image adapter (Eq. 13)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class SegmentationProjection(nn.Module):
-    """Bias-free linear d -> D (xavier-uniform), shared by all PAA scales of one layer; output L2-normalised."""
+    """Proj_l of one layer: a bias-free linear d -> D (xavier-uniform), shared by all PAA scales of the layer."""
 
-    def __init__(self, width: int, embed_dim: int, activation: bool = False) -> None:
+    def __init__(self, width: int, embed_dim: int) -> None:
         super().__init__()
         self.linear = nn.Linear(width, embed_dim, bias=False)
         nn.init.xavier_uniform_(self.linear.weight)
-        self.activation = nn.LeakyReLU() if activation else nn.Identity()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.activation(self.linear(tokens)), dim=-1)
+
+class SegmentationProjections(nn.ModuleDict):
+    """Eq. 11 for every output layer at once: one batched matmul instead of a loop over layers.
+
+    Keyed by layer number (state_dict keys `<layer>.linear.weight`); the output is
+    L2-normalised per patch, after the release's optional LeakyReLU.
+    """
+
+    def __init__(self, layers: Sequence[int], width: int, embed_dim: int, activation: bool = False) -> None:
+        super().__init__({str(layer): SegmentationProjection(width, embed_dim) for layer in layers})
+        self.activation = activation
+
+    def forward(self, tokens: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """(len(layers), ..., d) tokens, entry i projected by layer i's Proj -> (len(layers), ..., D) unit vectors.
+
+        `layers` defaults to all layers in ascending order.
+        """
+        chosen = [self[str(layer)] for layer in layers] if layers is not None else list(self.values())
+        weight = torch.stack([projection.linear.weight for projection in chosen])  # (n, D, d)
+        projected = torch.bmm(tokens.flatten(1, -2), weight.transpose(1, 2)).unflatten(1, tokens.shape[1:-1])
+        if self.activation:
+            projected = F.leaky_relu(projected)
+        return F.normalize(projected, dim=-1)
 
 
 class DepthwiseImageAdapter(nn.Module):
@@ -32,7 +54,12 @@ class DepthwiseImageAdapter(nn.Module):
         self.pointwise = nn.Conv1d(width, embed_dim, 1, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L, d) patch tokens -> (B, D) image embedding."""
-        hidden = F.gelu(self.depthwise(self.norm(tokens).transpose(1, 2)))
-        patches = F.normalize(self.pointwise(hidden).transpose(1, 2), dim=-1)
+        """(B, L, d) patch tokens -> (B, D) image embedding.
+
+        In float32 even under bf16 autocast (0.2 % of the FLOPs): V_image alone decides S_A,
+        and bf16 rounding here would reorder the image scores of nearly tied images.
+        """
+        with torch.autocast(tokens.device.type, enabled=False):
+            hidden = F.gelu(self.depthwise(self.norm(tokens.float()).transpose(1, 2)))
+            patches = F.normalize(self.pointwise(hidden).transpose(1, 2), dim=-1)
         return patches.mean(dim=1)

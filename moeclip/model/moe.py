@@ -75,7 +75,14 @@ class Router(nn.Module):
         nn.init.zeros_(last.weight)
 
     def forward(self, x: torch.Tensor) -> Routing:
-        logits = self.net(x).float()
+        # In float32 even under bf16 autocast (whose weights are float32): bf16 logits would
+        # flip the top-k choice of nearly tied experts.
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                logits = self.net(x.float())
+        else:
+            logits = self.net(x).float()
         if self.noise > 0 and not self.training:
             # Table 11: adaptive noise N(0, (alpha * sigma)^2), sigma = std of each token's K logits.
             sigma = logits.std(dim=-1, keepdim=True, unbiased=False)

@@ -10,10 +10,10 @@ from torch import nn
 
 from moeclip.backbone import load_clip, tokenizer_for
 from moeclip.config import Domain, ModelConfig
-from moeclip.model.heads import DepthwiseImageAdapter, SegmentationProjection
+from moeclip.model.heads import DepthwiseImageAdapter, SegmentationProjections
 from moeclip.model.moe import MoEAdapter, MoEAux
 from moeclip.model.paa import patch_average
-from moeclip.model.scoring import image_score, similarity_logits, anomaly_map, training_maps
+from moeclip.model.scoring import anomaly_map, image_cosines, image_score, similarity_logits, training_maps
 from moeclip.model.text import TextAnchors
 
 
@@ -52,13 +52,13 @@ class MoECLIP(nn.Module):
             for layer in sorted(config.moe_layers)
         })
         if not config.vanilla:
-            self.projections = nn.ModuleDict({
-                str(layer): SegmentationProjection(self.width, self.embed_dim, config.projection_activation)
-                for layer in config.feature_layers
-            })
+            self.projections = SegmentationProjections(config.feature_layers, self.width, self.embed_dim,
+                                                       config.projection_activation)
             self.image_adapter = DepthwiseImageAdapter(self.width, self.embed_dim) if config.image_adapter else None
         self.text = TextAnchors(clip, tokenizer, config.text_head, config.learnable_prompts,
                                 config.prompt_context_length)
+        # Evaluate all K experts in `predict` (the reference computation) instead of only the top-k.
+        self.dense_inference = False
 
     # -- modes and parameters -------------------------------------------------------------
     def train(self, mode: bool = True) -> "MoECLIP":
@@ -89,7 +89,11 @@ class MoECLIP(nn.Module):
         first_adapted = min((int(k) for k in self.moe), default=last + 1)
         features: dict[int, torch.Tensor] = {}
         aux: dict[int, MoEAux] = {}
-        with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
+        # The patch embedding runs outside bf16 autocast: the residual stream then stays float32
+        # (open_clip's LayerNorm returns its input's dtype), and only the outputs of the blocks'
+        # matmuls added to it are bf16-rounded. It is 0.1 % of the FLOPs.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad), \
+                torch.autocast(images.device.type, enabled=False):
             x = visual._embeds(images)
         for index, block in enumerate(visual.transformer.resblocks[:last], start=1):
             # Blocks before the first MoE layer are frozen and need no autograd graph.
@@ -101,37 +105,43 @@ class MoECLIP(nn.Module):
                 features[index] = x
         return features, aux
 
-    def _project(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, S, L, d) -> (B, S, L, D) unit vectors through ln_post and Proj_l (or CLIP's proj if vanilla)."""
-        normed = self.clip.visual.ln_post(tokens)
+    def _project(self, normed: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+        """(len(layers), ..., d) ln_post outputs -> (len(layers), ..., D) unit vectors.
+
+        Each layer's Proj_l, or CLIP's own projection for vanilla CLIP.
+        """
         if self.config.vanilla:
             return F.normalize(normed @ self.clip.visual.proj, dim=-1)
-        return self.projections[str(layer)](normed)
+        return self.projections(normed, layers)
 
-    def _image_embedding(self, features: dict[int, torch.Tensor], projected_s1: torch.Tensor | None) -> torch.Tensor:
+    def _image_embedding(self, features: dict[int, torch.Tensor], normed: torch.Tensor,
+                         projected: torch.Tensor) -> torch.Tensor:
+        """V_image from the last layer's scale-1 map, reusing its ln_post and projection when PAA computed them."""
         visual = self.clip.visual
         if self.config.vanilla:
             return F.normalize(visual.ln_post(features[self.depth][:, 0]) @ visual.proj, dim=-1)
-        last_tokens = features[self.config.feature_layers[-1]][:, 1:]
+        last, scales = self.config.feature_layers[-1], self.config.paa_scales
+        normed_s1 = normed[-1, scales.index(1)] if 1 in scales else visual.ln_post(features[last][:, 1:])
         if self.image_adapter is not None:
-            return self.image_adapter(visual.ln_post(last_tokens))
-        if projected_s1 is None:
-            projected_s1 = self._project(self.config.feature_layers[-1], last_tokens.unsqueeze(1))[:, 0]
+            return self.image_adapter(normed_s1)
+        projected_s1 = projected[-1, scales.index(1)] if 1 in scales else self._project(normed_s1[None], [last])[0]
         return projected_s1.mean(dim=1)
 
     def encode_image(self, images: torch.Tensor, dense: bool | None = None) -> VisionOutput:
-        """Patch features for every (layer, scale) and V_image. `dense` defaults to training mode."""
+        """Patch features for every (layer, scale) and V_image. `dense` defaults to training mode.
+
+        PAA, ln_post and the projections each run once over all layers and scales stacked.
+        """
         features, aux = self._blocks(images, dense)
-        scales = self.config.paa_scales
-        per_layer = []
-        for layer in self.config.feature_layers:
-            tokens = features[layer][:, 1:]
-            pooled = torch.stack([patch_average(tokens, self.grid, s) for s in scales], dim=1)
-            per_layer.append(self._project(layer, pooled))
-        last_s1 = per_layer[-1][:, scales.index(1)] if 1 in scales else None
+        layers = self.config.feature_layers
+        tokens = torch.stack([features[layer][:, 1:] for layer in layers])  # (layers, B, L, d)
+        pooled = torch.stack([patch_average(tokens.flatten(0, 1), self.grid, s).unflatten(0, tokens.shape[:2])
+                              for s in self.config.paa_scales], dim=1)  # (layers, scales, B, L, d)
+        normed = self.clip.visual.ln_post(pooled)
+        projected = self._project(normed, layers)
         return VisionOutput(
-            patch_features=torch.cat(per_layer, dim=1),
-            image_embedding=self._image_embedding(features, last_s1),
+            patch_features=projected.permute(2, 0, 1, 3, 4).flatten(1, 2),  # a view, maps-major in memory
+            image_embedding=self._image_embedding(features, normed, projected),
             moe=aux,
             grid=self.grid,
         )
@@ -155,12 +165,11 @@ class MoECLIP(nn.Module):
         vision = self.encode_image(images)
         anchors = self.anchors_per_sample(descriptions)
         maps = training_maps(self.logits(vision, anchors), vision.grid, images.shape[-1])
-        cosines = F.cosine_similarity(vision.image_embedding.float().unsqueeze(1), anchors.float(), dim=-1)
-        return maps, cosines, vision
+        return maps, image_cosines(vision.image_embedding, anchors), vision
 
     def predict(self, images: torch.Tensor, descriptions: Sequence[str], domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
         """Test-time anomaly maps (B, H, W) and image scores S_A (B,), before per-class normalisation."""
-        vision = self.encode_image(images, dense=False)
+        vision = self.encode_image(images, dense=self.dense_inference)
         anchors = self.anchors_per_sample(descriptions)
         maps = anomaly_map(self.logits(vision, anchors), vision.grid, images.shape[-1], self.config.blur_for(domain))
         return maps, image_score(vision.image_embedding, anchors)

@@ -13,11 +13,12 @@ def patch_average(tokens: torch.Tensor, grid: tuple[int, int] | int, scale: int)
     if scale < 1 or scale % 2 == 0:
         raise ValueError(f"PAA scale must be a positive odd integer, got {scale}")
     height, width = (grid, grid) if isinstance(grid, int) else grid
-    batch, length, channels = tokens.shape
+    length = tokens.shape[1]
     if length != height * width:
         raise ValueError(f"{length} tokens do not form a {height}x{width} grid")
     if scale == 1:
         return tokens
-    image = tokens.transpose(1, 2).reshape(batch, channels, height, width)
+    # (B, L, C) viewed as a channels-last (B, C, H, W) image: pooling then needs no transposed copies.
+    image = tokens.unflatten(1, (height, width)).permute(0, 3, 1, 2)
     pooled = F.avg_pool2d(image, scale, stride=1, padding=scale // 2, count_include_pad=True)
-    return pooled.flatten(2).transpose(1, 2)
+    return pooled.permute(0, 2, 3, 1).flatten(1, 2)

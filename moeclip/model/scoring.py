@@ -1,7 +1,8 @@
 """Anomaly maps and scores from projected patch features and text anchors (SPEC 6, Eqs. 12, 14).
 
 All functions are batched over maps (layers x PAA scales) so one call handles the 12
-maps of the default model.
+maps of the default model. They compute in float32 even inside a bf16 autocast region:
+the logits are scaled by 100, so bf16 products would cost ~0.4 logit of rounding.
 """
 from __future__ import annotations
 
@@ -12,9 +13,19 @@ from torchvision.transforms.functional import gaussian_blur
 from moeclip.config import BlurConfig, Domain
 
 
+def _float32(tensor: torch.Tensor) -> torch.autocast:
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
 def similarity_logits(patches: torch.Tensor, anchors: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
-    """scale * cos(V, [T_N, T_A]): (B, M, L, D) unit patches, (B, 2, D) anchors -> (B, M, 2, L)."""
-    return scale * torch.einsum("bmld,bcd->bmcl", patches.float(), F.normalize(anchors.float(), dim=-1))
+    """scale * cos(V, [T_N, T_A]): (B, M, L, D) unit patches, (B, 2, D) anchors -> (B, M, 2, L).
+
+    Computed as (M, B, L, D) @ (B, D, 2): the encoder stores the patches maps-major, so this
+    broadcast matmul reads them in place instead of copying the largest tensor of the forward.
+    """
+    with _float32(patches):
+        per_map = torch.matmul(patches.transpose(0, 1).float(), F.normalize(anchors.float(), dim=-1).transpose(1, 2))
+    return scale * per_map.permute(1, 0, 3, 2)
 
 
 def _to_grid(values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -32,14 +43,21 @@ def training_maps(logits: torch.Tensor, grid: tuple[int, int], image_size: int) 
 def anomaly_map(logits: torch.Tensor, grid: tuple[int, int], image_size: int, blur: BlurConfig) -> torch.Tensor:
     """Per map (logit_A + 1 - logit_N) / 2, Gaussian blur on the grid, bilinear upsample, sum over maps -> (B, H, W)."""
     per_map = (logits[:, :, 1] + 1 - logits[:, :, 0]) / 2  # (B, M, L)
-    grids = gaussian_blur(_to_grid(per_map, grid), [blur.kernel_size] * 2, [blur.sigma] * 2)
+    with _float32(logits):
+        grids = gaussian_blur(_to_grid(per_map, grid), [blur.kernel_size] * 2, [blur.sigma] * 2)
     upsampled = F.interpolate(grids, size=(image_size, image_size), mode="bilinear", align_corners=True)
     return upsampled.sum(dim=1)
 
 
+def image_cosines(image_embedding: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Raw cosines (B, 2) = [cos(V_image, T_N), cos(V_image, T_A)] for (B, D) embeddings and (B, 2, D) anchors."""
+    with _float32(image_embedding):
+        return F.cosine_similarity(image_embedding.float().unsqueeze(1), anchors.float(), dim=-1)
+
+
 def image_score(image_embedding: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """Eq. 14: S_A = (cos(V_image, T_A) + 1) / 2 for (B, D) embeddings and (B, 2, D) anchors."""
-    return (F.cosine_similarity(image_embedding.float(), anchors[:, 1].float(), dim=-1) + 1) / 2
+    return (image_cosines(image_embedding, anchors)[:, 1] + 1) / 2
 
 
 def min_max(values: torch.Tensor) -> torch.Tensor:

@@ -79,14 +79,20 @@ class TextAnchors(nn.Module):
         return eot @ self._clip.text_projection
 
     def _anchor(self, eot: torch.Tensor) -> torch.Tensor:
-        """Normalise each prompt embedding, average the set, normalise again."""
-        return F.normalize(F.normalize(self._project(eot), dim=-1).mean(dim=0), dim=-1)
+        """Normalise each prompt embedding, average the set, normalise again.
+
+        In float32 even under bf16 autocast (a few prompts, negligible cost): a rounded anchor
+        would shift every logit of its class in the same direction.
+        """
+        with torch.autocast(eot.device.type, enabled=False):
+            return F.normalize(F.normalize(self._project(eot.float()), dim=-1).mean(dim=0), dim=-1)
 
     def _frozen_eot(self, description: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._eot_cache.get(description)
         if cached is None or cached[0].device != device:
             normal, abnormal = prompt_ensemble(description)
-            with torch.no_grad():
+            # float32 even under autocast, so the cache is the same whichever execution mode filled it
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 cached = (self._encode(self.tokenizer(normal).to(device)),
                           self._encode(self.tokenizer(abnormal).to(device)))
             self._eot_cache[description] = cached
