@@ -19,7 +19,7 @@ SPEC_EXPERIMENTS = {"table2", "table5", "table6", "table7", "table8", "table9", 
 def test_params_hold_every_spec_experiment_and_the_paper_defaults():
     benchmark, paper = load_plan(PARAMS, "paper")
     assert set(benchmark.experiments) == SPEC_EXPERIMENTS
-    assert paper.model == ModelConfig() and paper.train == TrainConfig(num_workers=4)
+    assert paper.model == ModelConfig() and paper.train == TrainConfig()
     assert len(benchmark.datasets) == 14
     assert benchmark.main.auxiliary == "visa"
     assert set(benchmark.main.targets["visa"]) == set(benchmark.datasets) - {"visa"}
