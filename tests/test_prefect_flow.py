@@ -1,0 +1,220 @@
+"""The Prefect flow: its stage selection and cache keys (no server), and a served deployment run end to end."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moeclip.experiments import load_plan
+from pipelines.caching import StageCache, outputs_exist
+from pipelines.plan import plan_stages
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL_PARAMS = """
+profile: tiny
+datasets: [mvtec, visa, btad, brainmri, headct]
+main:
+  auxiliary: visa
+  targets:
+    visa: [mvtec, btad, brainmri, headct]
+    mvtec: [visa]
+    brainmri: [headct]
+profiles:
+  tiny:
+    analysis: {similarity_dataset: mvtec, statistics_dataset: brainmri}
+experiments:
+  industrial:
+    title: One test set
+    datasets: [mvtec]
+    variants: {"default": {}, "untrained": {trained: false}}
+  medical:
+    title: Trained on a medical set
+    datasets: [headct]
+    variants: {"medical": {train_on: [brainmri]}}
+"""
+
+
+@pytest.fixture
+def small_params(tmp_path: Path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(SMALL_PARAMS)
+    return path
+
+
+def test_a_dataset_subset_keeps_only_the_stages_it_can_feed(small_params: Path) -> None:
+    benchmark, profile = load_plan(small_params)
+    plan = plan_stages(benchmark, profile, datasets=["visa", "mvtec"])
+    assert plan.datasets == ("mvtec", "visa")  # params order, whatever the order asked
+    assert plan.trainings == ("visa", "mvtec")
+    assert plan.evaluations == (("visa", "mvtec"), ("mvtec", "visa"))
+    assert plan.experiments == ("industrial",)  # `medical` reads headct and trains on brainmri
+    assert not plan.analysis and not plan.complete
+
+
+def test_the_full_plan_runs_everything_and_may_report(small_params: Path) -> None:
+    benchmark, profile = load_plan(small_params)
+    plan = plan_stages(benchmark, profile)
+    assert plan.datasets == benchmark.datasets
+    assert plan.trainings == ("visa", "mvtec", "brainmri")
+    assert len(plan.evaluations) == 6
+    assert plan.experiments == ("industrial", "medical")
+    assert plan.analysis and plan.complete
+    assert not plan_stages(benchmark, profile, experiments=[]).complete
+
+
+def test_explicit_selections_are_checked(small_params: Path) -> None:
+    benchmark, profile = load_plan(small_params)
+    assert plan_stages(benchmark, profile, ["mvtec", "visa"], experiments=[]).experiments == ()
+    with pytest.raises(ValueError, match=r"'medical' needs datasets .*\['brainmri', 'headct'\]"):
+        plan_stages(benchmark, profile, ["mvtec", "visa"], experiments=["medical"])
+    with pytest.raises(ValueError, match="unknown datasets \\['nope'\\]"):
+        plan_stages(benchmark, profile, ["nope"])
+    with pytest.raises(ValueError, match="unknown experiments \\['nope'\\]"):
+        plan_stages(benchmark, profile, experiments=["nope"])
+
+
+def test_cache_keys_follow_the_params_file_and_the_stage_inputs(small_params: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(small_params.parent)
+    benchmark, profile = load_plan(small_params)
+    args = {"dataset": "visa"}
+    raw = profile.raw_dir("visa")
+    raw.mkdir(parents=True)
+    (raw / "image.png").write_bytes(b"one")
+
+    def key() -> str | None:
+        inputs = {"params": small_params, **args, "profile_name": "tiny"}
+        return StageCache(stage="prepare").compute_key(None, inputs, {})
+
+    first = key()
+    assert key() == first
+    (raw / "image.png").write_bytes(b"changed")
+    second = key()
+    assert second != first
+    small_params.write_text(small_params.read_text() + "# an edit\n")
+    assert key() != second
+    assert not outputs_exist("prepare", benchmark, profile, args)
+    profile.manifest("visa").parent.mkdir(parents=True)
+    profile.manifest("visa").write_bytes(b"")
+    assert outputs_exist("prepare", benchmark, profile, args)
+
+
+# -- a served deployment, run to completion on a local Prefect server -----------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str, body: dict | None = None) -> dict | list | None:
+    """JSON of a GET (a POST when `body` is given), or None while the server is not answering (or answers 404)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+def _wait_for(what: str, probe: Callable[[], object], process: subprocess.Popen, log: Path,
+              seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while not probe():
+        if process.poll() is not None:
+            pytest.fail(f"{what}: the process exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not ready after {seconds} s:\n{log.read_text()[-3000:]}")
+        time.sleep(2)
+
+
+def _start(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A process in its own group, so that stopping it also stops what it started (flow runs)."""
+    with log.open("w") as out:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _run_deployment(prefect: str, work: Path, env: dict[str, str], api: str, serve_log: Path) -> dict:
+    """Run zsad-benchmark/demo on two datasets, no experiments, no report, as the README says; the finished run."""
+    run = subprocess.run([prefect, "deployment", "run", "zsad-benchmark/demo",
+                          "--param", 'datasets=["visa", "mvtec"]', "--param", "experiments=[]",
+                          "--param", "report=false", "--watch"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{serve_log.read_text()[-5000:]}"
+    return _get(f"{api}/flow_runs/{re.search(r'UUID: ([0-9a-f-]{36})', run.stdout).group(1)}")
+
+
+def _task_states(api: str, flow_run_id: str) -> dict[str, str]:
+    """Task run name -> final state name ('Completed', 'Cached', ...) of one flow run."""
+    runs = _get(f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    return {task_run["name"]: task_run["state"]["name"] for task_run in runs}
+
+
+@pytest.mark.timeout(1800)
+def test_served_deployment_runs_to_completion_then_from_cache(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profiles"]["demo"]["train"]["epochs"] = 1  # the demo profile, trained briefly
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    prefect = str(Path(sys.executable).parent / "prefect")
+    processes: list[subprocess.Popen] = []
+    try:
+        processes.append(_start([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                work, env, tmp_path / "server.log"))
+        _wait_for("prefect server", lambda: _get(f"{api}/health"), processes[0], tmp_path / "server.log")
+        processes.append(_start([sys.executable, "-m", "pipelines.deploy"], work, env, tmp_path / "serve.log"))
+        _wait_for("deployment zsad-benchmark/demo", lambda: _get(f"{api}/deployments/name/zsad-benchmark/demo"),
+                  processes[1], tmp_path / "serve.log")
+
+        first = _run_deployment(prefect, work, env, api, tmp_path / "serve.log")
+        assert first["state"]["type"] == "COMPLETED"
+        assert first["parameters"]["profile"] == "demo"
+        assert set(_task_states(api, first["id"])) == {
+            "fetch-visa", "fetch-mvtec", "prepare-visa", "prepare-mvtec", "train-visa", "train-mvtec",
+            "evaluate-visa-mvtec", "evaluate-mvtec-visa"}
+        assert (work / "runs/demo/train/visa/checkpoint.pt").is_file()
+        assert (work / "runs/demo/train/mvtec/checkpoint.pt").is_file()
+        assert set(json.loads((work / "runs/demo/metrics/evaluate/visa/mvtec.json").read_text())) == {"mvtec"}
+        assert (work / "runs/demo/metrics/evaluate/mvtec/visa.json").is_file()
+        assert not (work / "reports").exists()  # a partial run renders no report
+
+        (work / "runs/demo/metrics/evaluate/visa/mvtec.json").unlink()
+        second = _run_deployment(prefect, work, env, api, tmp_path / "serve.log")
+        assert second["state"]["type"] == "COMPLETED"
+        states = _task_states(api, second["id"])
+        assert states.pop("evaluate-visa-mvtec") == "Completed"  # its output was gone: run again
+        assert set(states.values()) == {"Cached"}
+        assert (work / "runs/demo/metrics/evaluate/visa/mvtec.json").is_file()
+    finally:
+        for process in reversed(processes):
+            _stop(process)
