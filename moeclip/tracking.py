@@ -37,6 +37,7 @@ GIT_COMMIT_TAG = "git_commit"
 NON_METRIC_COLUMNS = frozenset({"dataset", "class_name", "n_images", "n_anomalous"})
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-./ ]")
 _NOISY_LOGGERS = ("alembic", "mlflow.store.db.utils")
+LOSS_BATCH = 600  # loss values per MLflow call (its limit is 1000 metrics per batch)
 
 
 def sanitize_key(key: str) -> str:
@@ -133,6 +134,7 @@ class RunLogger:
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
+        self._pending_losses: list[Metric] = []
 
     def log_params(self, params: Mapping) -> None:
         """Nested params, flattened."""
@@ -161,8 +163,17 @@ class RunLogger:
             self.client.log_artifacts(self.run_id, folder)
 
     def log_losses(self, step: int, losses: Mapping[str, float]) -> None:
-        """One training step's losses in one batched call (a curve per key in the UI)."""
-        self.client.log_batch(self.run_id, metrics=_metrics(losses, step))
+        """One training step's losses (a curve per key in the UI), sent in batches of about
+        LOSS_BATCH values: a call per step costs as much as a small model's training step."""
+        self._pending_losses += _metrics(losses, step)
+        if len(self._pending_losses) >= LOSS_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the losses not sent yet (`start_run` does so when the run ends)."""
+        if self._pending_losses:
+            self.client.log_batch(self.run_id, metrics=self._pending_losses)
+            self._pending_losses = []
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Copy a local file into the run's artifacts, under `artifact_path` if given."""
@@ -226,4 +237,5 @@ def start_run(experiment: str, run_name: str, tracking_uri: str | None, params: 
         error = raised
         raise
     finally:
+        logger.flush()
         client.set_terminated(logger.run_id, status=_final_status(error), end_time=_now_ms())

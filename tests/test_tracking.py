@@ -171,6 +171,29 @@ def test_failing_body_marks_run_failed(store: dict[str, str], client: MlflowClie
     assert client.get_run(holder[0].run_id).info.status == "FAILED"
 
 
+def test_losses_are_batched_yet_every_step_arrives(store: dict[str, str], client: MlflowClient,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = MlflowClient.log_batch
+
+    def counting(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+        calls.append(len(metrics))
+        return original(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+
+    with start_run(EXPERIMENT, "losses", store["uri"], {}) as logger:
+        monkeypatch.setattr(MlflowClient, "log_batch", counting)
+        for step in range(150):  # 3 values a step: 450 values, fewer than one batch
+            logger.log_losses(step, {"loss": 1.0 / (step + 1), "seg": 0.5, "ac": 0.25})
+        assert calls == []  # nothing sent yet
+        for step in range(150, 250):  # 750 values: one batch of 600 goes out
+            logger.log_losses(step, {"loss": 1.0 / (step + 1), "seg": 0.5, "ac": 0.25})
+        assert calls == [600]
+    assert calls == [600, 150]  # the rest when the run ends
+    history = client.get_metric_history(logger.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(250))
+    assert min(history, key=lambda m: m.step).value == pytest.approx(1.0)
+
+
 def test_new_experiment_gets_given_artifact_location(tmp_path: Path, store: dict[str, str],
                                                      client: MlflowClient) -> None:
     location = (tmp_path / "elsewhere").as_uri()
