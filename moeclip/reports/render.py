@@ -209,10 +209,10 @@ def render_reports(benchmark: Benchmark, profile: Profile) -> Path:
         _write_text(out / f"{comparison.key}.md", variant_markdown(comparison))
         _write_text(out / f"{comparison.key}.tex", variant_latex(comparison))
         sections.append(variant_markdown(comparison))
+    sweeps = {"fig6": _sweep_values(benchmark, profile, "fig6"), "fig7": _sweep_values(benchmark, profile, "fig7")}
     figures = {
-        "fig6_num_experts.png": sweep_figure(_sweep_values(benchmark, profile, "fig6"), "Fig. 6: number of experts"),
-        "fig7_hyperparameters.png": sweep_figure(_sweep_values(benchmark, profile, "fig7"),
-                                                 "Fig. 7: hyperparameter sweeps"),
+        "fig6_num_experts.png": sweep_figure(sweeps["fig6"], "Fig. 6: number of experts"),
+        "fig7_hyperparameters.png": sweep_figure(sweeps["fig7"], "Fig. 7: hyperparameter sweeps"),
     }
     similarity = _read_json(analysis_dir(profile) / "similarity.json")
     figures["fig5_expert_similarity.png"] = similarity_figure(similarity["matrix"], similarity["layer"],
@@ -222,8 +222,7 @@ def render_reports(benchmark: Benchmark, profile: Profile) -> Path:
     for name, figure in figures.items():
         save_figure(figure, out / name)
         sections += [f"![{name}]({name})", ""]
-    for key in ("fig6", "fig7"):
-        frame = _sweep_values(benchmark, profile, key)
+    for key, frame in sweeps.items():
         sections += [f"### Numbers behind {key}", "", frame.to_markdown(index=False, floatfmt=".1f"), ""]
     _write_text(out / "README.md", "\n".join(sections))
     return out
