@@ -19,5 +19,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/dvc repro
 
+# Two pytest workers, one file each at a time (--dist loadfile keeps a module's shared fixtures
+# in one process): the end-to-end `dvc repro` test leaves the second core mostly idle.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
