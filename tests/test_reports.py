@@ -9,7 +9,8 @@ from moeclip.errors import MoeclipError
 from moeclip.experiments import experiment_runs, load_plan
 from moeclip.pipeline import analysis_dir, evaluation_metrics, experiment_metrics
 from moeclip.reports.render import ABLATION_TABLES, render_reports
-from moeclip.reports.tables import Comparison, best_index, fmt_delta, variant_latex, variant_markdown
+from moeclip.reports.tables import (Comparison, MethodTable, best_index, fmt_delta, method_markdown, variant_latex,
+                                    variant_markdown)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,17 @@ def test_best_and_difference_helpers():
     assert best_index([5.0, 2.0], "params_m") == {1}
     assert best_index([None, float("nan")], "image_ap") == set()
     assert fmt_delta(93.96, 93.9) == "+0.1" and fmt_delta(None, 1.0) == "-"
+
+
+def test_synthetic_numbers_never_count_as_the_best_method():
+    def row(ours_competes: bool) -> str:
+        table = MethodTable("T", ["pixel_auroc"], {"pixel_auroc": ["mvtec"]}, ["X", "MoECLIP"],
+                            {"X": {("mvtec", "pixel_auroc"): 80.0}, "MoECLIP": {("mvtec", "pixel_auroc"): 90.0}},
+                            {("mvtec", "pixel_auroc"): 99.0}, "MoECLIP (ours, demo)", ours_competes=ours_competes)
+        return method_markdown(table).splitlines()[-1]
+
+    assert row(True) == "| mvtec | 80.0 | 90.0 | **99.0** | +9.0 |"
+    assert row(False) == "| mvtec | 80.0 | **90.0** | 99.0 | +9.0 |"
 
 
 def _fake_pipeline_outputs(params: Path) -> tuple:

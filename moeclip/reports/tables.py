@@ -146,6 +146,11 @@ class MethodTable:
     ours: dict[Cell, float | None]
     ours_label: str
     dataset_names: dict[str, str] = field(default_factory=dict)
+    ours_competes: bool = True  # False for demo numbers: they must never look like the best method
+
+    def best(self, values: list[float | None], metric: str) -> set[int]:
+        """Positions of the best method(s) of a row; ours (last) only when it competes."""
+        return best_index(values if self.ours_competes else values[:-1], metric)
 
     def rows(self, metric: str) -> list[tuple[str, list[float | None], float | None, float | None]]:
         """(dataset, every method's value incl. ours last, ours, paper MoECLIP) per row of one metric."""
@@ -163,7 +168,7 @@ def method_markdown(table: MethodTable) -> str:
         parts += [f"**{METRIC_LABELS[metric]}**", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" + "---:|" * (len(header) - 1)]
         for dataset, values, ours, paper in table.rows(metric):
-            best = best_index(values, metric)
+            best = table.best(values, metric)
             cells = [_md_bold(fmt(v), i in best) for i, v in enumerate(values)]
             parts.append("| " + " | ".join([table.dataset_names.get(dataset, dataset), *cells,
                                             fmt_delta(ours, paper)]) + " |")
@@ -179,7 +184,7 @@ def method_latex(table: MethodTable) -> str:
                   "dataset & " + " & ".join(_tex_escape(n) if "$" not in n else n for n in names) + r" \\",
                   r"\midrule"]
         for dataset, values, ours, paper in table.rows(metric):
-            best = best_index(values, metric)
+            best = table.best(values, metric)
             cells = [_tex_bold(fmt(v), i in best) for i, v in enumerate(values)]
             parts.append(" & ".join([_tex_escape(table.dataset_names.get(dataset, dataset)), *cells,
                                      fmt_delta(ours, paper)]) + r" \\")
