@@ -15,6 +15,10 @@ import yaml
 
 from moeclip.experiments import experiment_runs, load_plan
 
+# The module fixture's `dvc repro` counts against the first test's timeout: about 14 minutes on
+# an idle 2-core machine, more beside the other pytest worker.
+pytestmark = pytest.mark.timeout(2700)
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
