@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moeclip.config import ModelConfig, TrainConfig
-from moeclip.params import ParamsError, Profile, load_profile, read_params
+from moeclip.params import ParamsError, Profile, profile_from_params, read_params
 
 # Model fields that only act at test time: changing them needs no new training.
 TEST_TIME_FIELDS = ("router_noise", "blur_industrial", "blur_medical")
@@ -105,14 +105,6 @@ class Run:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_benchmark(path: Path) -> Benchmark:
-    """The params file's plan, validated; errors name the file."""
-    try:
-        return Benchmark.model_validate(read_params(path))
-    except ValidationError as err:
-        raise ParamsError(f"params file '{path}' is invalid:\n{err}") from None
-
-
 def main_run(profile: Profile, auxiliary: str) -> Run:
     """The profile's default model trained on one auxiliary dataset (a Table 1 / Table 12 training)."""
     return Run(auxiliary, "MoECLIP", profile.model, profile.train, (auxiliary,), True)
@@ -164,6 +156,10 @@ def experiment_runs(benchmark: Benchmark, profile: Profile, experiment: str) -> 
 
 
 def load_plan(path: Path, profile_name: str | None = None) -> tuple[Benchmark, Profile]:
-    """The benchmark and the chosen (default: active) profile of a params file."""
-    benchmark = load_benchmark(path)
-    return benchmark, load_profile(path, profile_name or benchmark.profile)
+    """The benchmark and the chosen (default: active) profile of a params file, parsed once; errors name the file."""
+    document = read_params(path)
+    try:
+        benchmark = Benchmark.model_validate(document)
+    except ValidationError as err:
+        raise ParamsError(f"params file '{path}' is invalid:\n{err}") from None
+    return benchmark, profile_from_params(document, Path(path), profile_name or benchmark.profile)

@@ -120,19 +120,12 @@ def read_params(path: Path) -> dict[str, Any]:
     return document
 
 
-def active_profile_name(path: Path) -> str:
-    """The profile named by the params file's top-level `profile` key (what `dvc repro` runs)."""
-    name = read_params(path).get("profile")
+def profile_from_params(document: dict[str, Any], path: Path, name: str | None = None) -> Profile:
+    """The profile `name` (default: the one the top-level `profile` key names, what `dvc repro` runs)
+    of an already parsed params file, validated; errors name the file and the field."""
+    name = name or document.get("profile")
     if not isinstance(name, str):
         raise ParamsError(f"params file '{path}' has no top-level `profile: <name>` entry")
-    return name
-
-
-def load_profile(path: Path, name: str | None = None) -> Profile:
-    """The profile `name` (default: the active one) of params file `path`, validated; errors name the file and field."""
-    path = Path(path)
-    document = read_params(path)
-    name = name or active_profile_name(path)
     profiles = document.get("profiles") or {}
     if name not in profiles:
         raise ParamsError(f"params file '{path}' has no profile '{name}' (it has: {', '.join(profiles) or 'none'})")
@@ -140,6 +133,11 @@ def load_profile(path: Path, name: str | None = None) -> Profile:
         return Profile.model_validate({"name": name, **(profiles[name] or {})})
     except ValidationError as err:
         raise ParamsError(f"profile '{name}' in '{path}' is invalid:\n{err}") from None
+
+
+def load_profile(path: Path, name: str | None = None) -> Profile:
+    """The profile `name` (default: the active one) of params file `path` (see `profile_from_params`)."""
+    return profile_from_params(read_params(path), Path(path), name)
 
 
 def resolve_device(device: str) -> str:

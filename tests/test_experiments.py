@@ -6,7 +6,7 @@ import yaml
 
 from moeclip.config import ModelConfig, TrainConfig
 from moeclip.experiments import experiment_runs, load_plan, main_run
-from moeclip.params import ParamsError, read_params
+from moeclip.params import ParamsError, load_profile, read_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -94,3 +94,15 @@ def test_duplicate_keys_are_rejected(tmp_path):
     path.write_text("profile: demo\nprofiles:\n  demo: {}\n  demo: {}\n")
     with pytest.raises(ParamsError, match="duplicate key 'demo'"):
         read_params(path)
+
+
+def test_the_profile_to_run_must_exist(tmp_path):
+    with pytest.raises(ParamsError, match=r"has no profile 'nope' \(it has: paper, demo\)"):
+        load_plan(PARAMS, "nope")
+    unnamed = _edited(tmp_path, lambda d: d.pop("profile"))
+    with pytest.raises(ParamsError, match=r"params file '.*params.yaml' is invalid:\n(.|\n)*profile\n  Field required"):
+        load_plan(unnamed)
+    with pytest.raises(ParamsError, match="has no top-level `profile: <name>` entry"):
+        load_profile(unnamed)
+    with pytest.raises(ParamsError, match="does not exist"):
+        load_plan(tmp_path / "missing.yaml")
