@@ -17,16 +17,22 @@ from pathlib import Path
 from typing import Any
 
 from moeclip.atomic import atomic_path
+from moeclip.data.archive import file_sha256
 from moeclip.errors import MoeclipError
 from moeclip.experiments import Benchmark, Run, experiment_runs, load_plan, main_run
 from moeclip.params import Profile
 
 LOSSES = "losses.csv"
+CHECKPOINT = "checkpoint.pt"  # the name moeclip.training.Trainer writes in its run folder
 
 
 # -- locations (dvc.yaml names the same paths) -------------------------------------------------
 def training_dir(profile: Profile, auxiliary: str) -> Path:
     return profile.run_dir / "train" / auxiliary
+
+
+def training_checkpoint(profile: Profile, auxiliary: str) -> Path:
+    return training_dir(profile, auxiliary) / CHECKPOINT
 
 
 def evaluation_dir(profile: Profile, auxiliary: str, target: str) -> Path:
@@ -54,10 +60,6 @@ def experiment_metrics(profile: Profile, experiment: str) -> Path:
 def _write_json(path: Path, value: Any) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(value, indent=2, sort_keys=False, allow_nan=True) + "\n")
-
-
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _digest(value: Any) -> str:
@@ -100,7 +102,7 @@ def ensure_trained(profile: Profile, run: Run, out_dir: Path, run_name: str,
     """The run's checkpoint in `out_dir`: kept if complete, resumed if interrupted, retrained if stale."""
     from moeclip.workflows import train_model
 
-    checkpoint = out_dir / "checkpoint.pt"
+    checkpoint = out_dir / CHECKPOINT
     state = _checkpoint_state(checkpoint, run)
     if state == "complete":
         return checkpoint
@@ -127,7 +129,7 @@ def train(params: Path, auxiliary: str, profile_name: str | None = None) -> Path
 
 
 def _main_checkpoint(profile: Profile, auxiliary: str) -> Path:
-    checkpoint = training_dir(profile, auxiliary) / "checkpoint.pt"
+    checkpoint = training_checkpoint(profile, auxiliary)
     if _checkpoint_state(checkpoint, main_run(profile, auxiliary)) != "complete":
         raise MoeclipError(f"'{checkpoint}' is missing or unfinished: run `dvc repro train@{auxiliary}` "
                            f"(or `moeclip stage train {auxiliary}`) first")
@@ -186,8 +188,8 @@ def _evaluate_variant(profile: Profile, run: Run, checkpoint: Path, datasets: tu
     from moeclip.workflows import evaluate_checkpoint
 
     manifests = {dataset: profile.manifest(dataset) for dataset in datasets}
-    key = _digest({"checkpoint": _file_digest(checkpoint), "test_time": run.test_time, "cost": cost,
-                   "manifests": {name: _file_digest(path) for name, path in manifests.items()}})
+    key = _digest({"checkpoint": file_sha256(checkpoint), "test_time": run.test_time, "cost": cost,
+                   "manifests": {name: file_sha256(path) for name, path in manifests.items()}})
     results_file = folder / f"{key}.json"
     if results_file.is_file():
         return json.loads(results_file.read_text())

@@ -25,17 +25,14 @@ from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
 import moeclip
+from moeclip.data.archive import file_sha256
 from moeclip.experiments import Benchmark, load_plan
 from moeclip.params import Profile
 from moeclip.pipeline import (analysis_dir, evaluation_dir, evaluation_metrics, experiment_dir, experiment_metrics,
-                              training_dir)
+                              training_checkpoint)
 from pipelines.plan import analysis_datasets, experiment_datasets
 
 CODE_SUFFIXES = (".py", ".json", ".yaml")
-
-
-def _checkpoint(profile: Profile, auxiliary: str) -> Path:
-    return training_dir(profile, auxiliary) / "checkpoint.pt"
 
 
 def stage_files(stage: str, benchmark: Benchmark, profile: Profile,
@@ -46,18 +43,18 @@ def stage_files(stage: str, benchmark: Benchmark, profile: Profile,
     if stage == "prepare":
         return [profile.raw_dir(args["dataset"])], [profile.manifest(args["dataset"])]
     if stage == "train":
-        return [profile.manifest(args["auxiliary"])], [_checkpoint(profile, args["auxiliary"])]
+        return [profile.manifest(args["auxiliary"])], [training_checkpoint(profile, args["auxiliary"])]
     if stage == "evaluate":
         auxiliary, target = args["auxiliary"], args["target"]
-        return [_checkpoint(profile, auxiliary), profile.manifest(target)], \
+        return [training_checkpoint(profile, auxiliary), profile.manifest(target)], \
             [evaluation_dir(profile, auxiliary, target), evaluation_metrics(profile, auxiliary, target)]
     if stage == "experiment":
         experiment = args["experiment"]
-        reads = [*(_checkpoint(profile, a) for a in benchmark.main.targets),
+        reads = [*(training_checkpoint(profile, a) for a in benchmark.main.targets),
                  *(profile.manifest(d) for d in sorted(experiment_datasets(benchmark, profile, experiment)))]
         return reads, [experiment_dir(profile, experiment), experiment_metrics(profile, experiment)]
     if stage == "analysis":
-        return [_checkpoint(profile, benchmark.main.auxiliary),
+        return [training_checkpoint(profile, benchmark.main.auxiliary),
                 *(profile.manifest(d) for d in sorted(analysis_datasets(benchmark, profile)))], [analysis_dir(profile)]
     if stage == "report":
         return [profile.run_dir / "metrics", analysis_dir(profile)], [profile.report_dir]
@@ -96,5 +93,5 @@ class StageCache(CachePolicy):
         benchmark, profile = load_plan(params, inputs["profile_name"])
         reads, _ = stage_files(self.stage, benchmark, profile, inputs)
         return hash_objects(self.stage, {name: str(value) for name, value in inputs.items()}, str(Path.cwd().resolve()),
-                            hashlib.sha256(params.read_bytes()).hexdigest(), code_digest(),
+                            file_sha256(params), code_digest(),
                             [fingerprint(path) for path in reads], raise_on_failure=True)
