@@ -22,6 +22,7 @@ import torch
 
 from moeclip import ModelConfig, build_model
 from moeclip.backbone import default_moe_layers
+from moeclip.cost import synchronize
 from moeclip.model import MoECLIP
 from moeclip.model.execution import REFERENCE, Execution, compile_backbone, fast_execution
 
@@ -101,11 +102,6 @@ def _cpu_name() -> str:
 
 def modes(fast: Execution) -> dict[str, dict[str, bool]]:
     return {"reference": dataclasses.asdict(REFERENCE), "fast": dataclasses.asdict(fast)}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def best_seconds(calls: dict[str, Callable[[], Any]], device: torch.device, warmup: int, iters: int,

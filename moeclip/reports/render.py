@@ -31,10 +31,15 @@ TABLE1_METRICS = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap"]
 Values = dict[str, dict[str, float | None]]  # dataset -> metric -> value
 
 
-def _read_json(path: Path) -> Any:
+def _stage_output(path: Path) -> Path:
+    """`path`, which a pipeline stage writes; a clear error when that stage has not run."""
     if not path.is_file():
         raise MoeclipError(f"'{path}' is missing: run the pipeline (`dvc repro`) before `moeclip report`")
-    return json.loads(path.read_text())
+    return path
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(_stage_output(path).read_text())
 
 
 def _with_averages(values: Values, cells: list[tuple[str, str]]) -> dict[tuple[str, str], float | None]:
@@ -105,10 +110,7 @@ def experiment_table(benchmark: Benchmark, profile: Profile, key: str) -> Compar
 
 def table14(profile: Profile) -> Comparison:
     """Table 14 from the analysis stage's routed-patch statistics (raw statistics, not x100)."""
-    path = analysis_dir(profile) / "routed_statistics.csv"
-    if not path.is_file():
-        raise MoeclipError(f"'{path}' is missing: run the pipeline (`dvc repro`) before `moeclip report`")
-    statistics = pd.read_csv(path)
+    statistics = pd.read_csv(_stage_output(analysis_dir(profile) / "routed_statistics.csv"))
     cells, paper_by_row = _paper_cells("table14")
     dataset = profile.analysis.statistics_dataset
     ours = {f"Expert {int(row.expert)}": {(dataset, m): getattr(row, m) for _, m in cells}
@@ -217,7 +219,8 @@ def render_reports(benchmark: Benchmark, profile: Profile) -> Path:
     similarity = _read_json(analysis_dir(profile) / "similarity.json")
     figures["fig5_expert_similarity.png"] = similarity_figure(similarity["matrix"], similarity["layer"],
                                                               similarity["dataset"])
-    figures["fig9_expert_utilisation.png"] = utilisation_figure(pd.read_csv(analysis_dir(profile) / "utilisation.csv"))
+    figures["fig9_expert_utilisation.png"] = utilisation_figure(
+        pd.read_csv(_stage_output(analysis_dir(profile) / "utilisation.csv")))
     sections += ["## Figures", ""]
     for name, figure in figures.items():
         save_figure(figure, out / name)
