@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeclip.model.precision import float32
+
 
 class SegmentationProjection(nn.Module):
     """Proj_l of one layer: a bias-free linear d -> D (xavier-uniform), shared by all PAA scales of the layer."""
@@ -59,7 +61,7 @@ class DepthwiseImageAdapter(nn.Module):
         In float32 even under bf16 autocast (0.2 % of the FLOPs): V_image alone decides S_A,
         and bf16 rounding here would reorder the image scores of nearly tied images.
         """
-        with torch.autocast(tokens.device.type, enabled=False):
+        with float32(tokens):
             hidden = F.gelu(self.depthwise(self.norm(tokens.float()).transpose(1, 2)))
             patches = F.normalize(self.pointwise(hidden).transpose(1, 2), dim=-1)
         return patches.mean(dim=1)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeclip.model.precision import float32
+
 
 def fofs_chunk_sizes(d: int, num_experts: int) -> list[int]:
     """Contiguous chunk sizes of the d input dims; they differ by at most one, earlier chunks take the remainder."""
@@ -77,11 +79,10 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         # In float32 even under bf16 autocast (whose weights are float32): bf16 logits would
         # flip the top-k choice of nearly tied experts.
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):
+        if torch.is_autocast_enabled(x.device.type):
+            with float32(x):
                 logits = self.net(x.float())
-        else:
+        else:  # also a router cast to bf16 as a whole (no autocast): its own dtype, then float32
             logits = self.net(x).float()
         if self.noise > 0 and not self.training:
             # Table 11: adaptive noise N(0, (alpha * sigma)^2), sigma = std of each token's K logits.

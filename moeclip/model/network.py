@@ -13,6 +13,7 @@ from moeclip.config import Domain, ModelConfig
 from moeclip.model.heads import DepthwiseImageAdapter, SegmentationProjections
 from moeclip.model.moe import MoEAdapter, MoEAux
 from moeclip.model.paa import patch_average
+from moeclip.model.precision import float32
 from moeclip.model.scoring import anomaly_map, image_cosines, image_score, similarity_logits, training_maps
 from moeclip.model.text import TextAnchors
 
@@ -93,7 +94,7 @@ class MoECLIP(nn.Module):
         # (open_clip's LayerNorm returns its input's dtype), and only the outputs of the blocks'
         # matmuls added to it are bf16-rounded. It is 0.1 % of the FLOPs.
         with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad), \
-                torch.autocast(images.device.type, enabled=False):
+                float32(images):
             x = visual._embeds(images)
         for index, block in enumerate(visual.transformer.resblocks[:last], start=1):
             # Blocks before the first MoE layer are frozen and need no autograd graph.

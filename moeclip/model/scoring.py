@@ -11,10 +11,7 @@ import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
 from moeclip.config import BlurConfig, Domain
-
-
-def _float32(tensor: torch.Tensor) -> torch.autocast:
-    return torch.autocast(tensor.device.type, enabled=False)
+from moeclip.model.precision import float32
 
 
 def similarity_logits(patches: torch.Tensor, anchors: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
@@ -23,7 +20,7 @@ def similarity_logits(patches: torch.Tensor, anchors: torch.Tensor, scale: float
     Computed as (M, B, L, D) @ (B, D, 2): the encoder stores the patches maps-major, so this
     broadcast matmul reads them in place instead of copying the largest tensor of the forward.
     """
-    with _float32(patches):
+    with float32(patches):
         per_map = torch.matmul(patches.transpose(0, 1).float(), F.normalize(anchors.float(), dim=-1).transpose(1, 2))
     return scale * per_map.permute(1, 0, 3, 2)
 
@@ -43,7 +40,7 @@ def training_maps(logits: torch.Tensor, grid: tuple[int, int], image_size: int) 
 def anomaly_map(logits: torch.Tensor, grid: tuple[int, int], image_size: int, blur: BlurConfig) -> torch.Tensor:
     """Per map (logit_A + 1 - logit_N) / 2, Gaussian blur on the grid, bilinear upsample, sum over maps -> (B, H, W)."""
     per_map = (logits[:, :, 1] + 1 - logits[:, :, 0]) / 2  # (B, M, L)
-    with _float32(logits):
+    with float32(logits):
         grids = gaussian_blur(_to_grid(per_map, grid), [blur.kernel_size] * 2, [blur.sigma] * 2)
     upsampled = F.interpolate(grids, size=(image_size, image_size), mode="bilinear", align_corners=True)
     return upsampled.sum(dim=1)
@@ -51,7 +48,7 @@ def anomaly_map(logits: torch.Tensor, grid: tuple[int, int], image_size: int, bl
 
 def image_cosines(image_embedding: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """Raw cosines (B, 2) = [cos(V_image, T_N), cos(V_image, T_A)] for (B, D) embeddings and (B, 2, D) anchors."""
-    with _float32(image_embedding):
+    with float32(image_embedding):
         return F.cosine_similarity(image_embedding.float().unsqueeze(1), anchors.float(), dim=-1)
 
 

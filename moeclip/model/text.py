@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeclip.model.precision import float32
+
 TEMPLATES = ("{}.", "a photo of {}.")
 NORMAL_STATES = ("{}", "a {}", "the {}")
 ABNORMAL_STATES = ("a damaged {}", "a broken {}", "a {} with flaw", "a {} with defect", "a {} with damage")
@@ -84,7 +86,7 @@ class TextAnchors(nn.Module):
         In float32 even under bf16 autocast (a few prompts, negligible cost): a rounded anchor
         would shift every logit of its class in the same direction.
         """
-        with torch.autocast(eot.device.type, enabled=False):
+        with float32(eot):
             return F.normalize(F.normalize(self._project(eot.float()), dim=-1).mean(dim=0), dim=-1)
 
     def _frozen_eot(self, description: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +94,7 @@ class TextAnchors(nn.Module):
         if cached is None or cached[0].device != device:
             normal, abnormal = prompt_ensemble(description)
             # float32 even under autocast, so the cache is the same whichever execution mode filled it
-            with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            with torch.no_grad(), float32(device):
                 cached = (self._encode(self.tokenizer(normal).to(device)),
                           self._encode(self.tokenizer(abnormal).to(device)))
             self._eot_cache[description] = cached
