@@ -21,3 +21,10 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path | str, text: str) -> Path:
+    """Write `text` to `path` through `atomic_path`; returns `path`."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+    return Path(path)

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from moeclip.atomic import atomic_path
+from moeclip.atomic import atomic_path, write_text_atomically
 from moeclip.data.archive import file_sha256
 from moeclip.errors import MoeclipError
 from moeclip.experiments import Benchmark, Run, experiment_runs, load_plan, main_run
@@ -58,8 +58,7 @@ def experiment_metrics(profile: Profile, experiment: str) -> Path:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(value, indent=2, sort_keys=False, allow_nan=True) + "\n")
+    write_text_atomically(path, json.dumps(value, indent=2, sort_keys=False, allow_nan=True) + "\n")
 
 
 def _digest(value: Any) -> str:
@@ -260,8 +259,9 @@ def analyse(params: Path, profile_name: str | None = None) -> Path:
         utilisation.to_csv(temporary, index=False)
     with atomic_path(out / "routed_statistics.csv") as temporary:
         statistics.to_csv(temporary, index=False)
-    _write_json(out / "similarity.json", {"layer": layer, "dataset": profile.analysis.similarity_dataset,
-                                          "matrix": [[None if v != v else float(v) for v in row] for row in similarity]})
+    matrix = [[None if v != v else float(v) for v in row] for row in similarity]  # NaN (unused expert) -> null
+    _write_json(out / "similarity.json",
+                {"layer": layer, "dataset": profile.analysis.similarity_dataset, "matrix": matrix})
     return out
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from moeclip.atomic import atomic_path
+from moeclip.atomic import atomic_path, write_text_atomically
 from moeclip.config import Domain, ModelConfig, TrainConfig
 from moeclip.errors import MoeclipError
 from moeclip.params import Profile, TrackingConfig, resolve_device
@@ -49,9 +48,10 @@ def prepare_profile_dataset(profile: Profile, dataset: str) -> Path:
 
 def prepare_profile_data(profile: Profile, datasets: Sequence[str]) -> dict[str, Path]:
     """Fetch (or generate) and prepare several datasets; returns their manifests."""
-    for dataset in dict.fromkeys(datasets):
+    unique = list(dict.fromkeys(datasets))
+    for dataset in unique:
         fetch_profile_dataset(profile, dataset)
-    return {dataset: prepare_profile_dataset(profile, dataset) for dataset in dict.fromkeys(datasets)}
+    return {dataset: prepare_profile_dataset(profile, dataset) for dataset in unique}
 
 
 def read_manifests(manifests: Mapping[str, Path]) -> pd.DataFrame:
@@ -108,8 +108,7 @@ def _write_results(evaluation: Evaluation, summary: pd.DataFrame, out_dir: Path)
         per_class.to_parquet(temporary, index=False)
     with atomic_path(out_dir / "per_class.csv") as temporary:
         per_class.to_csv(temporary, index=False)
-    with atomic_path(out_dir / "summary.json") as temporary:
-        temporary.write_text(json.dumps(json.loads(summary.to_json(orient="index")), indent=2))
+    write_text_atomically(out_dir / "summary.json", json.dumps(json.loads(summary.to_json(orient="index")), indent=2))
 
 
 def _log_figures(run, evaluation: Evaluation) -> None:
@@ -186,11 +185,10 @@ def predict_images(checkpoint: Path, images: Sequence[Path], description: str, d
     for index, path in enumerate(images):
         original = np.asarray(read_image(Path(path)).convert("RGB"))
         one_map = raw_maps[index].float().cpu()
-        display = torch.nn.functional.interpolate(min_max(one_map)[None, None], size=original.shape[:2], mode="bilinear",
-                                                  align_corners=True)[0, 0].numpy()
+        display = torch.nn.functional.interpolate(min_max(one_map)[None, None], size=original.shape[:2],
+                                                  mode="bilinear", align_corners=True)[0, 0].numpy()
         overlay_png(original, display, out_dir / f"{Path(path).stem}_anomaly_map.png")
         results[str(path)] = {"image_score_raw": float(raw_scores[index]), "map_max_raw": float(one_map.max()),
                               "final_score": float(final[index]), "map_max_normalised": float(maps[index].max())}
-    with atomic_path(out_dir / "scores.json") as temporary:
-        temporary.write_text(json.dumps(results, indent=2))
+    write_text_atomically(out_dir / "scores.json", json.dumps(results, indent=2))
     return results

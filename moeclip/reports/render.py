@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from moeclip.atomic import atomic_path
+from moeclip.atomic import write_text_atomically
 from moeclip.errors import MoeclipError
 from moeclip.experiments import Benchmark, experiment_runs
 from moeclip.figures import save_figure
@@ -184,8 +184,7 @@ def utilisation_figure(frame: pd.DataFrame) -> Figure:
 
 # -- writing -----------------------------------------------------------------------------------
 def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(text if text.endswith("\n") else text + "\n")
+    write_text_atomically(path, text if text.endswith("\n") else text + "\n")
 
 
 def _banner(profile: Profile) -> str:
