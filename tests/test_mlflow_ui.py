@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from moeclip.tracking import start_run
+from server_processes import free_port, start_group, stop_group
 
 EXPERIMENT = "ui-test"
 RUN_NAMES = ("demo-train", "demo-eval")
@@ -49,12 +48,6 @@ def logged_store(tmp_path: Path) -> tuple[str, str]:
     return uri, MlflowClient(uri).get_experiment_by_name(EXPERIMENT).experiment_id
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _wait_until_up(server: subprocess.Popen, base_url: str, log: Path) -> None:
     """Poll /health until it answers; fail early (with the server's log) when the server exits."""
     deadline = time.monotonic() + SERVER_START_S
@@ -76,7 +69,7 @@ def mlflow_ui(logged_store: tuple[str, str], tmp_path: Path) -> Iterator[str]:
     Job execution (a farm of huey workers) and telemetry are off: the UI needs neither. The
     server runs in its own process group so that teardown also stops its uvicorn child."""
     uri, experiment_id = logged_store
-    port = _free_port()
+    port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -84,19 +77,12 @@ def mlflow_ui(logged_store: tuple[str, str], tmp_path: Path) -> Iterator[str]:
     command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", uri,
                "--artifacts-destination", str(tmp_path / "served-artifacts"),
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with log.open("wb") as out:
-        server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+    server = start_group(command, tmp_path, env, log)
     try:
         _wait_until_up(server, base_url, log)
         yield f"{base_url}/#/experiments/{experiment_id}/runs"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server, 15)
 
 
 def _rendered_dom(chromium: str, url: str, profile: Path) -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ import pytest
 import yaml
 
 from moeclip.experiments import load_plan
+from server_processes import free_port, start_group, stop_group
 from pipelines.caching import StageCache, outputs_exist
 from pipelines.plan import plan_stages
 
@@ -113,12 +112,6 @@ def test_cache_keys_follow_the_params_file_and_the_stage_inputs(small_params: Pa
 
 
 # -- a served deployment, run to completion on a local Prefect server -----------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get(url: str, body: dict | None = None) -> dict | list | None:
     """JSON of a GET (a POST when `body` is given), or None while the server is not answering (or answers 404)."""
     data = json.dumps(body).encode() if body is not None else None
@@ -139,23 +132,6 @@ def _wait_for(what: str, probe: Callable[[], object], process: subprocess.Popen,
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: not ready after {seconds} s:\n{log.read_text()[-3000:]}")
         time.sleep(2)
-
-
-def _start(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-    """A process in its own group, so that stopping it also stops what it started (flow runs)."""
-    with log.open("w") as out:
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def _run_deployment(prefect: str, work: Path, env: dict[str, str], api: str, serve_log: Path) -> dict:
@@ -181,7 +157,7 @@ def test_served_deployment_runs_to_completion_then_from_cache(tmp_path: Path) ->
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["profiles"]["demo"]["train"]["epochs"] = 1  # the demo profile, trained briefly
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
@@ -189,10 +165,10 @@ def test_served_deployment_runs_to_completion_then_from_cache(tmp_path: Path) ->
     prefect = str(Path(sys.executable).parent / "prefect")
     processes: list[subprocess.Popen] = []
     try:
-        processes.append(_start([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        processes.append(start_group([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                 work, env, tmp_path / "server.log"))
         _wait_for("prefect server", lambda: _get(f"{api}/health"), processes[0], tmp_path / "server.log")
-        processes.append(_start([sys.executable, "-m", "pipelines.deploy"], work, env, tmp_path / "serve.log"))
+        processes.append(start_group([sys.executable, "-m", "pipelines.deploy"], work, env, tmp_path / "serve.log"))
         _wait_for("deployment zsad-benchmark/demo", lambda: _get(f"{api}/deployments/name/zsad-benchmark/demo"),
                   processes[1], tmp_path / "serve.log")
 
@@ -217,4 +193,4 @@ def test_served_deployment_runs_to_completion_then_from_cache(tmp_path: Path) ->
         assert (work / "runs/demo/metrics/evaluate/visa/mvtec.json").is_file()
     finally:
         for process in reversed(processes):
-            _stop(process)
+            stop_group(process, 30)
