@@ -1,8 +1,9 @@
-"""Shared fixtures for the data-layer tests: tiny images and a loopback HTTP server with Range support."""
+"""Shared fixtures for the data-layer tests (tiny images, a loopback HTTP server with Range support) and collection rules."""
 from __future__ import annotations
 
 import functools
 import http.server
+import os
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -12,6 +13,11 @@ import pytest
 from PIL import Image
 
 ImageMaker = Callable[..., Path]
+
+# The checks against the MoECLIP paper's text need that file, which may not be redistributed with the
+# repository: they are collected only where MOECLIP_PAPER_TEXT names it (.ci/run does), so a fresh
+# clone's suite passes without it.
+collect_ignore = [] if os.environ.get("MOECLIP_PAPER_TEXT") else ["test_paper_results.py"]
 
 
 def _write_image(path: Path, size: tuple[int, int] = (8, 6), mode: str = "RGB", value: int = 128) -> Path:
