@@ -16,19 +16,27 @@ from moeclip.config import ModelConfig
 from moeclip.errors import MoeclipError
 from moeclip.model import MoECLIP, build_model
 
-FORMAT_VERSION = 1
+# 2: the image score follows `model.image_score` and per-class normalisation the release's rule.
+# Format 1 computed S_A by neither formula, so its results cannot be reproduced: it is refused.
+FORMAT_VERSION = 2
 
 
 class CheckpointError(MoeclipError):
     """A checkpoint file that is missing, unreadable or does not match the model."""
 
 
+class OutdatedCheckpointError(CheckpointError):
+    """A checkpoint of an earlier format, which this version cannot evaluate the way it was trained."""
+
+
 def save_checkpoint(path: Path, model: MoECLIP, build_seed: int | None, **state: Any) -> None:
     """Write the added modules' weights, the model config and `state` (optimizer, scheduler, RNG, ...)."""
     payload = {"format": FORMAT_VERSION, "model_config": model.config.model_dump(mode="json"),
                "build_seed": build_seed, "weights": model.trainable_state_dict(), **state}
-    with atomic_path(path) as temporary:
-        torch.save(payload, temporary)
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        # Through a file object the archive's inner folder is always "archive"; given a path, torch
+        # names it after the (random) temporary file, and equal checkpoints would differ in bytes.
+        torch.save(payload, handle)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -40,8 +48,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint '{path}' cannot be read: {err}") from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+    if not isinstance(payload, dict) or not isinstance(payload.get("format"), int):
         raise CheckpointError(f"'{path}' is not a MoECLIP checkpoint (format {FORMAT_VERSION})")
+    if payload["format"] != FORMAT_VERSION:
+        raise OutdatedCheckpointError(
+            f"checkpoint '{path}' has format {payload['format']}, this version reads format {FORMAT_VERSION} "
+            f"(format 1 scored images by a formula that is neither the paper's nor the release's): retrain it")
     return payload
 
 

@@ -71,13 +71,24 @@ class ModelConfig(BaseModel):
         False, description="plain frozen CLIP (Table 2 'Vanilla CLIP'): no MoE, CLIP's own projections"
     )
 
+    image_score: Literal["paper", "release"] = Field(
+        "paper", description="paper (Eqs. 13-14): cosine of T_A with the mean of the raw adapter outputs; release: "
+                             "dot product of T_A with the mean of the L2-normalised outputs (also used by L_ac)")
+
     # Text side (SPEC 5)
     text_head: Literal["release_adapter", "frozen_projection"] = "release_adapter"
     learnable_prompts: bool = Field(False, description="learnable context tokens instead of templates (Table 6)")
     prompt_context_length: int = Field(4, ge=1)
     use_class_descriptions: bool = Field(True, description="false = plain class names in prompts")
+    description_set: Literal["datasets", "release"] = Field(
+        "datasets", description="datasets: the registry's descriptions (DATASETS.md); release: the authors' "
+                                "release verbatim (its BTAD texts and its MVTec capsule typo)")
     logit_scale: float = 100.0
 
+    # Numerics (training and test alike)
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="fp32 as the paper and the release compute; bf16 = autocast of the frozen blocks', "
+                            "experts' and projections' matmuls (router, scores, losses stay fp32)")
     # Test-time post-processing (SPEC 6)
     blur_industrial: BlurConfig = BlurConfig(kernel_size=7, sigma=1.0)
     blur_medical: BlurConfig = BlurConfig(kernel_size=9, sigma=1.5)
@@ -109,11 +120,6 @@ class ModelConfig(BaseModel):
         """Sorted layers whose (MoE-adapted) tokens feed the segmentation heads."""
         return tuple(sorted(self.output_layers if self.output_layers is not None else self.moe_layers))
 
-    @property
-    def prompt_field(self) -> str:
-        """The batch/manifest field that fills the prompts' '{}': description or plain class name."""
-        return "description" if self.use_class_descriptions else "class_name"
-
     def blur_for(self, domain: Domain) -> BlurConfig:
         return self.blur_industrial if domain == "industrial" else self.blur_medical
 
@@ -142,7 +148,9 @@ class TrainConfig(BaseModel):
         False, description="train as the release effectively does: eval mode (sparse top-k, no dropout), "
                            "no ETF and no balance loss")
     augment: bool = True
-    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on the CPU)")
+    dice: Literal["paper", "release"] = Field(
+        "paper", description="paper: 1 - 2 sum(yp) / (sum(y) + sum(p)); release: smoothing 1 in numerator and "
+                             "denominator (a normal image's anomaly-channel Dice then has a gradient)")
     num_workers: int | None = Field(
         None, ge=0, description="data-loading processes; null = one per spare core on CUDA, none on the CPU")
     checkpoint_every: int = Field(200, ge=1, description="iterations between resumable checkpoints")

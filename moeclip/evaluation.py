@@ -22,8 +22,9 @@ from moeclip.config import Domain
 from moeclip.data.dataset import ManifestDataset, loader_options
 from moeclip.metrics import pixel_metrics, ranking_metrics
 from moeclip.model import MoECLIP
-from moeclip.model.execution import Execution, executing, fast_execution
+from moeclip.model.execution import Execution, executing, model_execution
 from moeclip.model.scoring import finalize_class_scores
+from moeclip.model.text import prompt_descriptions
 
 
 @dataclass
@@ -53,7 +54,7 @@ def _predict_class(model: MoECLIP, batches: Iterable[dict[str, Any]], domain: Do
     for batch in batches:
         with executing(model, execution, device.type):
             maps, scores = model.predict(batch["image"].to(device, non_blocking=True),
-                                         batch[model.config.prompt_field], domain)
+                                         prompt_descriptions(batch, model.config), domain)
         collected["maps"].append(maps.float())
         collected["scores"].append(scores.float())
         collected["labels"].append(batch["label"])
@@ -104,15 +105,18 @@ def _examples(outputs: dict[str, torch.Tensor], group: pd.DataFrame, count: int)
 
 def evaluate_frame(model: MoECLIP, frame: pd.DataFrame, batch_size: int = 8, device: str | torch.device = "cpu",
                    num_workers: int | None = None, examples_per_class: int = 0,
-                   execution: Execution | None = None) -> Evaluation:
+                   execution: Execution | None = None, seed: int = 0) -> Evaluation:
     """One row per (dataset, class): counts and every metric the class can have (fractions, not x100).
+
+    Test-time randomness (Table 11's router noise) draws from torch's RNG seeded with `seed`
+    inside this call only, so an evaluation gives the same numbers every time it runs.
 
     One DataLoader streams all classes (no batch spans two), so its workers keep decoding
     across class boundaries; `num_workers` None picks them for `device` (see `loader_options`).
-    The model runs as `execution` says, by default the fast path for `device`.
+    The model runs as `execution` says, by default the fast path at the model's precision.
     """
     device = torch.device(device)
-    execution = fast_execution(device) if execution is None else execution
+    execution = model_execution(model.config) if execution is None else execution
     model.eval()
     ordered = frame.sort_values(["dataset", "class_name"], kind="stable")
     groups = list(_classes(ordered))
@@ -121,7 +125,8 @@ def evaluate_frame(model: MoECLIP, frame: pd.DataFrame, batch_size: int = 8, dev
                         **loader_options(device, num_workers))
     batches = iter(loader)
     rows, examples = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
         for (dataset_name, class_name), group in tqdm(groups, desc="classes", unit="class"):
             class_batches = itertools.islice(batches, math.ceil(len(group) / batch_size))
             outputs = _predict_class(model, class_batches, group["domain"].iloc[0], device, execution)

@@ -81,10 +81,21 @@ def _focal_per_map(probs: torch.Tensor, mask: torch.Tensor, gamma: float, eps: f
     return (-(1 - p_true).pow(gamma) * p_true.log()).mean(dim=(-2, -1))
 
 
-def _dice(pred: torch.Tensor, target: torch.Tensor, dims: tuple[int, ...], eps: float = 1e-6) -> torch.Tensor:
-    """1 - 2 sum(y p) / (sum(y) + sum(p)), the sums over `dims`."""
+# Dice's smoothing constant s in 1 - (2 sum(y p) + s) / (sum(y) + sum(p) + s): the paper's formula (B.4)
+# has none (a tiny one guards 0/0), the authors' release uses 1.
+DICE_SMOOTHING = {"paper": 1e-6, "release": 1.0}
+
+
+def _dice(pred: torch.Tensor, target: torch.Tensor, dims: tuple[int, ...], kind: str = "paper") -> torch.Tensor:
+    """1 - (2 sum(y p) + s) / (sum(y) + sum(p) + s), the sums over `dims`, s = DICE_SMOOTHING[kind].
+
+    Paper: s is only a guard (with an empty mask the anomaly channel's term is then 1, whatever p is);
+    release: s = 1, so an empty mask still pushes the anomaly channel down.
+    """
+    smooth = DICE_SMOOTHING[kind]
     overlap = (pred * target).sum(dim=dims)
-    return 1 - 2 * overlap / (pred.sum(dim=dims) + target.sum(dim=dims) + eps)
+    numerator = 2 * overlap + (smooth if kind == "release" else 0.0)
+    return 1 - numerator / (pred.sum(dim=dims) + target.sum(dim=dims) + smooth)
 
 
 def focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
@@ -95,38 +106,39 @@ def focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0) -> t
     return _focal_per_map(probs, mask, gamma).mean()
 
 
-def dice_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Eq. B.4 per image, averaged over the batch: 1 - 2 sum(y p) / (sum(y) + sum(p)); (B, ...) inputs."""
-    return _dice(pred, target, tuple(range(1, pred.dim()))).mean()
+def dice_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "paper") -> torch.Tensor:
+    """Eq. B.4 per image, averaged over the batch (see `_dice` for `kind`); (B, ...) inputs."""
+    return _dice(pred, target, tuple(range(1, pred.dim())), kind).mean()
 
 
 def segmentation_loss(maps: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0,
-                      known: torch.Tensor | None = None) -> torch.Tensor:
+                      known: torch.Tensor | None = None, dice: str = "paper") -> torch.Tensor:
     """L_seg (Eq. 15): sum over the M maps of Focal + Dice(anomalous, mask) + Dice(normal, 1 - mask).
 
     `maps` is (B, M, 2, H, W) softmax output (Eq. 12); `mask` is (B, H, W). Each term is a
     mean over the batch, restricted to the samples where the bool (B,) `known` is true (all
     by default; 0 if none). All maps and samples are computed at once, and the restriction is
-    a weighting, so no step waits for the device to say which samples are known.
+    a weighting, so no step waits for the device to say which samples are known. `dice` picks the
+    Dice formula (`_dice`).
     """
     probs, target = maps.float(), mask.float().unsqueeze(1)  # (B, M, 2, H, W), (B, 1, H, W)
     pixels = (-2, -1)
-    per_map = (_focal_per_map(probs, target, gamma) + _dice(probs[:, :, 1], target, pixels)
-               + _dice(probs[:, :, 0], 1 - target, pixels))  # (B, M)
+    per_map = (_focal_per_map(probs, target, gamma) + _dice(probs[:, :, 1], target, pixels, dice)
+               + _dice(probs[:, :, 0], 1 - target, pixels, dice))  # (B, M)
     per_sample = per_map.sum(dim=1)
     weight = torch.ones_like(per_sample) if known is None else known.to(per_sample.dtype)
     return (per_sample * weight).sum() / weight.sum().clamp_min(1)
 
 
-def classification_loss(cosines: torch.Tensor, labels: torch.Tensor, kind: str = "bce") -> torch.Tensor:
-    """L_ac from the raw cosines (B, 2) = [cos(V, T_N), cos(V, T_A)].
+def classification_loss(similarities: torch.Tensor, labels: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+    """L_ac from the image similarities (B, 2) = [s_N, s_A] (cosines, or the release's dot products).
 
-    'bce' (paper, Eq. 15): binary cross-entropy of S_A = (cos_A + 1) / 2 against the label;
-    'cross_entropy' (release): 2-way cross-entropy on the raw cosines.
+    'bce' (paper, Eq. 15): binary cross-entropy of S_A = (s_A + 1) / 2 against the label;
+    'cross_entropy' (release): 2-way cross-entropy on the raw similarities, unscaled.
     """
     if kind == "bce":
-        score = ((cosines[:, 1].float() + 1) / 2).clamp(1e-6, 1 - 1e-6)
+        score = ((similarities[:, 1].float() + 1) / 2).clamp(1e-6, 1 - 1e-6)
         return F.binary_cross_entropy(score, labels.float())
     if kind == "cross_entropy":
-        return F.cross_entropy(cosines.float(), labels.long())
+        return F.cross_entropy(similarities.float(), labels.long())
     raise ValueError(f"unknown classification loss '{kind}' (bce or cross_entropy)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ from moeclip.losses import (
     segmentation_loss,
 )
 from moeclip.model import MoECLIP, build_model
-from moeclip.model.execution import Execution, executing, fast_execution
+from moeclip.model.execution import Execution, executing, model_execution
+from moeclip.model.text import prompt_descriptions
 
 CONSTRAINTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "etf": etf_loss, "cosine": expert_cosine_loss, "contrastive": expert_contrastive_loss,
@@ -58,10 +59,10 @@ def compute_losses(model: MoECLIP, batch: Mapping[str, Any], config: TrainConfig
     labels = batch["label"].to(device, non_blocking=True)
     known = torch.as_tensor(batch["has_mask"]).to(device, non_blocking=True)
     with executing(model, execution, device.type):
-        maps, cosines, vision = model.training_outputs(images, batch[model.config.prompt_field])
+        maps, similarities, vision = model.training_outputs(images, prompt_descriptions(batch, model.config))
     zero = images.new_zeros((), dtype=torch.float32)
-    seg = segmentation_loss(maps, masks, config.focal_gamma, known)
-    ac = classification_loss(cosines, labels, config.classification_loss)
+    seg = segmentation_loss(maps, masks, config.focal_gamma, known, config.dice)
+    ac = classification_loss(similarities, labels, config.classification_loss)
     outputs = [aux.expert_outputs for aux in vision.moe.values() if aux.expert_outputs is not None]
     constraint = sum((CONSTRAINTS[config.expert_constraint](o) for o in outputs), zero)
     balance = zero if config.release_compat else sum(
@@ -70,10 +71,6 @@ def compute_losses(model: MoECLIP, batch: Mapping[str, Any], config: TrainConfig
     return {"loss": total, "seg": seg, "ac": ac, "constraint": constraint, "balance": balance}
 
 
-def training_execution(config: TrainConfig, device: torch.device) -> Execution:
-    """The fast path for `device`, in bf16 only where `config.amp` allows it."""
-    fast = fast_execution(device)
-    return replace(fast, bf16=fast.bf16 and config.amp)
 
 
 def build_optimizer(model: MoECLIP, config: TrainConfig,
@@ -120,7 +117,7 @@ class Trainer:
         self.dataset = ManifestDataset(frame, model_config.image_size, train=train_config.augment,
                                        seed=train_config.seed)
         self.optimizer, self.scheduler = build_optimizer(self.model, train_config, self.device)
-        self.execution = training_execution(train_config, self.device)
+        self.execution = model_execution(model_config)
         self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "complete": False}
         self.history: list[dict[str, float]] = []
 

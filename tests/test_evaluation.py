@@ -7,10 +7,8 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
-from typer.testing import CliRunner
 
 from moeclip import ModelConfig, build_model
-from moeclip.cli import app
 from moeclip.data.dataset import ManifestDataset
 from moeclip.model.scoring import finalize_class_scores
 from moeclip.evaluation import evaluate_frame, summarize

@@ -12,8 +12,10 @@ from moeclip.data.manifest import read_manifest
 from moeclip.data.prepare import prepare_dataset
 from moeclip.data.synthetic import generate_demo_datasets
 from moeclip.losses import (
+    balance_loss,
     classification_loss,
     dice_loss,
+    etf_loss,
     expert_contrastive_loss,
     expert_cosine_loss,
     focal_loss,
@@ -99,6 +101,36 @@ def test_release_compat_trains_without_etf_and_balance(visa_frame, tmp_path):
     trainer.model.train()
     paper = compute_losses(trainer.model, batch, TrainConfig(batch_size=4), trainer.device)
     assert paper["constraint"].item() > 0 and paper["seg"].item() > 0
+
+
+def test_the_learning_rate_steps_per_iteration_and_adam_uses_the_papers_betas(visa_frame, tmp_path):
+    config = TrainConfig(batch_size=1, lr=1e-3, milestones=(3,), gamma=0.5, epochs=1)  # 8 steps in the epoch
+    trainer = Trainer(TINY, config, visa_frame, tmp_path)
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.5, 0.999) == TrainConfig().betas
+    trainer.run(max_steps=4)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)  # halved after iteration 3
+
+
+def test_total_loss_adds_the_weighted_constraint_summed_over_layers_and_the_balance(visa_frame, tmp_path):
+    model_config = TINY.model_copy(update={"lora_dropout": 0.0})
+    trainer = Trainer(model_config, TrainConfig(batch_size=4), visa_frame, tmp_path)
+    with torch.no_grad():
+        for adapter in trainer.model.moe.values():
+            adapter.router.net.weight.normal_(std=0.5)  # uneven routing: a non-zero balance loss
+            adapter.lora_b.normal_(std=0.1)
+    trainer.model.train()
+    batch = next(iter(trainer._loader([[0, 1, 2, 3]])))
+    weights = TrainConfig(batch_size=4, lambda_etf=0.3, lambda_bal=0.7)
+    losses = compute_losses(trainer.model, batch, weights, trainer.device)
+    with torch.no_grad():
+        vision = trainer.model.encode_image(batch["image"])
+    per_layer = [etf_loss(aux.expert_outputs).item() for aux in vision.moe.values()]
+    balances = [balance_loss(aux.routing.probs).item() for aux in vision.moe.values()]
+    assert len(per_layer) == 2 and min(balances) > 1e-4
+    assert losses["constraint"].item() == pytest.approx(sum(per_layer), rel=1e-5)  # summed, not averaged
+    assert losses["balance"].item() == pytest.approx(sum(balances), rel=1e-5)
+    expected = losses["seg"] + losses["ac"] + 0.3 * losses["constraint"] + 0.7 * losses["balance"]
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_a_killed_run_resumes_to_the_same_weights(visa_frame, tmp_path):

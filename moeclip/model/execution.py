@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from moeclip.config import ModelConfig
 from moeclip.model.network import MoECLIP
 
 
@@ -42,9 +43,14 @@ REFERENCE = Execution(bf16=False, sparse_experts=False, fused_attention=False)
 
 
 def fast_execution(device: str | torch.device) -> Execution:
-    """The fast path for `device`: bf16 on CUDA; float32 on the CPU, where bf16 matmuls are
-    emulated (slower than float32) on processors without bf16 units."""
+    """The fastest path for `device` (what the benchmarks time): bf16 on CUDA; float32 on the CPU,
+    where bf16 matmuls are emulated (slower than float32) on processors without bf16 units."""
     return Execution(bf16=torch.device(device).type == "cuda")
+
+
+def model_execution(config: ModelConfig) -> Execution:
+    """How training and evaluation compute a model: the fast path at the precision its config names."""
+    return Execution(bf16=config.precision == "bf16")
 
 
 @contextlib.contextmanager

@@ -44,9 +44,9 @@ class SegmentationProjections(nn.ModuleDict):
 
 
 class DepthwiseImageAdapter(nn.Module):
-    """LN -> depthwise Conv1d over the token sequence (k=3, same) -> GELU -> pointwise Conv1d d -> D.
+    """LN -> depthwise Conv1d over the token sequence (k=3, same) -> GELU -> pointwise Conv1d d -> D (Eq. 13).
 
-    Each output patch is L2-normalised and the mean over patches is V_image.
+    Both convolutions start xavier-uniform, as in the authors' release (the paper does not say).
     """
 
     def __init__(self, width: int, embed_dim: int, kernel_size: int = 3) -> None:
@@ -54,14 +54,15 @@ class DepthwiseImageAdapter(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.depthwise = nn.Conv1d(width, width, kernel_size, padding="same", groups=width, bias=False)
         self.pointwise = nn.Conv1d(width, embed_dim, 1, bias=False)
+        nn.init.xavier_uniform_(self.depthwise.weight)
+        nn.init.xavier_uniform_(self.pointwise.weight)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L, d) patch tokens -> (B, D) image embedding.
+        """(B, L, d) patch tokens -> (B, L, D) pointwise outputs, one per patch (V_image is formed from them).
 
         In float32 even under bf16 autocast (0.2 % of the FLOPs): V_image alone decides S_A,
         and bf16 rounding here would reorder the image scores of nearly tied images.
         """
         with float32(tokens):
             hidden = F.gelu(self.depthwise(self.norm(tokens.float()).transpose(1, 2)))
-            patches = F.normalize(self.pointwise(hidden).transpose(1, 2), dim=-1)
-        return patches.mean(dim=1)
+            return self.pointwise(hidden).transpose(1, 2)

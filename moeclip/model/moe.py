@@ -131,13 +131,29 @@ class MoEAdapter(nn.Module):
         else:
             raise ValueError(f"unknown expert type '{expert_type}' (lora or full_rank)")
 
+    def _per_expert(self, x: torch.Tensor) -> torch.Tensor | None:
+        """In training with dropout: x once per expert, (..., K, d), each copy with its own dropout mask
+        (as K independent LoRA modules draw them). Otherwise None: every expert reads x itself."""
+        if not (self.training and self.dropout.p > 0):
+            return None
+        return self.dropout(x.unsqueeze(-2).expand(*x.shape[:-1], self.num_experts, x.shape[-1]))
+
+    def _lora_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """A_n dropout_n(x) for every expert n: (..., K, r)."""
+        a = self.lora_a.to(x.dtype)
+        dropped = self._per_expert(x)
+        if dropped is not None:
+            return torch.einsum("...kj,krj->...kr", dropped, a)
+        return F.linear(x, a.reshape(self.num_experts * self.rank, -1)).unflatten(-1, (self.num_experts, self.rank))
+
     def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """All K expert outputs E_n(x) of shape (..., K, d) (dense path)."""
-        x = self.dropout(x)
         if self.expert_type == "full_rank":
+            dropped = self._per_expert(x)
+            if dropped is not None:
+                return torch.einsum("...kj,kdj->...kd", dropped, self.full.to(x.dtype))
             return torch.einsum("...j,kdj->...kd", x, self.full.to(x.dtype))
-        codes = torch.einsum("...j,krj->...kr", x, self.lora_a.to(x.dtype))
-        return torch.einsum("...kr,kdr->...kd", codes, self.lora_b.to(x.dtype)) * self.scale
+        return torch.einsum("...kr,kdr->...kd", self._lora_codes(x), self.lora_b.to(x.dtype)) * self.scale
 
     def sparse_mixture(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_n R_hat_n E_n(x) without forming the K outputs; `weights` is zero off the top-k.
@@ -146,12 +162,8 @@ class MoEAdapter(nn.Module):
         """
         if self.expert_type == "full_rank":
             return torch.einsum("...k,...kd->...d", weights.to(x.dtype), self.expert_outputs(x))
-        x = self.dropout(x)
-        weights = weights.to(x.dtype)
-        k, r = self.num_experts, self.rank
-        codes = F.linear(x, self.lora_a.to(x.dtype).reshape(k * r, -1)).unflatten(-1, (k, r))
-        mixed_codes = (codes * weights.unsqueeze(-1)).flatten(-2)  # (..., K*r)
-        b_cat = self.lora_b.to(x.dtype).permute(1, 0, 2).reshape(-1, k * r)  # (d, K*r)
+        mixed_codes = (self._lora_codes(x) * weights.to(x.dtype).unsqueeze(-1)).flatten(-2)  # (..., K*r)
+        b_cat = self.lora_b.to(x.dtype).permute(1, 0, 2).reshape(-1, self.num_experts * self.rank)  # (d, K*r)
         return F.linear(mixed_codes, b_cat) * self.scale
 
     def forward(self, x: torch.Tensor, dense: bool | None = None) -> tuple[torch.Tensor, MoEAux]:

@@ -14,7 +14,8 @@ from moeclip.model.heads import DepthwiseImageAdapter, SegmentationProjections
 from moeclip.model.moe import MoEAdapter, MoEAux
 from moeclip.model.paa import patch_average
 from moeclip.model.precision import float32
-from moeclip.model.scoring import anomaly_map, image_cosines, image_score, similarity_logits, training_maps
+from moeclip.model.scoring import (anomaly_map, image_embedding, image_score, image_similarities, similarity_logits,
+                                   training_maps)
 from moeclip.model.text import TextAnchors
 
 
@@ -117,16 +118,20 @@ class MoECLIP(nn.Module):
 
     def _image_embedding(self, features: dict[int, torch.Tensor], normed: torch.Tensor,
                          projected: torch.Tensor) -> torch.Tensor:
-        """V_image from the last layer's scale-1 map, reusing its ln_post and projection when PAA computed them."""
+        """V_image from the last layer's scale-1 map, reusing its ln_post and projection when PAA computed them.
+
+        With the depth-wise adapter, from its per-patch outputs (`image_score` says how); without it
+        (a Table 2 ablation), from the projected patches; vanilla CLIP uses its CLS embedding.
+        """
         visual = self.clip.visual
         if self.config.vanilla:
             return F.normalize(visual.ln_post(features[self.depth][:, 0]) @ visual.proj, dim=-1)
         last, scales = self.config.feature_layers[-1], self.config.paa_scales
         normed_s1 = normed[-1, scales.index(1)] if 1 in scales else visual.ln_post(features[last][:, 1:])
         if self.image_adapter is not None:
-            return self.image_adapter(normed_s1)
+            return image_embedding(self.image_adapter(normed_s1), self.config.image_score)
         projected_s1 = projected[-1, scales.index(1)] if 1 in scales else self._project(normed_s1[None], [last])[0]
-        return projected_s1.mean(dim=1)
+        return image_embedding(projected_s1, self.config.image_score)
 
     def encode_image(self, images: torch.Tensor, dense: bool | None = None) -> VisionOutput:
         """Patch features for every (layer, scale) and V_image. `dense` defaults to training mode.
@@ -162,18 +167,19 @@ class MoECLIP(nn.Module):
         return similarity_logits(vision.patch_features, anchors, self.config.logit_scale)
 
     def training_outputs(self, images: torch.Tensor, descriptions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, VisionOutput]:
-        """Eq. 12 maps (B, M, 2, H, W), raw cosines (B, 2) of V_image with [T_N, T_A], and the vision output."""
+        """Eq. 12 maps (B, M, 2, H, W), image similarities (B, 2) [s_N, s_A] (see `image_similarities`), and
+        the vision output."""
         vision = self.encode_image(images)
         anchors = self.anchors_per_sample(descriptions)
         maps = training_maps(self.logits(vision, anchors), vision.grid, images.shape[-1])
-        return maps, image_cosines(vision.image_embedding, anchors), vision
+        return maps, image_similarities(vision.image_embedding, anchors, self.config.image_score), vision
 
     def predict(self, images: torch.Tensor, descriptions: Sequence[str], domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
         """Test-time anomaly maps (B, H, W) and image scores S_A (B,), before per-class normalisation."""
         vision = self.encode_image(images, dense=self.dense_inference)
         anchors = self.anchors_per_sample(descriptions)
         maps = anomaly_map(self.logits(vision, anchors), vision.grid, images.shape[-1], self.config.blur_for(domain))
-        return maps, image_score(vision.image_embedding, anchors)
+        return maps, image_score(image_similarities(vision.image_embedding, anchors, self.config.image_score))
 
 
 def build_model(config: ModelConfig | dict, seed: int | None = None) -> MoECLIP:

@@ -46,15 +46,28 @@ def anomaly_map(logits: torch.Tensor, grid: tuple[int, int], image_size: int, bl
     return upsampled.sum(dim=1)
 
 
-def image_cosines(image_embedding: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """Raw cosines (B, 2) = [cos(V_image, T_N), cos(V_image, T_A)] for (B, D) embeddings and (B, 2, D) anchors."""
-    with float32(image_embedding):
-        return F.cosine_similarity(image_embedding.float().unsqueeze(1), anchors.float(), dim=-1)
+def image_embedding(patch_outputs: torch.Tensor, kind: str) -> torch.Tensor:
+    """V_image from (B, L, D) per-patch outputs: their mean (paper, Eq. 13), or the mean of the
+    L2-normalised outputs (release)."""
+    with float32(patch_outputs):
+        outputs = patch_outputs.float()
+        return (outputs if kind == "paper" else F.normalize(outputs, dim=-1)).mean(dim=1)
 
 
-def image_score(image_embedding: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """Eq. 14: S_A = (cos(V_image, T_A) + 1) / 2 for (B, D) embeddings and (B, 2, D) anchors."""
-    return (image_cosines(image_embedding, anchors)[:, 1] + 1) / 2
+def image_similarities(embedding: torch.Tensor, anchors: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, 2) [s_N, s_A] of (B, D) V_image with (B, 2, D) unit anchors [T_N, T_A].
+
+    paper: cosines (Eq. 14); release: plain dot products with the (not re-normalised) V_image.
+    """
+    with float32(embedding):
+        if kind == "paper":
+            return F.cosine_similarity(embedding.float().unsqueeze(1), anchors.float(), dim=-1)
+        return torch.einsum("bd,bkd->bk", embedding.float(), anchors.float())
+
+
+def image_score(similarities: torch.Tensor) -> torch.Tensor:
+    """Eq. 14: S_A = (s_A + 1) / 2 from (B, 2) [s_N, s_A]."""
+    return (similarities[:, 1] + 1) / 2
 
 
 def min_max(values: torch.Tensor) -> torch.Tensor:
@@ -65,13 +78,20 @@ def min_max(values: torch.Tensor) -> torch.Tensor:
     return (values - low) / (high - low)
 
 
-def finalize_class_scores(maps: torch.Tensor, scores: torch.Tensor, domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class post-processing over all N test images of one class.
+def into_unit_range(values: torch.Tensor) -> torch.Tensor:
+    """The release's per-class rule: min-max over all elements only if some value lies outside [0, 1]."""
+    return min_max(values) if bool(values.min() < 0) or bool(values.max() > 1) else values
 
-    Min-max normalise the (N, H, W) maps and the (N,) image scores over the class; the
-    final image score is 0.5 * max(map) + 0.5 * S_A (industrial) or max(map) (medical).
+
+def finalize_class_scores(maps: torch.Tensor, scores: torch.Tensor, domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
+    """The benchmark protocol's per-class post-processing over all N test images of one class.
+
+    The (N, H, W) maps and, separately, the (N,) S_A are brought into [0, 1] by the release's
+    rule (`into_unit_range`; the paper is silent): summed maps are min-max normalised, S_A
+    (already in [0, 1]) is kept. Final image score: 0.5 * max(map) + 0.5 * S_A (industrial) or
+    max(map) (medical).
     """
-    maps, scores = min_max(maps.float()), min_max(scores.float())
+    maps, scores = into_unit_range(maps.float()), into_unit_range(scores.float())
     peak = maps.flatten(1).amax(dim=1)
     final = 0.5 * peak + 0.5 * scores if domain == "industrial" else peak
     return maps, final

@@ -9,18 +9,40 @@ class description and cached; only the head runs at every step.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeclip.config import ModelConfig
 from moeclip.model.precision import float32
 
 TEMPLATES = ("{}.", "a photo of {}.")
 NORMAL_STATES = ("{}", "a {}", "the {}")
 ABNORMAL_STATES = ("a damaged {}", "a broken {}", "a {} with flaw", "a {} with defect", "a {} with damage")
 CONTEXT_PLACEHOLDER = "X"
+
+# Where the authors' release prompts with other text than the registry's descriptions (DATASETS.md):
+# its long BTAD descriptions and the MVTec capsule typo it trained and tested with, verbatim.
+RELEASE_DESCRIPTIONS: Mapping[tuple[str, str], str] = {
+    ("mvtec", "capsule"): "black asd orange capsule",
+    ("btad", "01"): "Bright concentric rings in neon yellow and blue tones against a dark blue background, "
+                    "resembling a stylized wave or energy field radiating outward.",
+    ("btad", "02"): "vertical fabric lines in warm, dusty pink and beige tones",
+    ("btad", "03"): "oval concentric circular rings in gradient shades of blue and white",
+}
+
+
+def prompt_descriptions(batch: Mapping[str, Sequence[str]], config: ModelConfig) -> list[str]:
+    """The '{}' of each sample's prompts: the plain class name, the registry's description, or the
+    release's description (`use_class_descriptions`, `description_set`)."""
+    if not config.use_class_descriptions:
+        return list(batch["class_name"])
+    if config.description_set == "release":
+        return [RELEASE_DESCRIPTIONS.get((dataset, name), description) for dataset, name, description
+                in zip(batch["dataset"], batch["class_name"], batch["description"])]
+    return list(batch["description"])
 
 
 def prompt_ensemble(description: str) -> tuple[list[str], list[str]]:
@@ -53,6 +75,7 @@ class TextAnchors(nn.Module):
         embed_dim = clip.text_projection.shape[1]
         if head == "release_adapter":
             self.adapter = nn.Sequential(nn.Linear(text_width, embed_dim, bias=False), nn.LeakyReLU())
+            nn.init.xavier_uniform_(self.adapter[0].weight)  # as the release (the paper has no adapter)
         elif head != "frozen_projection":
             raise ValueError(f"unknown text head '{head}' (release_adapter or frozen_projection)")
         if learnable_prompts:

@@ -1,0 +1,179 @@
+"""Where the paper and the authors' release differ (SPEC 5, 6, 11): each switch on known values,
+and the choices the paper leaves open (initialisation, Dice smoothing, dropout masks) as the release has them."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeclip import ModelConfig, build_model
+from moeclip.checkpoint import FORMAT_VERSION, OutdatedCheckpointError, read_checkpoint, save_checkpoint
+from moeclip.config import TrainConfig
+from moeclip.data.transforms import augment
+from moeclip.losses import dice_loss
+from moeclip.model.moe import MoEAdapter
+from moeclip.model.text import RELEASE_DESCRIPTIONS, prompt_descriptions
+from moeclip.params import load_profile
+from moeclip.tracking import flatten_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _randomised(config: ModelConfig, seed: int = 0):
+    model = build_model(config, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return model
+
+
+# -- image score (SPEC 5, 6) --------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["paper", "release"])
+def test_the_model_scores_and_trains_on_the_chosen_image_similarity(kind):
+    model = _randomised(ModelConfig.tiny(image_score=kind)).eval()
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        vision = model.encode_image(images)
+        patches = model.image_adapter(model.clip.visual.ln_post(model._blocks(images, None)[0][4][:, 1:]))
+        anchors = model.anchors_per_sample(["bottle"] * 3)
+        _, similarities, _ = model.training_outputs(images, ["bottle"] * 3)
+        _, scores = model.predict(images, ["bottle"] * 3, "industrial")
+    if kind == "paper":  # Eq. 13-14: mean of the raw outputs, then the cosine
+        embedding = patches.mean(dim=1)
+        expected = F.normalize(embedding, dim=-1) @ anchors[0].T
+    else:  # release: mean of the unit outputs, plain dot product (its cross-entropy's logits too)
+        embedding = F.normalize(patches, dim=-1).mean(dim=1)
+        expected = embedding @ anchors[0].T
+    torch.testing.assert_close(vision.image_embedding, embedding, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(similarities, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(scores, (expected[:, 1] + 1) / 2, atol=1e-6, rtol=1e-5)
+
+
+# -- experts ------------------------------------------------------------------------------------
+def test_each_expert_draws_its_own_dropout_mask():
+    """With identical experts, a shared mask would give identical outputs; independent masks do not."""
+    adapter = MoEAdapter(16, num_experts=4, rank=16, dropout=0.5, expert_type="full_rank")
+    with torch.no_grad():
+        adapter.full.copy_(torch.eye(16).expand(4, 16, 16))
+    adapter.train()
+    torch.manual_seed(0)
+    outputs = adapter.expert_outputs(torch.ones(200, 16))  # (tokens, K, d) = each expert's dropout(x)
+    kept = outputs != 0
+    assert not torch.equal(kept[:, 0], kept[:, 1]) and not torch.equal(kept[:, 2], kept[:, 3])
+    assert 0.4 < kept.float().mean().item() < 0.6
+    torch.testing.assert_close(outputs[kept], torch.full_like(outputs[kept], 2.0))  # 1 / (1 - p)
+
+    lora = MoEAdapter(16, num_experts=4, rank=2, dropout=0.5, fofs=False)
+    with torch.no_grad():
+        lora.lora_a.copy_(lora.lora_a[:1].expand(4, 2, 16))
+        lora.lora_b.normal_()
+        lora.lora_b.copy_(lora.lora_b[:1].expand(4, 16, 2))
+    lora.train()
+    dense = lora.expert_outputs(torch.randn(50, 16))
+    assert not torch.allclose(dense[:, 0], dense[:, 1])
+    lora.eval()
+    same = lora.expert_outputs(torch.randn(50, 16))
+    torch.testing.assert_close(same[:, 0], same[:, 1])  # no dropout at test time: identical experts agree
+
+
+# -- losses and initialisation --------------------------------------------------------------------
+def test_dice_paper_formula_and_release_smoothing():
+    pred = torch.tensor([[0.5, 0.5]], requires_grad=True)
+    empty = torch.zeros(1, 2)
+    assert dice_loss(pred, empty, "paper").item() == pytest.approx(1.0)  # 1 - 0 / (1 + 1e-6)
+    release = dice_loss(pred, empty, "release")
+    assert release.item() == pytest.approx(1 - 1 / (1 + 1), rel=1e-6)  # 1 - (0 + 1) / (1 + 0 + 1)
+    release.backward()
+    assert pred.grad.abs().min().item() > 0.2  # it pushes p_A of a normal image down
+    target = torch.tensor([[1.0, 0.0]])
+    assert dice_loss(torch.tensor([[0.5, 0.5]]), target, "release").item() == pytest.approx(1 - 2 / 3, rel=1e-6)
+
+
+def test_heads_start_xavier_uniform_as_in_the_release():
+    model = build_model(ModelConfig.tiny(), seed=3)
+    width, embed = 64, 32
+    depthwise = model.image_adapter.depthwise.weight  # (d, 1, 3): fan_in 3, fan_out 3 d
+    pointwise = model.image_adapter.pointwise.weight  # (D, d, 1)
+    text = model.text.adapter[0].weight  # (D, text width 64)
+    for weight, fan_in, fan_out in ((depthwise, 3, 3 * width), (pointwise, width, embed), (text, 64, embed)):
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        assert weight.abs().max().item() <= bound
+        assert weight.abs().max().item() > 0.9 * bound
+
+
+def test_release_text_adapter_keeps_its_leaky_relu():
+    model = build_model(ModelConfig.tiny(), seed=0)
+    head = model.text
+    with torch.no_grad():
+        head.adapter[0].weight.copy_(torch.eye(32, 64))
+    eot = torch.zeros(1, 64)
+    eot[0, :2] = torch.tensor([-1.0, 2.0])
+    projected = head._project(eot)[0, :2]
+    torch.testing.assert_close(projected, torch.tensor([-0.01, 2.0]))
+
+
+# -- augmentation ---------------------------------------------------------------------------------
+def _bar_angle(mask: torch.Tensor) -> float:
+    """Orientation (degrees, in (-90, 90]) of a mask's pixels from their second moments."""
+    ys, xs = torch.nonzero(mask[0] > 0.5, as_tuple=True)
+    x, y = xs.double() - xs.double().mean(), ys.double() - ys.double().mean()
+    return math.degrees(0.5 * math.atan2(2 * (x * y).mean(), (x * x).mean() - (y * y).mean()))
+
+
+def test_rotation_reaches_thirty_degrees_and_no_further():
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 31:33, 20:44] = 1.0  # a horizontal bar through the centre
+    angles = [abs(_bar_angle(augment(torch.zeros(3, 64, 64), mask, torch.Generator().manual_seed(seed))[1]))
+              for seed in range(200)]
+    assert max(angles) > 25.0
+    assert max(angles) < 32.0  # 30 degrees, plus the nearest-neighbour resampling of a 2-px bar
+
+
+# -- the release's descriptions, the release profile, and what is recorded -------------------
+def test_release_description_set_is_verbatim_and_only_differs_where_the_release_does():
+    batch = {"dataset": ["mvtec", "btad", "mvtec", "visa"], "class_name": ["capsule", "01", "bottle", "pcb1"],
+             "description": ["black and orange capsule", "product", "dark bottle",
+                             "dual ultrasonic distance sensor pcb module"]}
+    release = prompt_descriptions(batch, ModelConfig.tiny(description_set="release"))
+    assert release[0] == "black asd orange capsule"
+    assert release[1] == RELEASE_DESCRIPTIONS[("btad", "01")] and release[1].startswith("Bright concentric rings")
+    assert release[2:] == batch["description"][2:]
+    assert prompt_descriptions(batch, ModelConfig.tiny()) == batch["description"]
+    assert prompt_descriptions(batch, ModelConfig.tiny(use_class_descriptions=False)) == batch["class_name"]
+
+
+def test_the_release_profile_switches_every_documented_difference():
+    paper, release = load_profile(ROOT / "params.yaml", "paper"), load_profile(ROOT / "params.yaml", "release")
+    assert (paper.model.image_score, release.model.image_score) == ("paper", "release")
+    assert (paper.model.quick_gelu, release.model.quick_gelu) == (True, False)
+    assert (paper.model.description_set, release.model.description_set) == ("datasets", "release")
+    assert (paper.train.classification_loss, release.train.classification_loss) == ("bce", "cross_entropy")
+    assert (paper.train.release_compat, release.train.release_compat) == (False, True)
+    assert (paper.train.dice, release.train.dice) == ("paper", "release")
+    assert (paper.train.balance_unbiased, release.train.balance_unbiased) == (False, True)
+    assert (paper.train.lr, release.train.lr) == (5e-4, 5e-5)
+    assert paper.model.precision == release.model.precision == "fp32"
+    same = {"backbone", "image_size", "moe_layers", "num_experts", "top_k", "lora_rank", "paa_scales", "text_head"}
+    assert {k: getattr(paper.model, k) for k in same} == {k: getattr(release.model, k) for k in same}
+
+
+def test_every_switch_is_recorded_in_the_run_params():
+    params = flatten_params({"model": ModelConfig().model_dump(mode="json"),
+                             "train": TrainConfig().model_dump(mode="json")})
+    for key, value in {"model.image_score": "paper", "model.description_set": "datasets", "model.precision": "fp32",
+                       "model.quick_gelu": "True", "train.dice": "paper",
+                       "train.classification_loss": "bce"}.items():
+        assert params[key] == value
+
+
+def test_a_checkpoint_of_the_old_format_is_refused_with_the_reason(tmp_path):
+    model = build_model(ModelConfig.tiny(), seed=0)
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, model, 0)
+    payload = torch.load(path, weights_only=False)
+    torch.save({**payload, "format": FORMAT_VERSION - 1}, path)
+    with pytest.raises(OutdatedCheckpointError, match=r"format 1.*retrain"):
+        read_checkpoint(path)
