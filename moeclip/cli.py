@@ -59,9 +59,13 @@ def params(
 
 
 def _profile(config: Path, profile: str | None):
+    """A profile for a command that computes: its runtime pins (threads, kernels) are applied."""
     from moeclip.params import load_profile
+    from moeclip.runtime import pin_runtime
 
-    return load_profile(config, profile)
+    loaded = load_profile(config, profile)
+    pin_runtime(loaded.runtime.threads, loaded.runtime.deterministic)
+    return loaded
 
 
 def _summary_table(title: str, summaries: dict[str, pd.DataFrame]) -> Table:
@@ -146,9 +150,11 @@ def demo(
     and that training helps; they are not the paper's results. `dvc repro` runs the full benchmark.
     """
     from moeclip.experiments import load_plan
+    from moeclip.runtime import pin_runtime
     from moeclip.workflows import evaluate_checkpoint, prepare_profile_data, train_profile, untrained_checkpoint
 
     benchmark, settings = load_plan(config, profile)
+    pin_runtime(settings.runtime.threads, settings.runtime.deterministic)
     auxiliary = benchmark.main.auxiliary
     manifests = prepare_profile_data(settings, [auxiliary, *benchmark.main.targets[auxiliary]])
     targets = {name: manifests[name] for name in benchmark.main.targets[auxiliary]}

@@ -3,6 +3,8 @@
 Latency is the median of timed single-image forward passes after warm-up, on the profile's
 device; peak memory is only defined on CUDA (None elsewhere); FLOPs are counted by
 torch's FlopCounterMode for one image (2 per multiply-add, the paper's convention).
+Latency and memory describe the machine as much as the model, so they are measured only
+when asked (`timing`): a profile whose outputs are committed leaves them to benchmarks/.
 """
 from __future__ import annotations
 
@@ -29,8 +31,11 @@ def synchronize(device: torch.device) -> None:
 
 @torch.inference_mode()
 def measure_cost(checkpoint: Path, test_time: Mapping[str, object] | None = None,
-                 device: str = "auto") -> dict[str, float | None]:
-    """params_m (M), inference_ms (batch 1), peak_memory_mb (CUDA only) and flops_g (G) of one model."""
+                 device: str = "auto", timing: bool = True) -> dict[str, float | None]:
+    """params_m (M), inference_ms (batch 1), peak_memory_mb (CUDA only) and flops_g (G) of one model.
+
+    Without `timing`, inference_ms and peak_memory_mb are None.
+    """
     device = torch.device(resolve_device(device))
     model, _ = load_model(checkpoint, device, test_time)
     size = model.config.image_size
@@ -42,6 +47,9 @@ def measure_cost(checkpoint: Path, test_time: Mapping[str, object] | None = None
 
     with FlopCounterMode(display=False) as counter:
         forward()
+    counts = {"params_m": model.parameter_counts()["total"] / 1e6, "flops_g": counter.get_total_flops() / 1e9}
+    if not timing:
+        return {**counts, "inference_ms": None, "peak_memory_mb": None}
     for _ in range(WARMUP):
         forward()
     if device.type == "cuda":
@@ -54,5 +62,4 @@ def measure_cost(checkpoint: Path, test_time: Mapping[str, object] | None = None
         synchronize(device)
         timings.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"params_m": model.parameter_counts()["total"] / 1e6, "inference_ms": 1000 * statistics.median(timings),
-            "peak_memory_mb": peak, "flops_g": counter.get_total_flops() / 1e9}
+    return {**counts, "inference_ms": 1000 * statistics.median(timings), "peak_memory_mb": peak}

@@ -48,6 +48,19 @@ class AnalysisConfig(BaseModel):
     similarity_dataset: str = Field("mvtec", description="dataset of the inter-expert similarity figure")
 
 
+class RuntimeConfig(BaseModel):
+    """How a profile's stages compute, pinned so that its numbers do not depend on the machine (see moeclip.runtime)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threads: int | None = Field(None, ge=1, description="torch CPU threads of every stage; null = torch's "
+                                                        "default (one per core), which varies between machines")
+    deterministic: bool = Field(True, description="torch's deterministic algorithms (a warning where an op has "
+                                                  "none) and a fixed cuBLAS workspace")
+    measure_time: bool = Field(True, description="time inference and measure peak memory for Table 13; they "
+                                                 "vary between machines, so off where outputs are committed")
+
+
 class ExperimentSelection(BaseModel):
     """How a profile runs one experiment: all its variants, a subset (`only`), or its own `variants`."""
 
@@ -68,6 +81,7 @@ class Profile(BaseModel):
     runs: Path = Field(Path("runs"), description="checkpoints and results go to <runs>/<profile>/...")
     reports: Path = Field(Path("reports"), description="rendered tables and figures go to <reports>/<profile>/")
     device: str = Field("auto", description="'auto' = cuda when available, else cpu")
+    runtime: RuntimeConfig = RuntimeConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     experiments: dict[str, ExperimentSelection] = Field(
         default_factory=dict, description="per-experiment reduced sweeps or profile-specific variants")
@@ -91,7 +105,7 @@ class Profile(BaseModel):
         return self.data_root / "manifests" / f"{dataset}.parquet"
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser where available
     """YAML loader that rejects a key given twice in one mapping (plain YAML keeps the last one silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:

@@ -65,6 +65,15 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _computing_plan(params: Path, profile_name: str | None) -> tuple[Benchmark, Profile]:
+    """The plan of a stage that computes with torch, after pinning the profile's runtime (threads, kernels)."""
+    from moeclip.runtime import pin_runtime
+
+    benchmark, profile = load_plan(params, profile_name)
+    pin_runtime(profile.runtime.threads, profile.runtime.deterministic)
+    return benchmark, profile
+
+
 # -- data ------------------------------------------------------------------------------------
 def fetch(params: Path, dataset: str, profile_name: str | None = None) -> Path:
     """Stage `fetch@<dataset>`: the raw dataset folder (downloaded, found in place, or synthesised)."""
@@ -84,12 +93,15 @@ def prepare(params: Path, dataset: str, profile_name: str | None = None) -> Path
 
 # -- trainings ---------------------------------------------------------------------------------
 def _checkpoint_state(checkpoint: Path, run: Run) -> str:
-    """'complete', 'partial' (resumable), 'stale' (another configuration) or 'missing'."""
-    from moeclip.checkpoint import read_checkpoint
+    """'complete', 'partial' (resumable), 'stale' (another configuration or format) or 'missing'."""
+    from moeclip.checkpoint import OutdatedCheckpointError, read_checkpoint
 
     if not checkpoint.is_file():
         return "missing"
-    payload = read_checkpoint(checkpoint)
+    try:
+        payload = read_checkpoint(checkpoint)
+    except OutdatedCheckpointError:
+        return "stale"
     if payload.get("model_config") != run.model.model_dump(mode="json") or \
             payload.get("train_config") != run.train.model_dump(mode="json"):
         return "stale"
@@ -116,7 +128,7 @@ def train(params: Path, auxiliary: str, profile_name: str | None = None) -> Path
 
     from moeclip.checkpoint import read_checkpoint
 
-    benchmark, profile = load_plan(params, profile_name)
+    benchmark, profile = _computing_plan(params, profile_name)
     if auxiliary not in benchmark.main.targets:
         raise MoeclipError(f"'{auxiliary}' is not a main training in '{params}' "
                            f"(main.targets: {', '.join(benchmark.main.targets)})")
@@ -140,7 +152,7 @@ def evaluate(params: Path, auxiliary: str, target: str, profile_name: str | None
     """Stage `evaluate-<auxiliary>@<target>`: zero-shot results of a main training on one target dataset."""
     from moeclip.workflows import evaluate_checkpoint
 
-    _, profile = load_plan(params, profile_name)
+    _, profile = _computing_plan(params, profile_name)
     summary = evaluate_checkpoint(_main_checkpoint(profile, auxiliary), {target: profile.manifest(target)},
                                   evaluation_dir(profile, auxiliary, target), profile.tracking, profile.device,
                                   run_name=f"evaluate/{auxiliary}/{target}",
@@ -187,7 +199,8 @@ def _evaluate_variant(profile: Profile, run: Run, checkpoint: Path, datasets: tu
     from moeclip.workflows import evaluate_checkpoint
 
     manifests = {dataset: profile.manifest(dataset) for dataset in datasets}
-    key = _digest({"checkpoint": file_sha256(checkpoint), "test_time": run.test_time, "cost": cost,
+    key = _digest({"checkpoint": file_sha256(checkpoint), "test_time": run.test_time,
+                   "cost": cost and {"timing": profile.runtime.measure_time},
                    "manifests": {name: file_sha256(path) for name, path in manifests.items()}})
     results_file = folder / f"{key}.json"
     if results_file.is_file():
@@ -199,7 +212,7 @@ def _evaluate_variant(profile: Profile, run: Run, checkpoint: Path, datasets: tu
     if cost:
         from moeclip.cost import measure_cost
 
-        results["cost"] = measure_cost(checkpoint, run.test_time, profile.device)
+        results["cost"] = measure_cost(checkpoint, run.test_time, profile.device, profile.runtime.measure_time)
     for old in folder.glob("*.json"):
         old.unlink()
     _write_json(results_file, results)
@@ -216,7 +229,7 @@ def _prune(folder: Path, keep: set[str]) -> None:
 
 def run_experiment(params: Path, experiment: str, profile_name: str | None = None) -> Path:
     """Stage `experiment@<name>`: train (or reuse) and evaluate every variant; writes its metrics file."""
-    benchmark, profile = load_plan(params, profile_name)
+    benchmark, profile = _computing_plan(params, profile_name)
     runs = experiment_runs(benchmark, profile, experiment)
     spec = benchmark.experiments[experiment]
     out = experiment_dir(profile, experiment)
@@ -242,7 +255,7 @@ def analyse(params: Path, profile_name: str | None = None) -> Path:
     from moeclip.checkpoint import load_model
     from moeclip.params import resolve_device
 
-    benchmark, profile = load_plan(params, profile_name)
+    benchmark, profile = _computing_plan(params, profile_name)
     auxiliary = benchmark.main.auxiliary
     model, _ = load_model(_main_checkpoint(profile, auxiliary), resolve_device(profile.device))
     layer = profile.analysis.layer

@@ -28,8 +28,10 @@ FIGURES_PER_DATASET = 3
 def fetch_profile_dataset(profile: Profile, dataset: str) -> Path:
     """The raw folder of one dataset: generated for a synthetic profile, else fetched (or found in place)."""
     from moeclip.data.fetch import fetch_dataset
+    from moeclip.data.registry import get_dataset
     from moeclip.data.synthetic import generate_demo_dataset
 
+    get_dataset(dataset)  # an unknown name fails here, in one line
     if profile.data.synthetic:
         return generate_demo_dataset(dataset, profile.raw_dir(dataset).parent, seed=profile.data.seed)
     return fetch_dataset(dataset, profile.raw_dir(dataset).parent)
