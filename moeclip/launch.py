@@ -1,0 +1,31 @@
+"""The `moeclip` console command: pins the CPU kernels, then runs pipeline stages warm when it can.
+
+CPU results depend on which vector kernels torch, MKL and oneDNN pick for the processor at hand
+(AVX2 or AVX-512, Intel or AMD code paths), so two machines of the same architecture could print
+different demo numbers. Every `moeclip` process therefore asks all three for their AVX2 paths,
+unless the environment already says otherwise. Stage commands then go to a warm process
+(`moeclip.warm`) that has torch, open_clip and MLflow imported already.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# Set before torch is imported: each library reads its variable once, at start-up.
+CPU_KERNEL_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+WARM_COMMANDS = ("stage", "report")
+
+
+def main() -> None:
+    for name, value in CPU_KERNEL_PINS.items():
+        os.environ.setdefault(name, value)
+    if sys.argv[1:2] and sys.argv[1] in WARM_COMMANDS:
+        from moeclip import warm
+
+        if warm.enabled():
+            status = warm.run_command(sys.argv[1:])
+            if status is not None:
+                raise SystemExit(status)
+    from moeclip.cli import run
+
+    run()
