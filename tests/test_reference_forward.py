@@ -99,12 +99,12 @@ def _upsample(grid: np.ndarray, size: int) -> np.ndarray:
 
 
 def _depthwise_adapter(adapter, tokens: np.ndarray) -> np.ndarray:
-    """LN -> depth-wise conv (zero 'same' padding) -> exact GELU -> pointwise, per patch: (L, D)."""
+    """LN -> depth-wise conv over tokens l-1, l, l+1 (zeros past the ends) -> exact GELU -> pointwise: (L, D)."""
     hidden = _layer_norm(tokens, adapter.norm)  # (L, d)
-    kernel = _np(adapter.depthwise.weight)[:, 0]  # (d, k)
-    k = kernel.shape[1]
-    padded = np.pad(hidden, ((k // 2, k // 2), (0, 0)))
-    conv = np.stack([(padded[l:l + k] * kernel.T).sum(0) for l in range(tokens.shape[0])])
+    kernel = _np(adapter.depthwise.weight)[:, 0]  # (d, 3) in the paper's adapter
+    padded = np.pad(hidden, ((1, 1), (0, 0)))
+    conv = np.stack([padded[l] * kernel[:, 0] + padded[l + 1] * kernel[:, 1] + padded[l + 2] * kernel[:, 2]
+                     for l in range(tokens.shape[0])])
     gelu = 0.5 * conv * (1 + np.vectorize(math.erf)(conv / math.sqrt(2)))
     return gelu @ _np(adapter.pointwise.weight)[:, :, 0].T
 
