@@ -16,24 +16,15 @@ from moeclip.model.moe import MoEAdapter
 from moeclip.model.text import RELEASE_DESCRIPTIONS, prompt_descriptions
 from moeclip.params import load_profile
 from moeclip.tracking import flatten_params
+from tiny_models import randomised
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _randomised(config: ModelConfig, seed: int = 0):
-    model = build_model(config, seed=seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model
 
 
 # -- image score (SPEC 5, 6) --------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["paper", "release"])
 def test_the_model_scores_and_trains_on_the_chosen_image_similarity(kind):
-    model = _randomised(ModelConfig.tiny(image_score=kind)).eval()
+    model = randomised(ModelConfig.tiny(image_score=kind)).eval()
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         vision = model.encode_image(images)

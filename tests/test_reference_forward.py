@@ -13,20 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from moeclip import ModelConfig, build_model
+from moeclip import ModelConfig
+from tiny_models import randomised
 
 MAP_RTOL = 1e-4
 SCORE_ATOL = 1e-5
-
-
-def _randomised(config: ModelConfig, seed: int = 0):
-    model = build_model(config, seed=seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model.eval()
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:
@@ -143,7 +134,7 @@ def reference_predict(model, image: torch.Tensor, description: str, domain: str)
 
 @pytest.mark.parametrize("domain", ["industrial", "medical"])
 def test_predict_equals_the_written_out_forward(domain):
-    model = _randomised(ModelConfig.tiny())
+    model = randomised(ModelConfig.tiny()).eval()
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         maps, scores = model.predict(images, ["bottle", "bottle"], domain)
@@ -156,7 +147,7 @@ def test_predict_equals_the_written_out_forward(domain):
 
 def test_the_reference_tells_the_domains_blur_apart():
     """The two domains' blurs give different maps, so the test above pins each to its own kernel."""
-    model = _randomised(ModelConfig.tiny())
+    model = randomised(ModelConfig.tiny()).eval()
     image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(6))
     industrial, _ = reference_predict(model, image, "bottle", "industrial")
     medical, _ = reference_predict(model, image, "bottle", "medical")
