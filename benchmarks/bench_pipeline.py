@@ -5,7 +5,7 @@ every stage from DVC's "Running stage" lines. Start-up cost is measured on its o
 stage process imports what the stages import (torch, open_clip, MLflow's SQL store, the
 package), a warm one is a round trip through the stage server (moeclip/warm.py).
 
-    .venv/bin/python -m benchmarks.bench_pipeline --out reports/benchmarks/cpu-pipeline.json
+    .venv/bin/python -m benchmarks.bench_pipeline --out reports/pipeline-time/<machine>.json
 """
 from __future__ import annotations
 

@@ -15,11 +15,11 @@ import yaml
 from benchmarks.bench_pipeline import clone_working_tree, run_repro, stage_environment
 from moeclip.experiments import experiment_runs, load_plan
 
-# The whole demo pipeline, measured with benchmarks/bench_pipeline.py (warm stage processes): PIPELINE_S
-# on 2 idle cores. Beside the other pytest worker it takes up to about twice that; the limit allows
-# three times the idle figure again, for a slow or busy CI machine.
-PIPELINE_S = 300
-PIPELINE_LIMIT_S = 6 * PIPELINE_S
+# The whole demo pipeline, measured with benchmarks/bench_pipeline.py (reports/pipeline-time/): 455 s on
+# 2 idle cores, 456 s with one core kept busy (the demo computes on one thread). The limit allows
+# four times that, for a slower CI machine or one whose second core is also taken.
+PIPELINE_S = 456
+PIPELINE_LIMIT_S = 4 * PIPELINE_S
 pytestmark = pytest.mark.timeout(PIPELINE_LIMIT_S + 900)  # the module fixture counts against the first test
 
 ROOT = Path(__file__).resolve().parents[1]
