@@ -49,8 +49,9 @@ def server_key(environ: dict[str, str] | None = None) -> str:
     environ = dict(os.environ if environ is None else environ)
     for name in VOLATILE_ENV:
         environ.pop(name, None)
-    files = sorted(str(path.relative_to(_PACKAGE)) + f":{path.stat().st_mtime_ns}:{path.stat().st_size}"
-                   for path in _PACKAGE.rglob("*") if path.is_file() and "__pycache__" not in path.parts)
+    files = sorted(f"{path.relative_to(_PACKAGE)}:{stat.st_mtime_ns}:{stat.st_size}"
+                   for path in _PACKAGE.rglob("*") if path.is_file() and "__pycache__" not in path.parts
+                   for stat in [path.stat()])
     identity = json.dumps([sys.executable, sys.path, sorted(environ.items()), files])
     return hashlib.sha256(identity.encode()).hexdigest()[:24]
 
