@@ -81,21 +81,20 @@ def _focal_per_map(probs: torch.Tensor, mask: torch.Tensor, gamma: float, eps: f
     return (-(1 - p_true).pow(gamma) * p_true.log()).mean(dim=(-2, -1))
 
 
-# Dice's smoothing constant s in 1 - (2 sum(y p) + s) / (sum(y) + sum(p) + s): the paper's formula (B.4)
-# has none (a tiny one guards 0/0), the authors' release uses 1.
-DICE_SMOOTHING = {"paper": 1e-6, "release": 1.0}
+# Dice's smoothing (a, b) in 1 - (2 sum(y p) + a) / (sum(y) + sum(p) + b): the paper's formula (B.4)
+# has none (a tiny b only guards 0/0), the authors' release adds 1 to both.
+DICE_SMOOTHING = {"paper": (0.0, 1e-6), "release": (1.0, 1.0)}
 
 
 def _dice(pred: torch.Tensor, target: torch.Tensor, dims: tuple[int, ...], kind: str = "paper") -> torch.Tensor:
-    """1 - (2 sum(y p) + s) / (sum(y) + sum(p) + s), the sums over `dims`, s = DICE_SMOOTHING[kind].
+    """1 - (2 sum(y p) + a) / (sum(y) + sum(p) + b), the sums over `dims`, (a, b) = DICE_SMOOTHING[kind].
 
-    Paper: s is only a guard (with an empty mask the anomaly channel's term is then 1, whatever p is);
-    release: s = 1, so an empty mask still pushes the anomaly channel down.
+    Paper: with an empty mask the anomaly channel's term is 1 whatever p is (no gradient);
+    release: an empty mask still pushes the anomaly channel down.
     """
-    smooth = DICE_SMOOTHING[kind]
+    numerator_smoothing, denominator_smoothing = DICE_SMOOTHING[kind]
     overlap = (pred * target).sum(dim=dims)
-    numerator = 2 * overlap + (smooth if kind == "release" else 0.0)
-    return 1 - numerator / (pred.sum(dim=dims) + target.sum(dim=dims) + smooth)
+    return 1 - (2 * overlap + numerator_smoothing) / (pred.sum(dim=dims) + target.sum(dim=dims) + denominator_smoothing)
 
 
 def focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
