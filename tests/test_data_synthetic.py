@@ -206,10 +206,14 @@ def test_failed_generation_leaves_previous_dataset_untouched(tmp_path: Path, mon
     generate_demo_datasets(tmp_path, per_class=1, image_size=32)
     before = _files(tmp_path)
 
-    def broken(mask: np.ndarray, path: Path) -> None:
-        raise OSError("disk full")
+    save = synthetic._save
 
-    monkeypatch.setattr(synthetic, "_save_mask", broken)
+    def broken(picture: Image.Image, path: Path) -> None:  # the disk fills up at the first mask
+        if "mask" in path.name or "ground_truth" in path.parts or "label" in path.parts:
+            raise OSError("disk full")
+        save(picture, path)
+
+    monkeypatch.setattr(synthetic, "_save", broken)
     with pytest.raises(OSError, match="disk full"):
         generate_demo_datasets(tmp_path, seed=5, per_class=1, image_size=32)
     assert _files(tmp_path) == before
@@ -219,3 +223,30 @@ def test_failed_generation_leaves_previous_dataset_untouched(tmp_path: Path, mon
 def test_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         generate_demo_datasets(tmp_path, per_class=0)
+
+
+def test_smoke_trees_keep_the_first_class_at_each_real_sets_size_and_prepare(tmp_path: Path) -> None:
+    """A smoke run's trees: one class per set, images stretched to the real sets' sizes, formats kept."""
+    from moeclip.data.prepare import prepare_dataset
+
+    first_class = {"mvtec": "metal_nut", "visa": "candle", "btad": "01", "dtd": "Woven_001"}
+    for slug in DEMO_SLUGS:
+        root = synthetic.generate_demo_dataset(slug, tmp_path / "raw", per_class=1, image_size=32, classes=1,
+                                               real_sizes=True)
+        frame = prepare_dataset(slug, root, tmp_path / "manifests" / f"{slug}.parquet", workers=1)
+        assert set(frame["class_name"]) == {first_class.get(slug, frame["class_name"].iloc[0])}, slug
+        width, height = synthetic.REAL_SOURCE_SIZES[slug]
+        assert set(zip(frame["width"], frame["height"])) == {(width, height)}, slug
+        for mask in frame["mask_path"].dropna():
+            with Image.open(root / mask) as picture:
+                assert picture.size == (width, height) and set(np.unique(np.asarray(picture))) <= {0, 255}, mask
+    visa_rows = list(csv.reader(open(tmp_path / "raw/visa/split_csv/1cls.csv")))[1:]
+    assert {row[0] for row in visa_rows} == {"candle"} and len(visa_rows) == 3  # train normal, test normal, anomaly
+    with Image.open(next((tmp_path / "raw/btad/01/test/ko").iterdir())) as btad, \
+            Image.open(next((tmp_path / "raw/brainmri/test/good/img").iterdir())) as scan:
+        assert (btad.format, scan.mode) == ("BMP", "L")
+
+
+def test_a_class_count_below_one_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="classes"):
+        synthetic.generate_demo_dataset("mvtec", tmp_path, classes=0)

@@ -709,6 +709,16 @@ DEMO_SETS: Mapping[str, DemoSet] = {
 }
 DEMO_SLUGS: tuple[str, ...] = tuple(DEMO_SETS)
 
+# (width, height) of a typical image of each real set, approximately (DATASETS.md's sources):
+# large and small, square and not. A smoke run writes its trees at these sizes, so that the
+# loaders, resizing and mask handling meet what the real files will make them do.
+REAL_SOURCE_SIZES: Mapping[str, tuple[int, int]] = {
+    "mvtec": (1024, 1024), "visa": (1500, 1000), "btad": (1600, 1600), "rsdd": (160, 1000),
+    "dtd": (1024, 1024), "brainmri": (240, 240), "headct": (256, 256), "liverct": (512, 512),
+    "retinaoct": (512, 496), "colondb": (574, 500), "clinicdb": (384, 288), "cvc300": (574, 500),
+    "kvasir": (622, 529), "endo": (1280, 1024),
+}
+
 
 # --------------------------------------------------------------------------- writing
 def _save(picture: Image.Image, path: Path) -> None:
@@ -720,22 +730,18 @@ def _save(picture: Image.Image, path: Path) -> None:
         picture.save(path)
 
 
-def _save_image(image: np.ndarray, path: Path) -> None:
-    """Grayscale when the image has one channel."""
-    _save(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), path)
+def _resized(picture: Image.Image, source_size: tuple[int, int] | None, resample: Image.Resampling) -> Image.Image:
+    return picture if source_size is None else picture.resize(source_size, resample)
 
 
-def _save_mask(mask: np.ndarray, path: Path) -> None:
-    """Binary mask as 0/255."""
-    _save(Image.fromarray(mask.astype(np.uint8) * 255), path)
-
-
-def _write_item(root: Path, item: Item, seed: int, size: int) -> None:
-    """Render one planned image (and its mask) into the dataset folder."""
+def _write_item(root: Path, item: Item, seed: int, size: int, source_size: tuple[int, int] | None) -> None:
+    """Render one planned image (and its mask) into the dataset folder, stretched to `source_size` if given."""
     image, mask = render_sample(item.render, _sample_rng(seed, *item.key), size, item.defect)
-    _save_image(image, root / item.image)
+    picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    _save(_resized(picture, source_size, Image.Resampling.BICUBIC), root / item.image)
     if item.mask is not None:
-        _save_mask(mask, root / item.mask)
+        _save(_resized(Image.fromarray(mask.astype(np.uint8) * 255), source_size, Image.Resampling.NEAREST),
+              root / item.mask)
 
 
 def _publish(staging: Path, final: Path) -> None:
@@ -749,12 +755,13 @@ def _publish(staging: Path, final: Path) -> None:
     shutil.rmtree(retired)
 
 
-def _write_dataset(out: Path, slug: str, items: list[Item], seed: int, size: int, progress: tqdm) -> Path:
+def _write_dataset(out: Path, slug: str, items: list[Item], seed: int, size: int,
+                   source_size: tuple[int, int] | None, progress: tqdm) -> Path:
     """Write one dataset into a hidden staging folder next to its destination, then publish it."""
     staging = Path(tempfile.mkdtemp(prefix=f".{slug}.tmp-", dir=out))
     try:
         for item in items:
-            _write_item(staging, item, seed, size)
+            _write_item(staging, item, seed, size, source_size)
             progress.update()
         DEMO_SETS[slug].index(staging, items)
         _publish(staging, out / slug)
@@ -763,25 +770,35 @@ def _write_dataset(out: Path, slug: str, items: list[Item], seed: int, size: int
     return out / slug
 
 
-def _check_arguments(seed: int, image_size: int, per_class: int) -> None:
-    if seed < 0 or image_size < 16 or per_class < 1:
-        raise ValueError("need seed >= 0, image_size >= 16 and per_class >= 1")
+def _check_arguments(seed: int, image_size: int, per_class: int, classes: int | None = None) -> None:
+    if seed < 0 or image_size < 16 or per_class < 1 or (classes is not None and classes < 1):
+        raise ValueError("need seed >= 0, image_size >= 16, per_class >= 1 and classes >= 1 (or None)")
 
 
-def generate_demo_dataset(slug: str, out: Path, seed: int = 0, image_size: int = 64, per_class: int = 6) -> Path:
+def _first_classes(items: list[Item], classes: int | None) -> list[Item]:
+    """The items of the first `classes` classes of a plan (all of them for None)."""
+    kept = set(list(dict.fromkeys(item.class_name for item in items))[:classes])
+    return [item for item in items if item.class_name in kept]
+
+
+def generate_demo_dataset(slug: str, out: Path, seed: int = 0, image_size: int = 64, per_class: int = 6,
+                          classes: int | None = None, real_sizes: bool = False) -> Path:
     """Write one demo dataset to `out/<slug>/` (replacing an existing one only once complete) and return it.
 
     `per_class` is the number of normal and of anomalous test images per class (plus as many
-    normal train images for the MVTec- and VisA-style sets).
+    normal train images for the MVTec- and VisA-style sets). `classes` keeps only the first
+    classes of the set; `real_sizes` stretches every image drawn at `image_size` to the real
+    set's typical size (REAL_SOURCE_SIZES).
     """
-    _check_arguments(seed, image_size, per_class)
+    _check_arguments(seed, image_size, per_class, classes)
     if slug not in DEMO_SETS:
         raise ValueError(f"no synthetic demo version of '{slug}' (there are: {', '.join(DEMO_SLUGS)})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    items = DEMO_SETS[slug].plan(seed, per_class)
-    with tqdm(total=len(items), desc=f"demo {slug}", unit="img") as progress:
-        return _write_dataset(out, slug, items, seed, image_size, progress)
+    items = _first_classes(DEMO_SETS[slug].plan(seed, per_class), classes)
+    source_size = REAL_SOURCE_SIZES[slug] if real_sizes else None
+    with tqdm(total=len(items), desc=f"synthetic {slug}", unit="img") as progress:
+        return _write_dataset(out, slug, items, seed, image_size, source_size, progress)
 
 
 def generate_demo_datasets(out: Path, seed: int = 0, image_size: int = 64, per_class: int = 6) -> list[Path]:
