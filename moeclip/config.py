@@ -154,3 +154,5 @@ class TrainConfig(BaseModel):
     num_workers: int | None = Field(
         None, ge=0, description="data-loading processes; null = one per spare core on CUDA, none on the CPU")
     checkpoint_every: int = Field(200, ge=1, description="iterations between resumable checkpoints")
+    max_steps: int | None = Field(None, ge=1, description="end the training after this many optimiser steps "
+                                                         "(null: train all epochs); a smoke run's bound")

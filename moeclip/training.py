@@ -160,11 +160,15 @@ class Trainer:
     def _step(self, batch: Mapping[str, Any]) -> dict[str, float]:
         return train_step(self.model, self.optimizer, self.scheduler, batch, self.config, self.device, self.execution)
 
+    def _budget_spent(self) -> bool:
+        """Whether `max_steps` of the configuration (a smoke run's bound) have been taken."""
+        return self.config.max_steps is not None and self.progress["global_step"] >= self.config.max_steps
+
     def run(self, max_steps: int | None = None, log: LossLogger | None = None) -> TrainResult:
-        """Train to the configured epochs (or stop after `max_steps` global steps, checkpointed)."""
+        """Train to the configured epochs or `max_steps`; this call's own `max_steps` pauses it (checkpointed)."""
         config, progress = self.config, self.progress
         per_epoch = math.ceil(len(self.dataset) / config.batch_size)
-        while progress["epoch"] < config.epochs and not progress["complete"]:
+        while progress["epoch"] < config.epochs and not progress["complete"] and not self._budget_spent():
             self.dataset.set_epoch(progress["epoch"])
             batches = _epoch_batches(len(self.dataset), config.batch_size, config.seed, progress["epoch"])
             bar = tqdm(self._loader(batches[progress["step_in_epoch"]:], progress["epoch"]), initial=progress["step_in_epoch"],
@@ -180,6 +184,8 @@ class Trainer:
                 if max_steps is not None and progress["global_step"] >= max_steps:
                     self.save()
                     return TrainResult(self.checkpoint, progress["global_step"], self.history)
+                if self._budget_spent():
+                    break
                 if progress["global_step"] % config.checkpoint_every == 0:
                     self.save()
             progress["epoch"] += 1

@@ -149,6 +149,16 @@ def test_a_killed_run_resumes_to_the_same_weights(visa_frame, tmp_path):
     assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == ["checkpoint.pt"]  # no temporary files
 
 
+def test_a_step_budget_ends_the_training_complete_and_equal_to_its_first_steps(visa_frame, tmp_path):
+    """`max_steps` (the smoke run's bound) is a finished training, unlike a paused one."""
+    bounded = train(TINY, TrainConfig(epochs=3, batch_size=3, max_steps=4), visa_frame, tmp_path / "bounded")
+    assert bounded.steps == 4 and read_checkpoint(bounded.checkpoint)["progress"]["complete"]
+    assert train(TINY, TrainConfig(epochs=3, batch_size=3, max_steps=4), visa_frame, tmp_path / "bounded").steps == 4
+    whole = train(TINY, TrainConfig(epochs=3, batch_size=3), visa_frame, tmp_path / "whole")
+    assert whole.steps == 9
+    assert [h["loss"] for h in bounded.history] == [h["loss"] for h in whole.history[:4]]
+
+
 def test_resume_refuses_a_checkpoint_of_another_configuration(visa_frame, tmp_path):
     train(TINY, TrainConfig(epochs=1, batch_size=4), visa_frame, tmp_path, max_steps=1)
     with pytest.raises(CheckpointError, match="another configuration"):
