@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -186,12 +187,24 @@ stage_app = typer.Typer(help="The pipeline stages that dvc.yaml runs (one unit o
 app.add_typer(stage_app, name="stage")
 
 
+def _run_stage(name: str, config: Path, profile: str | None, work: Callable[[], Path]) -> None:
+    """Run one stage; print its output, then its wall time and peak memory (also kept in runs/<profile>/usage/)."""
+    from moeclip.pipeline import record_usage
+    from moeclip.resources import measured
+
+    with measured() as usage:
+        output = work()
+    typer.echo(str(output))
+    typer.echo(f"stage {name}: {usage[0].line()}", err=True)
+    record_usage(config, profile, name, usage[0])
+
+
 @stage_app.command("fetch")
 def stage_fetch(dataset: str, config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
     """Download (or synthesise, for the demo) one dataset."""
     from moeclip import pipeline
 
-    typer.echo(str(pipeline.fetch(config, dataset, profile)))
+    _run_stage(f"fetch@{dataset}", config, profile, lambda: pipeline.fetch(config, dataset, profile))
 
 
 @stage_app.command("prepare")
@@ -199,7 +212,7 @@ def stage_prepare(dataset: str, config: Path = CONFIG_OPTION, profile: str | Non
     """Validate one dataset into its manifest."""
     from moeclip import pipeline
 
-    typer.echo(str(pipeline.prepare(config, dataset, profile)))
+    _run_stage(f"prepare@{dataset}", config, profile, lambda: pipeline.prepare(config, dataset, profile))
 
 
 @stage_app.command("train")
@@ -207,7 +220,7 @@ def stage_train(auxiliary: str, config: Path = CONFIG_OPTION, profile: str | Non
     """Train the profile's model on one auxiliary dataset of the `main` plan."""
     from moeclip import pipeline
 
-    typer.echo(str(pipeline.train(config, auxiliary, profile)))
+    _run_stage(f"train@{auxiliary}", config, profile, lambda: pipeline.train(config, auxiliary, profile))
 
 
 @stage_app.command("evaluate")
@@ -216,7 +229,8 @@ def stage_evaluate(auxiliary: str, target: str, config: Path = CONFIG_OPTION,
     """Evaluate a main training zero-shot on one target dataset."""
     from moeclip import pipeline
 
-    typer.echo(str(pipeline.evaluate(config, auxiliary, target, profile)))
+    _run_stage(f"evaluate-{auxiliary}@{target}", config, profile,
+               lambda: pipeline.evaluate(config, auxiliary, target, profile))
 
 
 @stage_app.command("experiment")
@@ -224,7 +238,7 @@ def stage_experiment(name: str, config: Path = CONFIG_OPTION, profile: str | Non
     """Run every variant of one experiment (a paper table or figure)."""
     from moeclip import pipeline
 
-    typer.echo(str(pipeline.run_experiment(config, name, profile)))
+    _run_stage(f"experiment@{name}", config, profile, lambda: pipeline.run_experiment(config, name, profile))
 
 
 @stage_app.command("analysis")
@@ -232,4 +246,4 @@ def stage_analysis(config: Path = CONFIG_OPTION, profile: str | None = PROFILE_O
     """Expert utilisation, inter-expert similarity and routed-patch statistics of the main model."""
     from moeclip import pipeline
 
-    typer.echo(str(pipeline.analyse(config, profile)))
+    _run_stage("analysis", config, profile, lambda: pipeline.analyse(config, profile))

@@ -1,0 +1,29 @@
+"""Wall time and peak memory of a piece of work (moeclip/resources.py): each block gets its own peak."""
+import time
+
+import numpy as np
+
+from moeclip.resources import Usage, measured
+
+MIB = 2**20
+
+
+def test_each_block_reports_its_own_peak_and_time():
+    with measured() as big:
+        block = np.ones(384 * MIB // 8)  # 384 MiB, touched
+        block += 1
+        time.sleep(0.2)
+    del block
+    with measured() as small:
+        np.ones(MIB // 8).sum()
+    assert big[0].peak_rss_gib >= 0.375 and big[0].seconds >= 0.2
+    # The high-water mark was reset: the second block's peak is not the first's.
+    assert small[0].peak_rss_gib < big[0].peak_rss_gib - 0.3
+    assert big[0].cuda_peak_gib is None  # no CUDA work
+
+
+def test_usage_prints_one_line_and_rounds_for_files():
+    usage = Usage(seconds=61.23456, peak_rss_gib=9.87654, cuda_peak_gib=None)
+    assert usage.line() == "61.2 s, peak RSS 9.88 GiB"
+    assert Usage(1.0, 2.0, 3.456).line() == "1.0 s, peak RSS 2.00 GiB, CUDA peak 3.46 GiB"
+    assert usage.as_dict() == {"seconds": 61.235, "peak_rss_gib": 9.877, "cuda_peak_gib": None}
