@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: setup demo test
+.PHONY: setup demo test smoke-paper
 setup: $(STAMP)
 
 # The whole benchmark on the profile named in params.yaml (the offline demo by default):
@@ -23,3 +23,9 @@ demo: $(STAMP)
 # in one process): the end-to-end `dvc repro` test leaves the second core mostly idle.
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# Before a real paper run: the paper profile at its real size (random weights, one class per
+# dataset, one step per training) through `dvc repro` in .smoke/clone; per stage and per variant
+# wall time and peak memory (benchmarks/smoke_paper.py). About an hour on a 2-core CPU.
+smoke-paper: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.smoke_paper

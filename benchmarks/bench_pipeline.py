@@ -28,20 +28,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
+USAGE_LINE = re.compile(r"^stage \S+: [0-9.]+ s, peak RSS")  # what `moeclip stage` prints when it ends
 
 
-def clone_working_tree(destination: Path, with_reports: bool = True) -> Path:
-    """The working tree's tracked and new files (dvc.lock included) as a fresh one-commit git repository."""
+def clone_working_tree(destination: Path, leave_out: tuple[str, ...] = ()) -> Path:
+    """The working tree's tracked and new files as a git repository with them committed.
+
+    Paths starting with one of `leave_out` are not copied; a clone made earlier is updated in place.
+    """
     destination.mkdir(parents=True, exist_ok=True)
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout.split("\0")
     for name in filter(None, listed):
         source = ROOT / name
-        if source.is_file() and (with_reports or not name.startswith("reports/")):
+        if source.is_file() and not name.startswith(leave_out):
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, destination / name)
     for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "clone"]):
+                    ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "clone",
+                     "--allow-empty"]):
         subprocess.run(command, cwd=destination, check=True, capture_output=True)
     return destination
 
@@ -78,8 +83,12 @@ class Repro:
     timed_out_in: str | None = None  # the stage that was running when the time limit struck
 
 
-def run_repro(clone: Path, timeout: float, warm: bool = True, args: tuple[str, ...] = ()) -> Repro:
-    """`dvc repro` in `clone`, stopped after `timeout` seconds (then `timed_out_in` names the running stage)."""
+def run_repro(clone: Path, timeout: float, warm: bool = True, args: tuple[str, ...] = (),
+              echo: bool = False) -> Repro:
+    """`dvc repro` in `clone`, stopped after `timeout` seconds (then `timed_out_in` names the running stage).
+
+    `echo` prints each stage's start and its wall time and peak memory line as they come.
+    """
     start = time.perf_counter()
     process = subprocess.Popen(["dvc", "repro", *args], cwd=clone, env=stage_environment(clone, warm),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -92,6 +101,8 @@ def run_repro(clone: Path, timeout: float, warm: bool = True, args: tuple[str, .
             match = STAGE_LINE.match(line)
             if match:
                 starts.append((match.group(1), time.perf_counter()))
+            if echo and (match or USAGE_LINE.match(line)):
+                print(line.rstrip(), flush=True)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -152,7 +163,7 @@ def main() -> None:
                                             "python": platform.python_version()}, "modes": {}}
     for mode in args.modes:
         with tempfile.TemporaryDirectory(prefix=f"bench-pipeline-{mode}-") as folder:
-            clone = clone_working_tree(Path(folder) / "clone", with_reports=False)
+            clone = clone_working_tree(Path(folder) / "clone", leave_out=("reports/",))
             startup = startup_seconds(clone, warm=mode == "warm")
             repro = run_repro(clone, args.timeout, warm=mode == "warm")
             if repro.returncode != 0:

@@ -20,7 +20,6 @@ from moeclip.checkpoint import load_model
 from moeclip.params import resolve_device
 
 WARMUP = 3
-REPEATS = 10
 
 
 def synchronize(device: torch.device) -> None:
@@ -30,9 +29,9 @@ def synchronize(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def measure_cost(checkpoint: Path, test_time: Mapping[str, object] | None = None,
-                 device: str = "auto", timing: bool = True) -> dict[str, float | None]:
-    """params_m (M), inference_ms (batch 1), peak_memory_mb (CUDA only) and flops_g (G) of one model.
+def measure_cost(checkpoint: Path, test_time: Mapping[str, object] | None, device: str, timing: bool,
+                 repeats: int) -> dict[str, float | None]:
+    """params_m (M), inference_ms (batch 1, median of `repeats`), peak_memory_mb (CUDA only) and flops_g (G).
 
     Without `timing`, inference_ms and peak_memory_mb are None.
     """
@@ -50,12 +49,12 @@ def measure_cost(checkpoint: Path, test_time: Mapping[str, object] | None = None
     counts = {"params_m": model.parameter_counts()["total"] / 1e6, "flops_g": counter.get_total_flops() / 1e9}
     if not timing:
         return {**counts, "inference_ms": None, "peak_memory_mb": None}
-    for _ in range(WARMUP):
+    for _ in range(min(WARMUP, repeats)):
         forward()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timings = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
         forward()

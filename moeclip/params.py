@@ -29,6 +29,12 @@ class DataConfig(BaseModel):
                                                 "<root>/manifests; default data/<profile> (what dvc.yaml uses)")
     synthetic: bool = Field(False, description="generate the offline demo datasets instead of fetching")
     seed: int = Field(0, ge=0, description="seed of the synthetic datasets")
+    image_size: int = Field(64, ge=16, description="side at which synthetic images are drawn")
+    per_class: int = Field(6, ge=1, description="synthetic normal and anomalous test images per class")
+    classes: int | None = Field(None, ge=1, description="keep the first classes of each synthetic set "
+                                                       "(null: all); a smoke run's small trees")
+    real_sizes: bool = Field(False, description="stretch synthetic images to each real set's typical size "
+                                                "(160-1600 px, square or not) and keep its file formats")
 
 
 class TrackingConfig(BaseModel):
@@ -59,6 +65,10 @@ class RuntimeConfig(BaseModel):
                                                   "none) and a fixed cuBLAS workspace")
     measure_time: bool = Field(True, description="time inference and measure peak memory for Table 13; they "
                                                  "vary between machines, so off where outputs are committed")
+    timed_forwards: int = Field(10, ge=1, description="timed passes of Table 13's latency (median), after up to "
+                                                      "3 warm-up passes")
+    workers: int = Field(1, ge=1, description="an experiment's variants computed at once, each in its own process "
+                                            "with `threads` threads (results do not change); 1 on one GPU")
 
 
 class ExperimentSelection(BaseModel):

@@ -12,15 +12,17 @@ import hashlib
 import json
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from moeclip.atomic import atomic_path, write_text_atomically
+from moeclip.config import ModelConfig
 from moeclip.data.archive import file_sha256
 from moeclip.errors import MoeclipError
 from moeclip.experiments import Benchmark, Run, experiment_runs, load_plan, main_run
-from moeclip.params import Profile
+from moeclip.params import Profile, RuntimeConfig
+from moeclip.resources import Usage, measured
 
 LOSSES = "losses.csv"
 CHECKPOINT = "checkpoint.pt"  # the name moeclip.training.Trainer writes in its run folder
@@ -55,6 +57,21 @@ def evaluation_metrics(profile: Profile, auxiliary: str, target: str) -> Path:
 def experiment_metrics(profile: Profile, experiment: str) -> Path:
     """DVC metrics file of an experiment: {variant: {dataset: {metric: value}}}."""
     return profile.run_dir / "metrics" / "experiments" / f"{experiment}.json"
+
+
+def experiment_resources(profile: Profile, experiment: str) -> Path:
+    """Each variant's parameter counts (M), and wall time and peak memory where the profile measures time."""
+    return profile.run_dir / "resources" / "experiments" / f"{experiment}.json"
+
+
+def usage_record(profile: Profile, stage: str) -> Path:
+    """The last run of a stage: wall time and peak memory (a log, not a DVC output)."""
+    return profile.run_dir / "usage" / f"{stage}.json"
+
+
+def record_usage(params: Path, profile_name: str | None, stage: str, usage: Usage) -> None:
+    _, profile = load_plan(params, profile_name)
+    _write_json(usage_record(profile, stage), usage.as_dict())
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -174,6 +191,12 @@ def variant_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9.=]+", "-", name.lower()).strip("-") or "variant"
 
 
+def _reused_main_training(benchmark: Benchmark, profile: Profile, run: Run) -> str | None:
+    """The auxiliary dataset of the main training that is the same training as `run`, if there is one."""
+    return next((auxiliary for auxiliary in benchmark.main.targets
+                 if main_run(profile, auxiliary).training_key == run.training_key), None)
+
+
 def _checkpoint_for(benchmark: Benchmark, profile: Profile, run: Run, folder: Path, experiment: str) -> Path:
     """Reuse a main training when the run is one; otherwise train (or build, if untrained) in `folder`.
 
@@ -182,13 +205,12 @@ def _checkpoint_for(benchmark: Benchmark, profile: Profile, run: Run, folder: Pa
     from moeclip.workflows import untrained_checkpoint
 
     trainings = folder / "trainings"
-    reused = [auxiliary for auxiliary in benchmark.main.targets
-              if main_run(profile, auxiliary).training_key == run.training_key]
+    reused = _reused_main_training(benchmark, profile, run)
     _prune(trainings, {str(run.training_key)} if run.trained and not reused else set())
     if not run.trained:
         return untrained_checkpoint(run.model, profile.train.seed, folder / "untrained.pt")
     if reused:
-        return _main_checkpoint(profile, reused[0])
+        return _main_checkpoint(profile, reused)
     return ensure_trained(profile, run, trainings / str(run.training_key), f"{experiment}/{run.name}",
                           {"experiment": experiment, "variant": run.name})
 
@@ -200,7 +222,7 @@ def _evaluate_variant(profile: Profile, run: Run, checkpoint: Path, datasets: tu
 
     manifests = {dataset: profile.manifest(dataset) for dataset in datasets}
     key = _digest({"checkpoint": file_sha256(checkpoint), "test_time": run.test_time,
-                   "cost": cost and {"timing": profile.runtime.measure_time},
+                   "cost": cost and {"timing": profile.runtime.measure_time, "repeats": profile.runtime.timed_forwards},
                    "manifests": {name: file_sha256(path) for name, path in manifests.items()}})
     results_file = folder / f"{key}.json"
     if results_file.is_file():
@@ -212,11 +234,92 @@ def _evaluate_variant(profile: Profile, run: Run, checkpoint: Path, datasets: tu
     if cost:
         from moeclip.cost import measure_cost
 
-        results["cost"] = measure_cost(checkpoint, run.test_time, profile.device, profile.runtime.measure_time)
+        results["cost"] = measure_cost(checkpoint, run.test_time, profile.device, profile.runtime.measure_time,
+                                       profile.runtime.timed_forwards)
     for old in folder.glob("*.json"):
         old.unlink()
     _write_json(results_file, results)
     return results
+
+
+def _variant_metrics(benchmark: Benchmark, profile: Profile, run: Run, folder: Path,
+                     experiment: str) -> tuple[dict[str, dict[str, float]], dict[str, float | None]]:
+    """One variant of an experiment: its checkpoint (reused, kept, resumed or trained), then its metrics,
+    and its parameter counts with (where the profile measures time) its wall time and peak memory."""
+    with measured() as usage:
+        metrics = _variant_results(benchmark, profile, run, folder, experiment)
+    resources = model_parameters(run.model)
+    if profile.runtime.measure_time:
+        resources |= usage[0].as_dict()
+    return metrics, resources
+
+
+def _variant_results(benchmark: Benchmark, profile: Profile, run: Run, folder: Path,
+                     experiment: str) -> dict[str, dict[str, float]]:
+    spec = benchmark.experiments[experiment]
+    checkpoint = _checkpoint_for(benchmark, profile, run, folder, experiment)
+    if not spec.cost:
+        reused = _main_evaluation(benchmark, profile, run, spec.datasets)
+        if reused is not None:
+            shutil.rmtree(folder, ignore_errors=True)  # results of an earlier, own evaluation
+            return reused
+    return _evaluate_variant(profile, run, checkpoint, spec.datasets, folder, experiment, spec.cost)
+
+
+def model_parameters(model: ModelConfig) -> dict[str, float]:
+    """Total and trainable parameters (M) of a model, built with random weights (counts do not depend on them)."""
+    from moeclip.model import build_model
+
+    counts = build_model(model.model_copy(update={"weights": None})).parameter_counts()
+    return {"params_m": counts["total"] / 1e6, "trainable_m": counts["trainable"] / 1e6}
+
+
+def _main_evaluation(benchmark: Benchmark, profile: Profile, run: Run,
+                     datasets: tuple[str, ...]) -> dict[str, dict[str, float]] | None:
+    """The main results, when the variant is a main training evaluated as they were (same test-time settings).
+
+    The default row of most experiments is exactly that; evaluating it again would give the same
+    numbers (the evaluation is seeded) at the cost of a full pass over the test sets.
+    """
+    auxiliary = _reused_main_training(benchmark, profile, run)
+    if auxiliary is None or run.test_time != main_run(profile, auxiliary).test_time or \
+            not set(datasets) <= set(benchmark.main.targets[auxiliary]):
+        return None
+    files = [evaluation_metrics(profile, auxiliary, dataset) for dataset in datasets]
+    if not all(path.is_file() for path in files):
+        return None
+    return {dataset: json.loads(path.read_text())[dataset] for dataset, path in zip(datasets, files)}
+
+
+def in_processes(function: Callable[..., Any], calls: list[tuple], runtime: RuntimeConfig) -> list[Any]:
+    """`function(*call)` for every call, in order, spread over up to `runtime.workers` processes.
+
+    Where the profile measures time, calls run one at a time, each in a process of its own:
+    a call's wall time and peak memory are then its own, not inflated by another beside it or by
+    memory an earlier one left to the allocator.
+    """
+    if runtime.measure_time:
+        return [_pooled(function, [call], 1, runtime)[0] for call in calls]
+    workers = min(runtime.workers, len(calls))
+    if workers <= 1:
+        return [function(*call) for call in calls]
+    return _pooled(function, calls, workers, runtime)
+
+
+def _pooled(function: Callable[..., Any], calls: list[tuple], workers: int, runtime: RuntimeConfig) -> list[Any]:
+    """The calls in a pool of `workers` new processes, pinned like the stage (threads, kernels), so results
+    are the same bits as in one process. A single-threaded stage (DVC's, the warm server's) forks its
+    imported modules; a multi-threaded one (a Prefect task) must not fork and spawns fresh interpreters."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    from moeclip.runtime import pin_runtime
+
+    method = "fork" if threading.active_count() == 1 else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=pin_runtime,
+                             initargs=(runtime.threads, runtime.deterministic)) as pool:
+        return list(pool.map(function, *zip(*calls)))
 
 
 def _prune(folder: Path, keep: set[str]) -> None:
@@ -231,18 +334,19 @@ def run_experiment(params: Path, experiment: str, profile_name: str | None = Non
     """Stage `experiment@<name>`: train (or reuse) and evaluate every variant; writes its metrics file."""
     benchmark, profile = _computing_plan(params, profile_name)
     runs = experiment_runs(benchmark, profile, experiment)
-    spec = benchmark.experiments[experiment]
     out = experiment_dir(profile, experiment)
     slugs = [variant_slug(run.name) for run in runs]
     if len(set(slugs)) != len(slugs):
         raise MoeclipError(f"experiment '{experiment}' has variant names that map to the same folder: {slugs}")
-    metrics: dict[str, dict[str, dict[str, float]]] = {}
-    for run, slug in zip(runs, slugs):
-        checkpoint = _checkpoint_for(benchmark, profile, run, out / "variants" / slug, experiment)
-        metrics[run.name] = _evaluate_variant(profile, run, checkpoint, spec.datasets, out / "variants" / slug,
-                                              experiment, spec.cost)
+    # Own trainings first, so that no worker is left training alone at the end while the other idles.
+    order = sorted(range(len(runs)), key=lambda i: not (runs[i].trained and
+                                                        _reused_main_training(benchmark, profile, runs[i]) is None))
+    results = in_processes(_variant_metrics, [(benchmark, profile, runs[i], out / "variants" / slugs[i], experiment)
+                                              for i in order], profile.runtime)
+    by_name = {runs[i].name: result for i, result in zip(order, results)}
     _prune(out / "variants", set(slugs))
-    _write_json(experiment_metrics(profile, experiment), metrics)
+    _write_json(experiment_resources(profile, experiment), {run.name: by_name[run.name][1] for run in runs})
+    _write_json(experiment_metrics(profile, experiment), {run.name: by_name[run.name][0] for run in runs})
     return experiment_metrics(profile, experiment)
 
 

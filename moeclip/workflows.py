@@ -33,7 +33,10 @@ def fetch_profile_dataset(profile: Profile, dataset: str) -> Path:
 
     get_dataset(dataset)  # an unknown name fails here, in one line
     if profile.data.synthetic:
-        return generate_demo_dataset(dataset, profile.raw_dir(dataset).parent, seed=profile.data.seed)
+        data = profile.data
+        return generate_demo_dataset(dataset, profile.raw_dir(dataset).parent, seed=data.seed,
+                                     image_size=data.image_size, per_class=data.per_class, classes=data.classes,
+                                     real_sizes=data.real_sizes)
     return fetch_dataset(dataset, profile.raw_dir(dataset).parent)
 
 

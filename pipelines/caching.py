@@ -29,7 +29,7 @@ from moeclip.data.archive import file_sha256
 from moeclip.experiments import Benchmark, load_plan
 from moeclip.params import Profile
 from moeclip.pipeline import (analysis_dir, evaluation_dir, evaluation_metrics, experiment_dir, experiment_metrics,
-                              training_checkpoint)
+                              experiment_resources, training_checkpoint)
 from pipelines.plan import analysis_datasets, experiment_datasets
 
 CODE_SUFFIXES = (".py", ".json", ".yaml")
@@ -52,12 +52,14 @@ def stage_files(stage: str, benchmark: Benchmark, profile: Profile,
         experiment = args["experiment"]
         reads = [*(training_checkpoint(profile, a) for a in benchmark.main.targets),
                  *(profile.manifest(d) for d in sorted(experiment_datasets(benchmark, profile, experiment)))]
-        return reads, [experiment_dir(profile, experiment), experiment_metrics(profile, experiment)]
+        return reads, [experiment_dir(profile, experiment), experiment_metrics(profile, experiment),
+                       experiment_resources(profile, experiment)]
     if stage == "analysis":
         return [training_checkpoint(profile, benchmark.main.auxiliary),
                 *(profile.manifest(d) for d in sorted(analysis_datasets(benchmark, profile)))], [analysis_dir(profile)]
     if stage == "report":
-        return [profile.run_dir / "metrics", analysis_dir(profile)], [profile.report_dir]
+        return [profile.run_dir / "metrics", profile.run_dir / "resources", analysis_dir(profile)], \
+            [profile.report_dir]
     raise ValueError(f"no stage '{stage}'")
 
 

@@ -82,8 +82,10 @@ def zsad_benchmark(params: str = "params.yaml", profile: str | None = None, data
     for auxiliary, target in plan.evaluations:
         runs[f"evaluate/{auxiliary}/{target}"] = submit(
             "evaluate", [runs[f"train/{auxiliary}"], runs[f"prepare/{target}"]], auxiliary=auxiliary, target=target)
-    for experiment in plan.experiments:  # its variants may reuse any main training
-        runs[f"experiment/{experiment}"] = submit("experiment", [*prepared, *trained], experiment=experiment)
+    evaluated = [runs[f"evaluate/{auxiliary}/{target}"] for auxiliary, target in plan.evaluations]
+    for experiment in plan.experiments:  # its variants may reuse any main training and main results
+        runs[f"experiment/{experiment}"] = submit("experiment", [*prepared, *trained, *evaluated],
+                                                  experiment=experiment)
     if plan.analysis:
         runs["analysis"] = submit("analysis", [runs[f"train/{benchmark.main.auxiliary}"], *prepared])
     if report and plan.complete:

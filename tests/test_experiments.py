@@ -97,7 +97,7 @@ def test_duplicate_keys_are_rejected(tmp_path):
 
 
 def test_the_profile_to_run_must_exist(tmp_path):
-    with pytest.raises(ParamsError, match=r"has no profile 'nope' \(it has: paper, release, demo\)"):
+    with pytest.raises(ParamsError, match=r"has no profile 'nope' \(it has: paper, release, paper-smoke, demo\)"):
         load_plan(PARAMS, "nope")
     unnamed = _edited(tmp_path, lambda d: d.pop("profile"))
     with pytest.raises(ParamsError, match=r"params file '.*params.yaml' is invalid:\n(.|\n)*profile\n  Field required"):

@@ -7,7 +7,7 @@ import pytest
 
 from moeclip.errors import MoeclipError
 from moeclip.experiments import experiment_runs, load_plan
-from moeclip.pipeline import analysis_dir, evaluation_metrics, experiment_metrics
+from moeclip.pipeline import analysis_dir, evaluation_metrics, experiment_metrics, experiment_resources
 from moeclip.reports.render import ABLATION_TABLES, render_reports
 from moeclip.reports.tables import (Comparison, MethodTable, best_index, fmt_delta, method_markdown, variant_latex,
                                     variant_markdown)
@@ -74,6 +74,12 @@ def _fake_pipeline_outputs(params: Path) -> tuple:
         path = experiment_metrics(profile, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(metrics))
+        resources = {run.name: {"params_m": 3.5 + index, "trainable_m": 0.02, "seconds": None, "peak_rss_gib": None}
+                     for index, run in enumerate(experiment_runs(benchmark, profile, name))}
+        if name == "table13":  # as a profile that measures time writes it
+            resources = {run: {**record, "seconds": 61.25, "peak_rss_gib": 9.5} for run, record in resources.items()}
+        experiment_resources(profile, name).parent.mkdir(parents=True, exist_ok=True)
+        experiment_resources(profile, name).write_text(json.dumps(resources))
     folder = analysis_dir(profile)
     folder.mkdir(parents=True)
     pd.DataFrame({"expert": [1, 2, 3, 4], "n_patches": [5, 6, 7, 8], "gradient": [1.0, 2, 3, 4],
@@ -108,6 +114,12 @@ def test_report_renders_every_table_with_all_rows(tmp_path, monkeypatch):
     assert "| Layer 2 (paper: Layer 12) | 50.0 | 90.0 | -40.0 |" in (out / "table8.md").read_text()
     readme = (out / "README.md").read_text()
     assert "not** paper results" in readme and "![fig6_num_experts.png](fig6_num_experts.png)" in readme
+    # Beside each experiment, its variants' sizes; time and memory only where they were measured.
+    table5 = (out / "table5.md").read_text()
+    assert "| Variant   |   Params (M) |   Trainable (M) |" in table5 and "| Tiny@80   |         5.50 |" in table5
+    assert "Wall time" not in table5
+    assert "|   Wall time (s) |   Peak RSS (GiB) |" in (out / "table13.md").read_text()
+    assert readme.count(": size and cost") == len(benchmark.experiments)
 
 
 def test_report_without_pipeline_outputs_says_what_to_run(tmp_path, monkeypatch):
@@ -115,3 +127,13 @@ def test_report_without_pipeline_outputs_says_what_to_run(tmp_path, monkeypatch)
     benchmark, profile = load_plan(ROOT / "params.yaml")
     with pytest.raises(MoeclipError, match=r"metrics/evaluate/visa/mvtec.json' is missing: run the pipeline"):
         render_reports(benchmark, profile)
+
+
+def test_a_smoke_profiles_report_says_it_is_a_smoke_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    benchmark, _ = _fake_pipeline_outputs(ROOT / "params.yaml")
+    _, smoke = load_plan(ROOT / "params.yaml", "paper-smoke")
+    readme = (render_reports(benchmark, smoke.model_copy(update={"runs": Path("runs"), "name": "demo"}))
+              / "README.md").read_text()
+    assert "a **smoke run**: ViT-L-14-336 at 518 px with random weights, at most 1 optimiser step(s)" in readme
+    assert "never to be compared with the paper's" in readme

@@ -3,12 +3,15 @@
 One short demo training (1 epoch on the synthetic VisA) and its evaluation on MVTec run as
 real `moeclip stage` processes three times: 1 thread (the demo's) in fresh processes, 1 thread
 through the warm stage server, 2 threads through it. Same thread count: identical bytes. Other thread count:
-the same metrics to the last printed decimal.
+the same metrics to the last printed decimal. An experiment stage gives the same bytes whether its
+variants run one at a time or in two worker processes.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,8 @@ import yaml
 
 from benchmarks.bench_pipeline import stage_environment, wait_for_server
 from moeclip import warm
+from moeclip.params import RuntimeConfig
+from moeclip.pipeline import in_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,6 +74,68 @@ def test_other_thread_count_gives_the_same_printed_numbers(runs):
     weights_one = torch.load(one, weights_only=False)["weights"]
     # Not bit-equal: sums split over another number of threads round differently.
     assert max((weights_two[k] - weights_one[k]).abs().max().item() for k in weights_two) < 1e-3
+
+
+MAIN_RESULTS = "runs/demo/metrics/evaluate/visa/mvtec.json"
+
+
+def _experiment(source: Path, folder: Path, workers: int, main_results: bool) -> tuple[dict, dict[str, bytes]]:
+    """Table 9's demo variants ('1' and '3' train, '1, 3, 5' is the main training) in a copy of `source`;
+    without the main results, the default row is evaluated in the stage."""
+    shutil.copytree(source, folder)
+    if not main_results:
+        (folder / MAIN_RESULTS).unlink()
+    document = yaml.safe_load((folder / "params.yaml").read_text())
+    document["profiles"]["demo"]["runtime"]["workers"] = workers
+    (folder / "params.yaml").write_text(yaml.safe_dump(document))
+    result = subprocess.run(["moeclip", "stage", "experiment", "table9"], cwd=folder, capture_output=True, text=True,
+                            env={**_environment(folder, False), "MOECLIP_WARM": "0"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = {path.relative_to(folder).as_posix(): path.read_bytes()
+                   for path in sorted((folder / "runs/demo/experiments/table9").rglob("checkpoint.pt"))}
+    return json.loads((folder / "runs/demo/metrics/experiments/table9.json").read_text()), checkpoints
+
+
+def test_an_experiment_gives_the_same_bytes_with_one_or_two_workers_and_reused_main_results(runs, tmp_path):
+    source = runs["cold-1"][0].parents[4]
+    one_metrics, one_checkpoints = _experiment(source, tmp_path / "one", 1, main_results=False)
+    two_metrics, two_checkpoints = _experiment(source, tmp_path / "two", 2, main_results=True)
+    assert list(one_metrics) == ["1", "3", "1, 3, 5"]  # the params' order, whatever order the workers finish in
+    assert len(one_checkpoints) == 2  # '1' and '3' trained; '1, 3, 5' is the main training
+    assert json.dumps(two_metrics) == json.dumps(one_metrics)
+    assert two_checkpoints == one_checkpoints
+    assert two_metrics["1, 3, 5"] == json.loads((source / MAIN_RESULTS).read_text())
+    evaluated = {path.parent.name for path in (tmp_path / "two/runs/demo/experiments/table9/variants").glob("*/*.json")}
+    assert evaluated == {"1", "3"}  # the default row was read from the main results, not evaluated again
+
+
+def _threads_and_pid(_: int) -> tuple[int, int]:
+    return torch.get_num_threads(), os.getpid()
+
+
+@pytest.mark.parametrize("busy_thread", [False, True])
+def test_workers_keep_the_order_and_the_stage_threads_forked_or_spawned(busy_thread):
+    """A process with other threads (a Prefect task) spawns its workers; they still get the pinned thread count."""
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    if busy_thread:
+        other.start()
+    two = RuntimeConfig(threads=1, workers=2, measure_time=False)
+    try:
+        results = in_processes(_threads_and_pid, [(n,) for n in range(4)], two)
+    finally:
+        stop.set()
+    assert [threads for threads, _ in results] == [1, 1, 1, 1]
+    assert os.getpid() not in {pid for _, pid in results} and len({pid for _, pid in results}) <= 2
+    assert in_processes(pow, [(2, 3), (3, 2), (5, 1)], two) == [8, 9, 5]
+    assert in_processes(_threads_and_pid, [(0,)], two)[0][1] == os.getpid()  # a single call runs here
+
+
+def test_where_time_is_measured_each_call_has_a_process_of_its_own():
+    """Its wall time and peak memory are then its own, whatever ran before or beside it."""
+    results = in_processes(_threads_and_pid, [(n,) for n in range(3)], RuntimeConfig(threads=1, workers=2))
+    pids = [pid for _, pid in results]
+    assert len(set(pids)) == 3 and os.getpid() not in pids
 
 
 def test_threads_follow_the_profile(tmp_path):

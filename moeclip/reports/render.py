@@ -20,7 +20,7 @@ from moeclip.errors import MoeclipError
 from moeclip.experiments import Benchmark, experiment_runs
 from moeclip.figures import save_figure
 from moeclip.params import Profile
-from moeclip.pipeline import analysis_dir, evaluation_metrics, experiment_metrics
+from moeclip.pipeline import analysis_dir, evaluation_metrics, experiment_metrics, experiment_resources
 from moeclip.reports.paper import load_paper_results, paper_table
 from moeclip.reports.tables import (Comparison, MethodTable, fmt, method_latex, method_markdown, variant_latex,
                                     variant_markdown)
@@ -183,11 +183,31 @@ def utilisation_figure(frame: pd.DataFrame) -> Figure:
 
 
 # -- writing -----------------------------------------------------------------------------------
+RESOURCE_COLUMNS = {"params_m": "Params (M)", "trainable_m": "Trainable (M)", "seconds": "Wall time (s)",
+                    "peak_rss_gib": "Peak RSS (GiB)", "cuda_peak_gib": "CUDA peak (GiB)"}
+
+
+def resources_markdown(benchmark: Benchmark, profile: Profile, key: str) -> str:
+    """Each variant's parameter counts, and its wall time and peak memory where they were measured."""
+    resources = _read_json(experiment_resources(profile, key))
+    frame = pd.DataFrame([{"Variant": run.name, **resources.get(run.name, {})}
+                          for run in experiment_runs(benchmark, profile, key)])
+    columns = [column for column in RESOURCE_COLUMNS if column in frame and frame[column].notna().any()]
+    table = frame[["Variant", *columns]].rename(columns=RESOURCE_COLUMNS)
+    return f"Variants of {key}: size and cost\n\n" + table.to_markdown(index=False, floatfmt=".2f")
+
+
 def _write_text(path: Path, text: str) -> None:
     write_text_atomically(path, text if text.endswith("\n") else text + "\n")
 
 
 def _banner(profile: Profile) -> str:
+    if profile.train.max_steps is not None:
+        return (f"> Profile `{profile.name}`: a **smoke run**: {profile.model.backbone} at {profile.model.image_size} px "
+                f"with {'random' if profile.model.weights is None else profile.model.weights} weights, at most "
+                f"{profile.train.max_steps} optimiser step(s) per training, "
+                f"{'synthetic' if profile.data.synthetic else 'real'} data. It proves that every stage and variant "
+                "runs at this size; its numbers mean nothing and are never to be compared with the paper's.")
     if profile.data.synthetic:
         return (f"> Profile `{profile.name}`: synthetic datasets and a tiny random-weight ViT. These numbers show the "
                 "pipeline end to end; they are **not** paper results. Paper numbers are the paper's as printed.")
@@ -207,9 +227,12 @@ def render_reports(benchmark: Benchmark, profile: Profile) -> Path:
     comparisons = [experiment_table(benchmark, profile, key) for key in ABLATION_TABLES]
     comparisons.append(table14(profile))
     for comparison in comparisons:
-        _write_text(out / f"{comparison.key}.md", variant_markdown(comparison))
+        markdown = variant_markdown(comparison)
+        if comparison.key in benchmark.experiments:
+            markdown += "\n\n" + resources_markdown(benchmark, profile, comparison.key)
+        _write_text(out / f"{comparison.key}.md", markdown)
         _write_text(out / f"{comparison.key}.tex", variant_latex(comparison))
-        sections.append(variant_markdown(comparison))
+        sections.append(markdown)
     sweeps = {"fig6": _sweep_values(benchmark, profile, "fig6"), "fig7": _sweep_values(benchmark, profile, "fig7")}
     figures = {
         "fig6_num_experts.png": sweep_figure(sweeps["fig6"], "Fig. 6: number of experts"),
@@ -225,6 +248,7 @@ def render_reports(benchmark: Benchmark, profile: Profile) -> Path:
         save_figure(figure, out / name)
         sections += [f"![{name}]({name})", ""]
     for key, frame in sweeps.items():
-        sections += [f"### Numbers behind {key}", "", frame.to_markdown(index=False, floatfmt=".1f"), ""]
+        sections += [f"### Numbers behind {key}", "", frame.to_markdown(index=False, floatfmt=".1f"), "",
+                     resources_markdown(benchmark, profile, key), ""]
     _write_text(out / "README.md", "\n".join(sections))
     return out
