@@ -194,7 +194,8 @@ def resources_markdown(benchmark: Benchmark, profile: Profile, key: str) -> str:
                           for run in experiment_runs(benchmark, profile, key)])
     columns = [column for column in RESOURCE_COLUMNS if column in frame and frame[column].notna().any()]
     table = frame[["Variant", *columns]].rename(columns=RESOURCE_COLUMNS)
-    return f"Variants of {key}: size and cost\n\n" + table.to_markdown(index=False, floatfmt=".2f")
+    digits = ["", *(".3f" if column.endswith("_m") else ".2f" for column in columns)]  # counts to the thousand
+    return f"Variants of {key}: size and cost\n\n" + table.to_markdown(index=False, floatfmt=digits)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -229,7 +230,7 @@ def render_reports(benchmark: Benchmark, profile: Profile) -> Path:
     for comparison in comparisons:
         markdown = variant_markdown(comparison)
         if comparison.key in benchmark.experiments:
-            markdown += "\n\n" + resources_markdown(benchmark, profile, comparison.key)
+            markdown = markdown.rstrip("\n") + "\n\n" + resources_markdown(benchmark, profile, comparison.key)
         _write_text(out / f"{comparison.key}.md", markdown)
         _write_text(out / f"{comparison.key}.tex", variant_latex(comparison))
         sections.append(markdown)
