@@ -1,6 +1,6 @@
 """Serve the `zsad-benchmark` flow to a Prefect server: `python -m pipelines.deploy` (from the repository root).
 
-Registers the deployments `zsad-benchmark/demo` and `zsad-benchmark/paper` and runs what is
+Registers the deployments `zsad-benchmark/demo`, `/paper-smoke` and `/paper` and runs what is
 triggered (`prefect deployment run zsad-benchmark/demo`) in this process's working directory,
 one flow run at a time, since runs of one checkout share its data and runs folders. For
 workers on several machines, see prefect.yaml instead.
@@ -14,6 +14,8 @@ from pipelines.flow import zsad_benchmark
 
 DEPLOYMENTS = {
     "demo": "The offline demo profile: synthetic datasets and a tiny ViT, minutes on a CPU.",
+    "paper-smoke": "The paper's profile at its real size with one step per training and one class per "
+                   "synthetic dataset: run it before `paper` (hours on a CPU, minutes on a GPU).",
     "paper": "The paper's profile: real datasets and ViT-L-14-336, needs a GPU.",
 }
 
