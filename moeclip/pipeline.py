@@ -3,11 +3,13 @@
 Every stage reads the plan from params.yaml, does its work through `moeclip.workflows`, and
 writes its outputs where dvc.yaml declares them (all under the profile's data, runs and
 reports folders). Stages are idempotent: an experiment re-trains only variants whose
-configuration changed and re-evaluates only what a changed checkpoint or setting affects,
-so a re-run after an interruption or a params edit redoes just the missing work.
+configuration changed and re-evaluates only what a changed checkpoint, setting or evaluation
+code affects, so a re-run after an interruption or a params edit redoes just the missing work.
+(A change to training code alone does not retrain a finished training: see the README.)
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -26,6 +28,11 @@ from moeclip.resources import Usage, measured
 
 LOSSES = "losses.csv"
 CHECKPOINT = "checkpoint.pt"  # the name moeclip.training.Trainer writes in its run folder
+PACKAGE = Path(__file__).resolve().parent
+# The code an experiment variant's evaluation results depend on (all of them deps of the
+# experiment stages in dvc.yaml): a change to any of them re-evaluates kept variants.
+EVALUATION_CODE = ("model", "evaluation.py", "metrics", "cost.py", "checkpoint.py", "data/dataset.py",
+                   "data/transforms.py")
 
 
 # -- locations (dvc.yaml names the same paths) -------------------------------------------------
@@ -80,6 +87,21 @@ def _write_json(path: Path, value: Any) -> None:
 
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def code_digest(root: Path, paths: tuple[str, ...]) -> str:
+    """A digest of the Python files at `paths` under `root` (folders recursively): names and contents."""
+    digest = hashlib.sha256()
+    for path in paths:
+        files = sorted((root / path).rglob("*.py")) if (root / path).is_dir() else [root / path]
+        for file in files:
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _evaluation_code() -> str:
+    return code_digest(PACKAGE, EVALUATION_CODE)
 
 
 def _computing_plan(params: Path, profile_name: str | None) -> tuple[Benchmark, Profile]:
@@ -221,7 +243,7 @@ def _evaluate_variant(profile: Profile, run: Run, checkpoint: Path, datasets: tu
     from moeclip.workflows import evaluate_checkpoint
 
     manifests = {dataset: profile.manifest(dataset) for dataset in datasets}
-    key = _digest({"checkpoint": file_sha256(checkpoint), "test_time": run.test_time,
+    key = _digest({"checkpoint": file_sha256(checkpoint), "test_time": run.test_time, "code": _evaluation_code(),
                    "cost": cost and {"timing": profile.runtime.measure_time, "repeats": profile.runtime.timed_forwards},
                    "manifests": {name: file_sha256(path) for name, path in manifests.items()}})
     results_file = folder / f"{key}.json"

@@ -178,3 +178,21 @@ def test_a_warm_stage_reports_errors_and_exit_status_like_a_fresh_process(tmp_pa
     wait_for_server(tmp_path)
     assert cold[0] == 2 and "unknown dataset 'nosuchset'" in cold[1]
     assert fetch_unknown() == cold
+
+
+def test_kept_evaluations_follow_the_evaluation_code(tmp_path):
+    """A variant's kept results are keyed by the code that computed them, so an edit there re-evaluates."""
+    from moeclip.pipeline import EVALUATION_CODE, PACKAGE, code_digest
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/auc.py").write_text("AUC = 1\n")
+    (tmp_path / "cost.py").write_text("FLOPS = 2\n")
+    before = code_digest(tmp_path, ("metrics", "cost.py"))
+    (tmp_path / "unrelated.py").write_text("x = 1\n")
+    assert code_digest(tmp_path, ("metrics", "cost.py")) == before
+    (tmp_path / "metrics/auc.py").write_text("AUC = 2\n")
+    assert code_digest(tmp_path, ("metrics", "cost.py")) != before
+    # Every such path is a dependency of the experiment stages, so DVC re-runs them after an edit there.
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["experiment"]["do"]["deps"]
+    assert {f"moeclip/{path}" for path in EVALUATION_CODE} <= set(deps)
+    assert all((PACKAGE / path).exists() for path in EVALUATION_CODE)
