@@ -25,10 +25,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moeclip.resources import USAGE_LINE  # what `moeclip stage` prints when it ends
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
-USAGE_LINE = re.compile(r"^stage \S+: [0-9.]+ s, peak RSS")  # what `moeclip stage` prints when it ends
 
 
 def clone_working_tree(destination: Path, leave_out: tuple[str, ...] = ()) -> Path:

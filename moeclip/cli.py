@@ -195,7 +195,7 @@ def _run_stage(name: str, config: Path, profile: str | None, work: Callable[[], 
     with measured() as usage:
         output = work()
     typer.echo(str(output))
-    typer.echo(f"stage {name}: {usage[0].line()}", err=True)
+    typer.echo(usage[0].stage_line(name), err=True)
     record_usage(config, profile, name, usage[0])
 
 

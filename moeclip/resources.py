@@ -8,6 +8,7 @@ of the variants before it; worker processes count through their own high-water m
 """
 from __future__ import annotations
 
+import re
 import resource
 import sys
 import time
@@ -17,6 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 GIB = 2**30
+# What `stage_line` prints, for the tools that read a pipeline's output (stage, seconds, RSS, CUDA).
+USAGE_LINE = re.compile(r"^stage (\S+): ([0-9.]+) s, peak RSS ([0-9.]+) GiB(?:, CUDA peak ([0-9.]+) GiB)?$",
+                        re.M)
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,10 @@ class Usage:
     def line(self) -> str:
         cuda = "" if self.cuda_peak_gib is None else f", CUDA peak {self.cuda_peak_gib:.2f} GiB"
         return f"{self.seconds:.1f} s, peak RSS {self.peak_rss_gib:.2f} GiB{cuda}"
+
+    def stage_line(self, stage: str) -> str:
+        """The line a pipeline stage prints when it ends (parsed back by USAGE_LINE)."""
+        return f"stage {stage}: {self.line()}"
 
     def as_dict(self) -> dict[str, float | None]:
         return {key: None if value is None else round(value, 3) for key, value in asdict(self).items()}

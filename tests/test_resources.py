@@ -3,7 +3,7 @@ import time
 
 import numpy as np
 
-from moeclip.resources import Usage, measured
+from moeclip.resources import USAGE_LINE, Usage, measured
 
 MIB = 2**20
 
@@ -27,3 +27,5 @@ def test_usage_prints_one_line_and_rounds_for_files():
     assert usage.line() == "61.2 s, peak RSS 9.88 GiB"
     assert Usage(1.0, 2.0, 3.456).line() == "1.0 s, peak RSS 2.00 GiB, CUDA peak 3.46 GiB"
     assert usage.as_dict() == {"seconds": 61.235, "peak_rss_gib": 9.877, "cuda_peak_gib": None}
+    printed = usage.stage_line("train@visa") + "\n" + Usage(1.0, 2.0, 3.456).stage_line("analysis")
+    assert USAGE_LINE.findall(printed) == [("train@visa", "61.2", "9.88", ""), ("analysis", "1.0", "2.00", "3.46")]

@@ -5,7 +5,6 @@ weights): the main VisA training (one step of batch 2) and two evaluations, one 
 (MVTec-AD) and one medical (Head CT). About 4 minutes on 2 cores (train 106 s, each evaluation 45 s).
 """
 import json
-import re
 import subprocess
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from benchmarks.bench_pipeline import stage_environment, wait_for_server
 from benchmarks.smoke_paper import PROFILE, planned_stages, stage_records, use_profile, variant_records
 from moeclip.experiments import experiment_runs, load_plan
 from moeclip.pipeline import experiment_resources, usage_record
+from moeclip.resources import USAGE_LINE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,6 @@ def test_missing_stage_and_variant_records_are_named(tmp_path):
 
 SUBSET = [["fetch", "visa"], ["fetch", "mvtec"], ["fetch", "headct"], ["prepare", "visa"], ["prepare", "mvtec"],
           ["prepare", "headct"], ["train", "visa"], ["evaluate", "visa", "mvtec"], ["evaluate", "visa", "headct"]]
-USAGE = re.compile(r"^stage (\S+): ([0-9.]+) s, peak RSS ([0-9.]+) GiB$", re.M)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +87,7 @@ def subset(tmp_path_factory) -> tuple[Path, dict[str, tuple[float, float]]]:
         result = subprocess.run(["moeclip", "stage", *command, "--profile", PROFILE], cwd=folder, env=env,
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}: {result.stderr[-3000:]}"
-        printed |= {name: (float(s), float(gib)) for name, s, gib in USAGE.findall(result.stderr)}
+        printed |= {name: (float(s), float(gib)) for name, s, gib, _ in USAGE_LINE.findall(result.stderr)}
         if number == 0:
             wait_for_server(folder)  # later stages fork from the warm process it started
     return folder, printed
