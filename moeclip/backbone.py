@@ -43,11 +43,13 @@ def load_clip(
     image_size: int,
     weights: str | None,
     quick_gelu: bool = True,
+    device: str = "cpu",
 ) -> torch.nn.Module:
     """Create an open_clip CLIP model at `image_size` with frozen weights.
 
     `weights` is an open_clip pretrained tag (e.g. 'openai'), a checkpoint file,
-    or None for random initialisation (tests, demo, timing).
+    or None for random initialisation (tests, demo, timing). `device="meta"` (with no weights)
+    gives the architecture without allocating or initialising its tensors.
     """
     if backbone not in open_clip.list_models():
         raise ValueError(f"Unknown open_clip model '{backbone}'. Known ViTs include: "
@@ -68,6 +70,7 @@ def load_clip(
             pretrained=source,
             force_image_size=image_size,
             force_quick_gelu=quick_gelu,
+            device=device,
         )
     except Exception as err:  # open_clip raises RuntimeError, torch.load unpickling errors
         if weights is None:

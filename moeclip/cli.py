@@ -36,18 +36,15 @@ def main() -> None:
 def params(
     backbone: str = typer.Option("ViT-L-14-336", help="open_clip model name"),
     image_size: int = typer.Option(518, help="input size in pixels"),
-    random_init: bool = typer.Option(False, "--random-init", help="random weights (nothing is downloaded)"),
-    weights: str = typer.Option("openai", help="open_clip tag or checkpoint path (ignored with --random-init)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
-    """Count parameters of MoECLIP on a backbone: total, trainable, backbone, added."""
+    """Count parameters of MoECLIP on a backbone: total, trainable, backbone, added (no weights needed)."""
     from moeclip.backbone import default_moe_layers
     from moeclip.config import ModelConfig
-    from moeclip.model import build_model
+    from moeclip.model import count_parameters
 
-    config = ModelConfig(backbone=backbone, image_size=image_size, weights=None if random_init else weights,
-                         moe_layers=default_moe_layers(backbone))
-    counts = build_model(config).parameter_counts()
+    config = ModelConfig(backbone=backbone, image_size=image_size, weights=None, moe_layers=default_moe_layers(backbone))
+    counts = count_parameters(config)
     if as_json:
         typer.echo(json.dumps(counts))
         return

@@ -289,10 +289,10 @@ def _variant_results(benchmark: Benchmark, profile: Profile, run: Run, folder: P
 
 
 def model_parameters(model: ModelConfig) -> dict[str, float]:
-    """Total and trainable parameters (M) of a model, built with random weights (counts do not depend on them)."""
-    from moeclip.model import build_model
+    """Total and trainable parameters (M) of a model (counts do not depend on its weights)."""
+    from moeclip.model import count_parameters
 
-    counts = build_model(model.model_copy(update={"weights": None})).parameter_counts()
+    counts = count_parameters(model)
     return {"params_m": counts["total"] / 1e6, "trainable_m": counts["trainable"] / 1e6}
 
 

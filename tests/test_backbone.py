@@ -59,8 +59,7 @@ def test_any_open_clip_vit_and_input_size_works():
 
 
 def test_params_cli_reports_the_paper_model_size():
-    result = CliRunner().invoke(app, ["params", "--backbone", "ViT-L-14-336", "--image-size", "518",
-                                      "--random-init", "--json"])
+    result = CliRunner().invoke(app, ["params", "--backbone", "ViT-L-14-336", "--image-size", "518", "--json"])
     assert result.exit_code == 0, result.output
     counts = json.loads(result.stdout.strip().splitlines()[-1])
     assert math.isclose(counts["total"], 433.6e6, rel_tol=1e-3)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from moeclip import ModelConfig, build_model
 from moeclip.losses import balance_loss, etf_loss
-from moeclip.model import patch_average
+from moeclip.model import count_parameters, patch_average
 from moeclip.model.text import prompt_ensemble
 
 
@@ -143,6 +143,15 @@ def test_parameter_counts_split_backbone_and_added_modules(tiny):
     frozen_a = 4 * 4 * 8 * 64  # 4 layers x K x r x d
     assert counts["trainable"] == counts["added"] - frozen_a
     assert all(not k.startswith("clip.") for k in tiny.trainable_state_dict())
+
+
+@pytest.mark.parametrize("changes", [{}, {"num_experts": 8, "lora_rank": 4}, {"expert_type": "full_rank"},
+                                     {"router_type": "mlp", "learnable_prompts": True}, {"image_adapter": False},
+                                     {"vanilla": True, "moe_layers": [], "output_layers": [2, 4], "text_head": "frozen_projection"}])
+def test_counting_without_weights_matches_the_built_model(changes):
+    """The smoke run's per-variant counts come from the meta device: they must be the built model's."""
+    config = ModelConfig.model_validate({**ModelConfig.tiny().model_dump(), **changes})
+    assert count_parameters(config) == build_model(config, seed=0).parameter_counts()
 
 
 def test_the_same_seed_builds_the_same_model_backbone_included():

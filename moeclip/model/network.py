@@ -194,3 +194,14 @@ def build_model(config: ModelConfig | dict, seed: int | None = None) -> MoECLIP:
             torch.manual_seed(seed)
         clip = load_clip(config.backbone, config.image_size, config.weights, config.quick_gelu)
         return MoECLIP(config, clip, tokenizer_for(config.backbone))
+
+
+def count_parameters(config: ModelConfig) -> dict[str, int]:
+    """`MoECLIP.parameter_counts` of a configuration without building its weights.
+
+    The model is laid out on the meta device: no tensor is allocated or initialised, so a
+    ViT-L counts in a fraction of a second instead of seconds (the smoke run counts 79 variants).
+    """
+    with torch.device("meta"):
+        clip = load_clip(config.backbone, config.image_size, None, config.quick_gelu, device="meta")
+        return MoECLIP(config, clip, tokenizer_for(config.backbone)).parameter_counts()
