@@ -233,7 +233,7 @@ def _checkpoint_for(benchmark: Benchmark, profile: Profile, run: Run, folder: Pa
         return untrained_checkpoint(run.model, profile.train.seed, folder / "untrained.pt")
     if reused:
         return _main_checkpoint(profile, reused)
-    return ensure_trained(profile, run, trainings / str(run.training_key), f"{experiment}/{run.name}",
+    return ensure_trained(profile, run, trainings / str(run.training_key), f"train/{experiment}/{run.name}",
                           {"experiment": experiment, "variant": run.name})
 
 
@@ -250,7 +250,7 @@ def _evaluate_variant(profile: Profile, run: Run, checkpoint: Path, datasets: tu
     if results_file.is_file():
         return json.loads(results_file.read_text())
     summary = evaluate_checkpoint(checkpoint, manifests, folder / "tables", profile.tracking, profile.device,
-                                  run_name=f"{experiment}/{run.name}", test_time=run.test_time,
+                                  run_name=f"evaluate/{experiment}/{run.name}", test_time=run.test_time,
                                   tags={"experiment": experiment, "variant": run.name, "profile": profile.name})
     results = _summary_values(summary)
     if cost:

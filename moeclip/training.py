@@ -68,7 +68,8 @@ def compute_losses(model: MoECLIP, batch: Mapping[str, Any], config: TrainConfig
     balance = zero if config.release_compat else sum(
         (balance_loss(aux.routing.probs, config.balance_unbiased) for aux in vision.moe.values()), zero)
     total = seg + ac + config.lambda_etf * constraint + config.lambda_bal * balance
-    return {"loss": total, "seg": seg, "ac": ac, "constraint": constraint, "balance": balance}
+    return {"loss": total, "segmentation_loss": seg, "classification_loss": ac, "expert_constraint_loss": constraint,
+            "balance_loss": balance}
 
 
 

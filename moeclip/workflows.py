@@ -146,15 +146,16 @@ def evaluate_checkpoint(checkpoint: Path, manifests: Mapping[str, Path], out_dir
     from moeclip.tracking import start_run
 
     device = resolve_device(device)
-    model, _ = load_model(checkpoint, device, test_time)
-    evaluation = evaluate_frame(model, read_manifests(manifests), batch_size=batch_size, device=device,
-                                examples_per_class=1)
-    summary = summarize(evaluation.per_class)
-    _write_results(evaluation, summary, Path(out_dir))
+    frame = read_manifests(manifests)
+    # The run is open while the work is done, so its duration in MLflow is the evaluation's.
     with start_run(tracking.experiment, run_name or Path(out_dir).name, tracking.uri,
-                   params={"model": model.config.model_dump(mode="json"), "checkpoint": str(checkpoint)},
-                   tags={"stage": "evaluate", **(tags or {})}) as run:
+                   params={"checkpoint": str(checkpoint)}, tags={"stage": "evaluate", **(tags or {})}) as run:
+        model, _ = load_model(checkpoint, device, test_time)
+        run.log_params({"model": model.config.model_dump(mode="json")})
         run.log_manifest_hashes(manifests)
+        evaluation = evaluate_frame(model, frame, batch_size=batch_size, device=device, examples_per_class=1)
+        summary = summarize(evaluation.per_class)
+        _write_results(evaluation, summary, Path(out_dir))
         run.log_metrics_table(evaluation.per_class, summary)
         _log_figures(run, evaluation)
     return summary

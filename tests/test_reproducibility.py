@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from mlflow.tracking import MlflowClient
 
 from benchmarks.bench_pipeline import stage_environment, wait_for_server
 from moeclip import warm
@@ -107,6 +108,11 @@ def test_an_experiment_gives_the_same_bytes_with_one_or_two_workers_and_reused_m
     assert two_metrics["1, 3, 5"] == json.loads((source / MAIN_RESULTS).read_text())
     evaluated = {path.parent.name for path in (tmp_path / "two/runs/demo/experiments/table9/variants").glob("*/*.json")}
     assert evaluated == {"1", "3"}  # the default row was read from the main results, not evaluated again
+    client = MlflowClient(f"sqlite:///{tmp_path / 'one/mlflow.db'}")
+    names = [run.info.run_name for run in client.search_runs([e.experiment_id for e in client.search_experiments()])]
+    assert len(names) == len(set(names))  # a variant's training and evaluation are told apart
+    assert {"train/table9/1", "evaluate/table9/1", "train/table9/3", "evaluate/table9/3",
+            "evaluate/table9/1, 3, 5", "train/visa", "evaluate/visa/mvtec"} == set(names)
 
 
 def _threads_and_pid(_: int) -> tuple[int, int]:

@@ -97,10 +97,10 @@ def test_release_compat_trains_without_etf_and_balance(visa_frame, tmp_path):
     batch = next(iter(trainer._loader([[0, 1, 2, 3]])))
     trainer.model.eval()
     losses = compute_losses(trainer.model, batch, trainer.config, trainer.device)
-    assert losses["constraint"].item() == 0.0 and losses["balance"].item() == 0.0
+    assert losses["expert_constraint_loss"].item() == 0.0 and losses["balance_loss"].item() == 0.0
     trainer.model.train()
     paper = compute_losses(trainer.model, batch, TrainConfig(batch_size=4), trainer.device)
-    assert paper["constraint"].item() > 0 and paper["seg"].item() > 0
+    assert paper["expert_constraint_loss"].item() > 0 and paper["segmentation_loss"].item() > 0
 
 
 def test_the_learning_rate_steps_per_iteration_and_adam_uses_the_papers_betas(visa_frame, tmp_path):
@@ -127,9 +127,9 @@ def test_total_loss_adds_the_weighted_constraint_summed_over_layers_and_the_bala
     per_layer = [etf_loss(aux.expert_outputs).item() for aux in vision.moe.values()]
     balances = [balance_loss(aux.routing.probs).item() for aux in vision.moe.values()]
     assert len(per_layer) == 2 and min(balances) > 1e-4
-    assert losses["constraint"].item() == pytest.approx(sum(per_layer), rel=1e-5)  # summed, not averaged
-    assert losses["balance"].item() == pytest.approx(sum(balances), rel=1e-5)
-    expected = losses["seg"] + losses["ac"] + 0.3 * losses["constraint"] + 0.7 * losses["balance"]
+    assert losses["expert_constraint_loss"].item() == pytest.approx(sum(per_layer), rel=1e-5)  # summed, not averaged
+    assert losses["balance_loss"].item() == pytest.approx(sum(balances), rel=1e-5)
+    expected = losses["segmentation_loss"] + losses["classification_loss"] + 0.3 * losses["expert_constraint_loss"] + 0.7 * losses["balance_loss"]
     assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 

@@ -41,7 +41,9 @@ def test_demo_runs_prepare_train_and_evaluate_with_mlflow(quick_params, tmp_path
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.tags["stage"] for r in runs) == ["evaluate", "evaluate", "train"]
     evaluation = next(r for r in runs if r.info.run_name == "eval-trained")
-    assert "mvtec.pixel_auroc" in evaluation.data.metrics
+    written_ms = (tmp_path / "runs/demo/before-after/eval-trained/summary.json").stat().st_mtime * 1000
+    assert evaluation.info.start_time <= written_ms <= evaluation.info.end_time  # the run spans the evaluation
+    assert "mvtec.pixel_auroc" in evaluation.data.metrics and "model.backbone" in evaluation.data.params
     assert "manifest.mvtec.sha256" in evaluation.data.params
     artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
     assert {"per_class.csv", "summary.json", "figures"} <= artifacts
