@@ -33,6 +33,9 @@ PACKAGE = Path(__file__).resolve().parent
 # experiment stages in dvc.yaml): a change to any of them re-evaluates kept variants.
 EVALUATION_CODE = ("model", "evaluation.py", "metrics", "cost.py", "checkpoint.py", "data/dataset.py",
                    "data/transforms.py")
+# The metrics the stages' metric files keep: the paper's four and AUPRO, five columns that
+# `dvc metrics show` prints within 120 characters. Every evaluation's summary.json has them all.
+STAGE_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
 
 
 # -- locations (dvc.yaml names the same paths) -------------------------------------------------
@@ -197,13 +200,13 @@ def evaluate(params: Path, auxiliary: str, target: str, profile_name: str | None
                                   run_name=f"evaluate/{auxiliary}/{target}",
                                   tags={"auxiliary": auxiliary, "target": target, "profile": profile.name})
     metrics = evaluation_metrics(profile, auxiliary, target)
-    _write_json(metrics, _summary_values(summary))
+    _write_json(metrics, _summary_values(summary)[target])  # flat: one row of `dvc metrics show`
     return metrics
 
 
 def _summary_values(summary) -> dict[str, dict[str, float]]:
-    """An evaluation summary frame as {dataset: {metric: value}}, leaving out metrics a dataset cannot have."""
-    return {dataset: {metric: float(value) for metric, value in row.dropna().items()}
+    """An evaluation summary frame as {dataset: {metric: value}} of the STAGE_METRICS a dataset has."""
+    return {dataset: {metric: float(value) for metric, value in row.dropna().items() if metric in STAGE_METRICS}
             for dataset, row in summary.iterrows()}
 
 
@@ -310,7 +313,7 @@ def _main_evaluation(benchmark: Benchmark, profile: Profile, run: Run,
     files = [evaluation_metrics(profile, auxiliary, dataset) for dataset in datasets]
     if not all(path.is_file() for path in files):
         return None
-    return {dataset: json.loads(path.read_text())[dataset] for dataset, path in zip(datasets, files)}
+    return {dataset: json.loads(path.read_text()) for dataset, path in zip(datasets, files)}
 
 
 def in_processes(function: Callable[..., Any], calls: list[tuple], runtime: RuntimeConfig) -> list[Any]:

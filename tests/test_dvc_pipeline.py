@@ -94,6 +94,8 @@ def test_second_repro_is_a_no_op(clone):
 def test_dvc_metrics_and_plots_work(clone):
     metrics = _run(["dvc", "metrics", "show", "--json"], clone).stdout
     assert "runs/demo/metrics/evaluate/visa/mvtec.json" in metrics and "pixel_auroc" in metrics
+    table = _run(["dvc", "metrics", "show"], clone).stdout.splitlines()
+    assert len(table) == 1 + 14 and max(map(len, table)) <= 120  # one row per main evaluation, readable
     _run(["dvc", "plots", "show", "-o", "plots"], clone)
     assert (clone / "plots" / "index.html").is_file()
 

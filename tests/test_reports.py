@@ -8,7 +8,8 @@ import pytest
 from moeclip.errors import MoeclipError
 from moeclip.experiments import experiment_runs, load_plan
 from moeclip.pipeline import analysis_dir, evaluation_metrics, experiment_metrics, experiment_resources
-from moeclip.reports.render import ABLATION_TABLES, render_reports
+from moeclip.reports.render import (ABLATION_TABLES, render_reports, similarity_figure, sweep_markdown,
+                                     utilisation_figure)
 from moeclip.reports.tables import (Comparison, MethodTable, best_index, fmt_delta, method_markdown, variant_latex,
                                     variant_markdown)
 
@@ -62,8 +63,7 @@ def _fake_pipeline_outputs(params: Path) -> tuple:
         for target in targets:
             path = evaluation_metrics(profile, auxiliary, target)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({target: {"image_auroc": 80.0, "image_ap": 81.0, "pixel_auroc": 90.0,
-                                                 "pixel_ap": 30.0}}))
+            path.write_text(json.dumps({"image_auroc": 80.0, "image_ap": 81.0, "pixel_auroc": 90.0, "pixel_ap": 30.0}))
     for name, spec in benchmark.experiments.items():
         metrics = {}
         for index, run in enumerate(experiment_runs(benchmark, profile, name)):
@@ -137,3 +137,38 @@ def test_a_smoke_profiles_report_says_it_is_a_smoke_run(tmp_path, monkeypatch):
               / "README.md").read_text()
     assert "a **smoke run**: ViT-L-14-336 at 518 px with random weights, at most 1 optimiser step(s)" in readme
     assert "never to be compared with the paper's" in readme
+
+
+def _drawn_extents(figure):
+    """Lay the figure out as saving does; its renderer measures the artists."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def test_the_similarity_figures_title_fits_inside_the_figure():
+    figure = similarity_figure([[1.0, 0.2, 0.1, 0.0]] * 4, 18, "brainmri")
+    renderer = _drawn_extents(figure)
+    title = figure.axes[0].title.get_window_extent(renderer)
+    assert 0 <= title.x0 and title.x1 <= figure.bbox.x1 and title.y1 <= figure.bbox.y1
+
+
+def test_the_utilisation_legend_covers_no_bar():
+    frame = pd.DataFrame({"dataset": [d for d in ("mvtec", "btad", "kvasir") for _ in range(4)],
+                          "expert": [1, 2, 3, 4] * 3, "share": [40.0, 10, 10, 40] * 3})
+    figure = utilisation_figure(frame)
+    renderer = _drawn_extents(figure)
+    legend = figure.legends[0].get_window_extent(renderer)
+    bars = [patch.get_window_extent(renderer) for patch in figure.axes[0].patches]
+    assert len(bars) == 12 and not any(legend.overlaps(bar) for bar in bars)
+    assert legend.x1 <= figure.bbox.x1
+
+
+def test_sweep_numbers_keep_the_values_as_named():
+    frame = pd.DataFrame({"parameter": ["lambda_etf"] * 3, "value": ["0", "0.001", "0.01"],
+                          "image_auroc": [80.04, 81.26, None]})
+    lines = sweep_markdown(frame).splitlines()
+    assert [line.split("|")[2].strip() for line in lines[2:]] == ["0", "0.001", "0.01"]
+    assert [line.split("|")[3].strip() for line in lines[2:]] == ["80.0", "81.3", "-"]

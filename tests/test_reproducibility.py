@@ -105,7 +105,7 @@ def test_an_experiment_gives_the_same_bytes_with_one_or_two_workers_and_reused_m
     assert len(one_checkpoints) == 2  # '1' and '3' trained; '1, 3, 5' is the main training
     assert json.dumps(two_metrics) == json.dumps(one_metrics)
     assert two_checkpoints == one_checkpoints
-    assert two_metrics["1, 3, 5"] == json.loads((source / MAIN_RESULTS).read_text())
+    assert two_metrics["1, 3, 5"] == {"mvtec": json.loads((source / MAIN_RESULTS).read_text())}
     evaluated = {path.parent.name for path in (tmp_path / "two/runs/demo/experiments/table9/variants").glob("*/*.json")}
     assert evaluated == {"1", "3"}  # the default row was read from the main results, not evaluated again
     client = MlflowClient(f"sqlite:///{tmp_path / 'one/mlflow.db'}")

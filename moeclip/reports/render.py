@@ -84,7 +84,7 @@ def table1(benchmark: Benchmark, profile: Profile) -> MethodTable:
     default = benchmark.main.auxiliary
     sources = {target: default for target in benchmark.main.targets[default]}
     sources |= {default: auxiliary for auxiliary, targets in benchmark.main.targets.items() if default in targets}
-    ours_values: Values = {target: _read_json(evaluation_metrics(profile, auxiliary, target)).get(target, {})
+    ours_values: Values = {target: _read_json(evaluation_metrics(profile, auxiliary, target))
                            for target, auxiliary in sources.items()}
     datasets = {metric: [*(results["image_datasets"] if metric.startswith("image") else results["pixel_datasets"]),
                          "average_image" if metric.startswith("image") else "average_pixel"]
@@ -151,6 +151,13 @@ def sweep_figure(frame: pd.DataFrame, title: str) -> Figure:
     return fig
 
 
+def sweep_markdown(frame: pd.DataFrame) -> str:
+    """A sweep's numbers: each value as the variant names it (0.01 stays 0.01), metrics to one decimal."""
+    metrics = [column for column in frame.columns if column not in ("parameter", "value")]
+    text = frame.astype({"value": str}).assign(**{column: frame[column].map(fmt) for column in metrics})
+    return text.to_markdown(index=False, disable_numparse=True, colalign=["left", "right", *["right"] * len(metrics)])
+
+
 def similarity_figure(matrix: list[list[float | None]], layer: int, dataset: str) -> Figure:
     values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
     fig = Figure(figsize=(4.5, 4), layout="constrained")
@@ -162,7 +169,7 @@ def similarity_figure(matrix: list[list[float | None]], layer: int, dataset: str
     for (i, j), value in np.ndenumerate(values):
         ax.text(j, i, fmt(value, 2), ha="center", va="center", fontsize=8)
     fig.colorbar(image, ax=ax)
-    ax.set_title(f"Inter-expert cosine similarity (layer {layer}, {dataset})")
+    ax.set_title(f"Inter-expert cosine similarity\nlayer {layer}, {dataset}")  # one line is wider than the plot
     return fig
 
 
@@ -177,7 +184,8 @@ def utilisation_figure(frame: pd.DataFrame) -> Figure:
         bottom += shares[expert].to_numpy()
     ax.set_ylabel("share of assignments (%)")
     ax.tick_params(axis="x", rotation=45)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 100)
+    fig.legend(loc="outside right upper", fontsize=8)  # beside the bars: every bar reaches 100 %
     ax.set_title("Expert utilisation per dataset")
     return fig
 
@@ -249,7 +257,7 @@ def render_reports(benchmark: Benchmark, profile: Profile) -> Path:
         save_figure(figure, out / name)
         sections += [f"![{name}]({name})", ""]
     for key, frame in sweeps.items():
-        sections += [f"### Numbers behind {key}", "", frame.to_markdown(index=False, floatfmt=".1f"), "",
+        sections += [f"### Numbers behind {key}", "", sweep_markdown(frame), "",
                      resources_markdown(benchmark, profile, key), ""]
     _write_text(out / "README.md", "\n".join(sections))
     return out
