@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Domain = Literal["industrial", "medical"]
@@ -27,6 +29,25 @@ class BlurConfig(BaseModel):
         if self.kernel_size % 2 == 0:
             raise ValueError(f"blur kernel_size must be odd, got {self.kernel_size}")
         return self
+
+
+@dataclass(frozen=True)
+class MoESettings:
+    """One MoE layer's hyperparameters (SPEC 2, Tables 9-11). No defaults here: they are the
+    paper's and live once, in `ModelConfig`, whose `moe` property builds this object."""
+
+    num_experts: int
+    top_k: int
+    rank: int
+    alpha: float
+    dropout: float
+    lambda_moe: float
+    eps: float
+    fofs: bool
+    expert_type: str
+    router_type: str
+    router_hidden: int
+    router_noise: float
 
 
 class ModelConfig(BaseModel):
@@ -114,6 +135,14 @@ class ModelConfig(BaseModel):
         defaults: dict[str, object] = dict(backbone="MoECLIP-Tiny-ViT", image_size=64, weights=None,
                                            quick_gelu=False, moe_layers=(1, 2, 3, 4))
         return cls(**(defaults | overrides))
+
+    @property
+    def moe(self) -> MoESettings:
+        """The settings of each MoE layer, from this section's flat fields."""
+        return MoESettings(num_experts=self.num_experts, top_k=self.top_k, rank=self.lora_rank, alpha=self.lora_alpha,
+                           dropout=self.lora_dropout, lambda_moe=self.lambda_moe, eps=self.norm_eps, fofs=self.fofs,
+                           expert_type=self.expert_type, router_type=self.router_type,
+                           router_hidden=self.router_hidden, router_noise=self.router_noise)
 
     @property
     def feature_layers(self) -> tuple[int, ...]:

@@ -12,11 +12,10 @@ from moeclip.checkpoint import FORMAT_VERSION, OutdatedCheckpointError, read_che
 from moeclip.config import TrainConfig
 from moeclip.data.transforms import augment
 from moeclip.losses import dice_loss
-from moeclip.model.moe import MoEAdapter
 from moeclip.model.text import RELEASE_DESCRIPTIONS, prompt_descriptions
 from moeclip.params import load_profile
 from moeclip.tracking import flatten_params
-from tiny_models import randomised
+from tiny_models import moe_adapter, randomised
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +45,7 @@ def test_the_model_scores_and_trains_on_the_chosen_image_similarity(kind):
 # -- experts ------------------------------------------------------------------------------------
 def test_each_expert_draws_its_own_dropout_mask():
     """With identical experts, a shared mask would give identical outputs; independent masks do not."""
-    adapter = MoEAdapter(16, num_experts=4, rank=16, dropout=0.5, expert_type="full_rank")
+    adapter = moe_adapter(16, num_experts=4, lora_rank=16, lora_dropout=0.5, expert_type="full_rank")
     with torch.no_grad():
         adapter.full.copy_(torch.eye(16).expand(4, 16, 16))
     adapter.train()
@@ -57,7 +56,7 @@ def test_each_expert_draws_its_own_dropout_mask():
     assert 0.4 < kept.float().mean().item() < 0.6
     torch.testing.assert_close(outputs[kept], torch.full_like(outputs[kept], 2.0))  # 1 / (1 - p)
 
-    lora = MoEAdapter(16, num_experts=4, rank=2, dropout=0.5, fofs=False)
+    lora = moe_adapter(16, num_experts=4, lora_rank=2, lora_dropout=0.5, fofs=False)
     with torch.no_grad():
         lora.lora_a.copy_(lora.lora_a[:1].expand(4, 2, 16))
         lora.lora_b.normal_()

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from moeclip.model import MoEAdapter, Router, fofs_matrices
+from moeclip.config import ModelConfig, MoESettings
 from moeclip.model.moe import fofs_chunk_sizes
+from tiny_models import moe_adapter
 
 
 def test_fofs_chunk_sizes_put_the_remainder_first():
@@ -44,8 +46,8 @@ def test_fofs_is_repeatable_with_a_generator_and_rejects_small_chunks():
 
 
 def test_fofs_a_is_frozen_and_plain_lora_a_is_trainable():
-    assert not MoEAdapter(32, 4, 2, 4, fofs=True).lora_a.requires_grad
-    plain = MoEAdapter(32, 4, 2, 4, fofs=False)
+    assert not moe_adapter(32, num_experts=4, top_k=2, lora_rank=4, fofs=True).lora_a.requires_grad
+    plain = moe_adapter(32, num_experts=4, top_k=2, lora_rank=4, fofs=False)
     assert plain.lora_a.requires_grad
     assert plain.lora_a.abs().max() <= 1 / math.sqrt(32)
 
@@ -87,7 +89,7 @@ def test_router_noise_only_perturbs_inference():
 
 def _randomised_adapter(**kwargs) -> MoEAdapter:
     torch.manual_seed(0)
-    adapter = MoEAdapter(d=16, num_experts=4, top_k=2, rank=3, alpha=6.0, **kwargs)
+    adapter = moe_adapter(16, num_experts=4, top_k=2, lora_rank=3, lora_alpha=6.0, **kwargs)
     with torch.no_grad():
         for param in adapter.parameters():
             if param.requires_grad:
@@ -155,9 +157,20 @@ def test_norm_matching_preserves_each_token_norm():
 
 def test_zero_initialised_b_and_router_add_nothing_at_start():
     """With B = 0 the experts output 0, so Eq. 5 leaves (1 - lambda_moe) * x: no adaptation yet."""
-    adapter = MoEAdapter(d=16, num_experts=4, top_k=2, rank=3).train()
+    adapter = moe_adapter(16, num_experts=4, top_k=2, lora_rank=3).train()
     x = torch.randn(4, 16)
     out, aux = adapter(x)
     assert torch.count_nonzero(aux.expert_outputs) == 0
     torch.testing.assert_close(out, (1 - adapter.lambda_moe) * x)
     torch.testing.assert_close(aux.routing.probs, torch.full((4, 4), 0.25))
+
+
+def test_each_moe_setting_comes_from_its_own_model_field():
+    config = ModelConfig(num_experts=6, top_k=3, lora_rank=5, lora_alpha=7.0, lora_dropout=0.2, lambda_moe=0.3,
+                         norm_eps=1e-4, fofs=False, expert_type="full_rank", router_type="mlp", router_hidden=9,
+                         router_noise=0.4)
+    assert config.moe == MoESettings(num_experts=6, top_k=3, rank=5, alpha=7.0, dropout=0.2, lambda_moe=0.3, eps=1e-4,
+                                     fofs=False, expert_type="full_rank", router_type="mlp", router_hidden=9,
+                                     router_noise=0.4)
+    adapter = moe_adapter(60, num_experts=6, top_k=3, lora_rank=5, lora_alpha=7.0, lora_dropout=0.2)
+    assert (adapter.num_experts, adapter.router.top_k, adapter.rank, adapter.scale, adapter.dropout.p) == (6, 3, 5, 1.4, 0.2)

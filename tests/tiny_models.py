@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from moeclip import ModelConfig, build_model
-from moeclip.model import MoECLIP
+from moeclip.model import MoEAdapter, MoECLIP
 
 
 def randomised(config: ModelConfig, seed: int = 0) -> MoECLIP:
@@ -16,3 +16,8 @@ def randomised(config: ModelConfig, seed: int = 0) -> MoECLIP:
             if param.requires_grad:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     return model
+
+
+def moe_adapter(d: int, **model_fields: object) -> MoEAdapter:
+    """One MoE layer of width `d` whose settings are the paper's except `model_fields` (ModelConfig's names)."""
+    return MoEAdapter(d, ModelConfig(**model_fields).moe)

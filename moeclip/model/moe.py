@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeclip.config import MoESettings
 from moeclip.model.precision import float32
 
 
@@ -111,25 +112,24 @@ class MoEAdapter(nn.Module):
     mixes the selected experts, with no host synchronisation or per-expert loop.
     """
 
-    def __init__(self, d: int, num_experts: int = 4, top_k: int = 2, rank: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.05, lambda_moe: float = 0.1, eps: float = 1e-6, fofs: bool = True,
-                 expert_type: str = "lora", router_type: str = "linear", router_hidden: int = 256,
-                 router_noise: float = 0.0, generator: torch.Generator | None = None) -> None:
+    def __init__(self, d: int, settings: MoESettings, generator: torch.Generator | None = None) -> None:
         super().__init__()
+        num_experts, rank = settings.num_experts, settings.rank
         self.num_experts, self.rank = num_experts, rank
-        self.scale = alpha / rank
-        self.lambda_moe, self.eps = lambda_moe, eps
-        self.expert_type = expert_type
-        self.router = Router(d, num_experts, top_k, router_type, router_hidden, router_noise)
-        self.dropout = nn.Dropout(dropout)
-        if expert_type == "lora":
-            init_a = fofs_matrices if fofs else kaiming_lora_a
-            self.lora_a = nn.Parameter(init_a(d, num_experts, rank, generator), requires_grad=not fofs)
+        self.scale = settings.alpha / rank
+        self.lambda_moe, self.eps = settings.lambda_moe, settings.eps
+        self.expert_type = settings.expert_type
+        self.router = Router(d, num_experts, settings.top_k, settings.router_type, settings.router_hidden,
+                             settings.router_noise)
+        self.dropout = nn.Dropout(settings.dropout)
+        if settings.expert_type == "lora":
+            init_a = fofs_matrices if settings.fofs else kaiming_lora_a
+            self.lora_a = nn.Parameter(init_a(d, num_experts, rank, generator), requires_grad=not settings.fofs)
             self.lora_b = nn.Parameter(torch.zeros(num_experts, d, rank))
-        elif expert_type == "full_rank":
+        elif settings.expert_type == "full_rank":
             self.full = nn.Parameter(torch.zeros(num_experts, d, d))
         else:
-            raise ValueError(f"unknown expert type '{expert_type}' (lora or full_rank)")
+            raise ValueError(f"unknown expert type '{settings.expert_type}' (lora or full_rank)")
 
     def _per_expert(self, x: torch.Tensor) -> torch.Tensor | None:
         """In training with dropout: x once per expert, (..., K, d), each copy with its own dropout mask

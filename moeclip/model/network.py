@@ -46,13 +46,7 @@ class MoECLIP(nn.Module):
         layers = set(config.moe_layers) | set(config.feature_layers)
         if max(layers, default=0) > self.depth:
             raise ValueError(f"{config.backbone} has {self.depth} blocks; layers {sorted(layers)} do not fit")
-        self.moe = nn.ModuleDict({
-            str(layer): MoEAdapter(
-                self.width, config.num_experts, config.top_k, config.lora_rank, config.lora_alpha,
-                config.lora_dropout, config.lambda_moe, config.norm_eps, config.fofs, config.expert_type,
-                config.router_type, config.router_hidden, config.router_noise)
-            for layer in sorted(config.moe_layers)
-        })
+        self.moe = nn.ModuleDict({str(layer): MoEAdapter(self.width, config.moe) for layer in sorted(config.moe_layers)})
         if not config.vanilla:
             self.projections = SegmentationProjections(config.feature_layers, self.width, self.embed_dim,
                                                        config.projection_activation)
