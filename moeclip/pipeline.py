@@ -60,12 +60,12 @@ def analysis_dir(profile: Profile) -> Path:
 
 
 def evaluation_metrics(profile: Profile, auxiliary: str, target: str) -> Path:
-    """DVC metrics file of a main evaluation: {target: {metric: value x100}}."""
+    """DVC metrics file of a main evaluation: {metric: value x100} of the STAGE_METRICS."""
     return profile.run_dir / "metrics" / "evaluate" / auxiliary / f"{target}.json"
 
 
 def experiment_metrics(profile: Profile, experiment: str) -> Path:
-    """DVC metrics file of an experiment: {variant: {dataset: {metric: value}}}."""
+    """An experiment's results: {variant: {dataset: {metric: value x100}}} (too wide for DVC metrics)."""
     return profile.run_dir / "metrics" / "experiments" / f"{experiment}.json"
 
 
