@@ -23,7 +23,6 @@ import pandas as pd
 from benchmarks.bench_pipeline import ROOT, clone_working_tree, run_repro
 from moeclip.experiments import Benchmark, experiment_runs, load_plan
 from moeclip.params import Profile
-from moeclip.pipeline import experiment_resources, usage_record
 
 PROFILE = "paper-smoke"
 
@@ -48,7 +47,7 @@ def stage_records(clone: Path, benchmark: Benchmark, profile: Profile) -> tuple[
     """Each planned stage's wall time and peak memory, and the stages that left no record."""
     rows, missing = [], []
     for stage in planned_stages(benchmark):
-        record = clone / usage_record(profile, stage)
+        record = clone / profile.layout.usage(stage)
         if record.is_file():
             rows.append({"stage": stage, **json.loads(record.read_text())})
         else:
@@ -60,7 +59,7 @@ def variant_records(clone: Path, benchmark: Benchmark, profile: Profile) -> tupl
     """Each planned experiment variant's parameters, wall time and peak memory, and the variants without them."""
     rows, missing = [], []
     for experiment in benchmark.experiments:
-        path = clone / experiment_resources(profile, experiment)
+        path = clone / profile.layout.experiment_resources(experiment)
         records = json.loads(path.read_text()) if path.is_file() else {}
         for run in experiment_runs(benchmark, profile, experiment):
             record = records.get(run.name, {})
@@ -88,7 +87,7 @@ def main() -> None:
     print(f"\n{len(repro.stages)} stages ran in {repro.seconds:.0f} s\n")
     print(stages.to_markdown(index=False, floatfmt=".2f"), "\n")
     print(variants.to_markdown(index=False, floatfmt=".2f"), "\n")
-    report = clone / profile.report_dir / "README.md"
+    report = clone / profile.layout.reports / "README.md"
     missing = missing_stages + missing_variants + ([] if report.is_file() else [f"report {report}"])
     if missing:
         sys.exit("missing: " + ", ".join(missing))

@@ -156,7 +156,7 @@ def demo(
     auxiliary = benchmark.main.auxiliary
     manifests = prepare_profile_data(settings, [auxiliary, *benchmark.main.targets[auxiliary]])
     targets = {name: manifests[name] for name in benchmark.main.targets[auxiliary]}
-    run_dir = settings.run_dir / "before-after"
+    run_dir = settings.layout.before_after()
     before = evaluate_checkpoint(untrained_checkpoint(settings.model, settings.train.seed, run_dir / "untrained.pt"),
                                  targets, run_dir / "eval-untrained", settings.tracking, settings.device)
     after = evaluate_checkpoint(train_profile(settings, [auxiliary], run_dir / "train"), targets,

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moeclip.config import ModelConfig, TrainConfig
 from moeclip.errors import MoeclipError
+from moeclip.layout import RunLayout
 
 
 class ParamsError(MoeclipError):
@@ -97,22 +98,10 @@ class Profile(BaseModel):
         default_factory=dict, description="per-experiment reduced sweeps or profile-specific variants")
 
     @property
-    def run_dir(self) -> Path:
-        return self.runs / self.name
-
-    @property
-    def report_dir(self) -> Path:
-        return self.reports / self.name
-
-    @property
-    def data_root(self) -> Path:
-        return self.data.root if self.data.root is not None else Path("data") / self.name
-
-    def raw_dir(self, dataset: str) -> Path:
-        return self.data_root / "raw" / dataset
-
-    def manifest(self, dataset: str) -> Path:
-        return self.data_root / "manifests" / f"{dataset}.parquet"
+    def layout(self) -> RunLayout:
+        """Where this profile's data, runs and reports live."""
+        data = self.data.root if self.data.root is not None else Path("data") / self.name
+        return RunLayout(data=data, runs=self.runs / self.name, reports=self.reports / self.name)
 
 
 class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser where available

@@ -23,11 +23,10 @@ from moeclip.config import ModelConfig
 from moeclip.data.archive import file_sha256
 from moeclip.errors import MoeclipError
 from moeclip.experiments import Benchmark, Run, experiment_runs, load_plan, main_run
+from moeclip.layout import checkpoint_in
 from moeclip.params import Profile, RuntimeConfig
 from moeclip.resources import Usage, measured
 
-LOSSES = "losses.csv"
-CHECKPOINT = "checkpoint.pt"  # the name moeclip.training.Trainer writes in its run folder
 PACKAGE = Path(__file__).resolve().parent
 # The code an experiment variant's evaluation results depend on (all of them deps of the
 # experiment stages in dvc.yaml): a change to any of them re-evaluates kept variants.
@@ -38,50 +37,9 @@ EVALUATION_CODE = ("model", "evaluation.py", "metrics", "cost.py", "checkpoint.p
 STAGE_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
 
 
-# -- locations (dvc.yaml names the same paths) -------------------------------------------------
-def training_dir(profile: Profile, auxiliary: str) -> Path:
-    return profile.run_dir / "train" / auxiliary
-
-
-def training_checkpoint(profile: Profile, auxiliary: str) -> Path:
-    return training_dir(profile, auxiliary) / CHECKPOINT
-
-
-def evaluation_dir(profile: Profile, auxiliary: str, target: str) -> Path:
-    return profile.run_dir / "evaluate" / auxiliary / target
-
-
-def experiment_dir(profile: Profile, experiment: str) -> Path:
-    return profile.run_dir / "experiments" / experiment
-
-
-def analysis_dir(profile: Profile) -> Path:
-    return profile.run_dir / "analysis"
-
-
-def evaluation_metrics(profile: Profile, auxiliary: str, target: str) -> Path:
-    """DVC metrics file of a main evaluation: {metric: value x100} of the STAGE_METRICS."""
-    return profile.run_dir / "metrics" / "evaluate" / auxiliary / f"{target}.json"
-
-
-def experiment_metrics(profile: Profile, experiment: str) -> Path:
-    """An experiment's results: {variant: {dataset: {metric: value x100}}} (too wide for DVC metrics)."""
-    return profile.run_dir / "metrics" / "experiments" / f"{experiment}.json"
-
-
-def experiment_resources(profile: Profile, experiment: str) -> Path:
-    """Each variant's parameter counts (M), and wall time and peak memory where the profile measures time."""
-    return profile.run_dir / "resources" / "experiments" / f"{experiment}.json"
-
-
-def usage_record(profile: Profile, stage: str) -> Path:
-    """The last run of a stage: wall time and peak memory (a log, not a DVC output)."""
-    return profile.run_dir / "usage" / f"{stage}.json"
-
-
 def record_usage(params: Path, profile_name: str | None, stage: str, usage: Usage) -> None:
     _, profile = load_plan(params, profile_name)
-    _write_json(usage_record(profile, stage), usage.as_dict())
+    _write_json(profile.layout.usage(stage), usage.as_dict())
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -150,18 +108,17 @@ def _checkpoint_state(checkpoint: Path, run: Run) -> str:
     return "complete" if payload.get("progress", {}).get("complete") else "partial"
 
 
-def ensure_trained(profile: Profile, run: Run, out_dir: Path, run_name: str,
+def ensure_trained(profile: Profile, run: Run, checkpoint: Path, run_name: str,
                    tags: Mapping[str, str] | None = None) -> Path:
-    """The run's checkpoint in `out_dir`: kept if complete, resumed if interrupted, retrained if stale."""
+    """The run's `checkpoint`: kept if complete, resumed if interrupted, retrained if stale."""
     from moeclip.workflows import train_model
 
-    checkpoint = out_dir / CHECKPOINT
     state = _checkpoint_state(checkpoint, run)
     if state == "complete":
         return checkpoint
     if state == "stale":
         checkpoint.unlink()
-    return train_model(profile, run.model, run.train, run.train_on, out_dir, run_name=run_name, tags=tags)
+    return train_model(profile, run.model, run.train, run.train_on, checkpoint, run_name, tags)
 
 
 def train(params: Path, auxiliary: str, profile_name: str | None = None) -> Path:
@@ -174,15 +131,15 @@ def train(params: Path, auxiliary: str, profile_name: str | None = None) -> Path
     if auxiliary not in benchmark.main.targets:
         raise MoeclipError(f"'{auxiliary}' is not a main training in '{params}' "
                            f"(main.targets: {', '.join(benchmark.main.targets)})")
-    checkpoint = ensure_trained(profile, main_run(profile, auxiliary), training_dir(profile, auxiliary),
+    checkpoint = ensure_trained(profile, main_run(profile, auxiliary), profile.layout.checkpoint(auxiliary),
                                 f"train/{auxiliary}", {"auxiliary": auxiliary})
-    with atomic_path(checkpoint.parent / LOSSES) as temporary:  # the loss curves `dvc plots` draws
+    with atomic_path(profile.layout.losses(auxiliary)) as temporary:  # the loss curves `dvc plots` draws
         pd.DataFrame(read_checkpoint(checkpoint)["history"]).to_csv(temporary, index=False)
     return checkpoint
 
 
 def _main_checkpoint(profile: Profile, auxiliary: str) -> Path:
-    checkpoint = training_checkpoint(profile, auxiliary)
+    checkpoint = profile.layout.checkpoint(auxiliary)
     if _checkpoint_state(checkpoint, main_run(profile, auxiliary)) != "complete":
         raise MoeclipError(f"'{checkpoint}' is missing or unfinished: run `dvc repro train@{auxiliary}` "
                            f"(or `moeclip stage train {auxiliary}`) first")
@@ -195,11 +152,11 @@ def evaluate(params: Path, auxiliary: str, target: str, profile_name: str | None
     from moeclip.workflows import evaluate_checkpoint
 
     _, profile = _computing_plan(params, profile_name)
-    summary = evaluate_checkpoint(_main_checkpoint(profile, auxiliary), {target: profile.manifest(target)},
-                                  evaluation_dir(profile, auxiliary, target), profile.tracking, profile.device,
+    summary = evaluate_checkpoint(_main_checkpoint(profile, auxiliary), {target: profile.layout.manifest(target)},
+                                  profile.layout.evaluation(auxiliary, target), profile.tracking, profile.device,
                                   run_name=f"evaluate/{auxiliary}/{target}",
                                   tags={"auxiliary": auxiliary, "target": target, "profile": profile.name})
-    metrics = evaluation_metrics(profile, auxiliary, target)
+    metrics = profile.layout.evaluation_metrics(auxiliary, target)
     _write_json(metrics, _summary_values(summary)[target])  # flat: one row of `dvc metrics show`
     return metrics
 
@@ -236,7 +193,7 @@ def _checkpoint_for(benchmark: Benchmark, profile: Profile, run: Run, folder: Pa
         return untrained_checkpoint(run.model, profile.train.seed, folder / "untrained.pt")
     if reused:
         return _main_checkpoint(profile, reused)
-    return ensure_trained(profile, run, trainings / str(run.training_key), f"train/{experiment}/{run.name}",
+    return ensure_trained(profile, run, checkpoint_in(trainings / str(run.training_key)), f"train/{experiment}/{run.name}",
                           {"experiment": experiment, "variant": run.name})
 
 
@@ -245,7 +202,7 @@ def _evaluate_variant(profile: Profile, run: Run, checkpoint: Path, datasets: tu
     """A variant's per-dataset metrics (x100), re-evaluated only when its inputs changed."""
     from moeclip.workflows import evaluate_checkpoint
 
-    manifests = {dataset: profile.manifest(dataset) for dataset in datasets}
+    manifests = {dataset: profile.layout.manifest(dataset) for dataset in datasets}
     key = _digest({"checkpoint": file_sha256(checkpoint), "test_time": run.test_time, "code": _evaluation_code(),
                    "cost": cost and {"timing": profile.runtime.measure_time, "repeats": profile.runtime.timed_forwards},
                    "manifests": {name: file_sha256(path) for name, path in manifests.items()}})
@@ -310,7 +267,7 @@ def _main_evaluation(benchmark: Benchmark, profile: Profile, run: Run,
     if auxiliary is None or run.test_time != main_run(profile, auxiliary).test_time or \
             not set(datasets) <= set(benchmark.main.targets[auxiliary]):
         return None
-    files = [evaluation_metrics(profile, auxiliary, dataset) for dataset in datasets]
+    files = [profile.layout.evaluation_metrics(auxiliary, dataset) for dataset in datasets]
     if not all(path.is_file() for path in files):
         return None
     return {dataset: json.loads(path.read_text()) for dataset, path in zip(datasets, files)}
@@ -359,20 +316,19 @@ def run_experiment(params: Path, experiment: str, profile_name: str | None = Non
     """Stage `experiment@<name>`: train (or reuse) and evaluate every variant; writes its metrics file."""
     benchmark, profile = _computing_plan(params, profile_name)
     runs = experiment_runs(benchmark, profile, experiment)
-    out = experiment_dir(profile, experiment)
     slugs = [variant_slug(run.name) for run in runs]
     if len(set(slugs)) != len(slugs):
         raise MoeclipError(f"experiment '{experiment}' has variant names that map to the same folder: {slugs}")
     # Own trainings first, so that no worker is left training alone at the end while the other idles.
     order = sorted(range(len(runs)), key=lambda i: not (runs[i].trained and
                                                         _reused_main_training(benchmark, profile, runs[i]) is None))
-    results = in_processes(_variant_metrics, [(benchmark, profile, runs[i], out / "variants" / slugs[i], experiment)
-                                              for i in order], profile.runtime)
+    results = in_processes(_variant_metrics, [(benchmark, profile, runs[i], profile.layout.variant(experiment, slugs[i]),
+                                               experiment) for i in order], profile.runtime)
     by_name = {runs[i].name: result for i, result in zip(order, results)}
-    _prune(out / "variants", set(slugs))
-    _write_json(experiment_resources(profile, experiment), {run.name: by_name[run.name][1] for run in runs})
-    _write_json(experiment_metrics(profile, experiment), {run.name: by_name[run.name][0] for run in runs})
-    return experiment_metrics(profile, experiment)
+    _prune(profile.layout.variants(experiment), set(slugs))
+    _write_json(profile.layout.experiment_resources(experiment), {run.name: by_name[run.name][1] for run in runs})
+    _write_json(profile.layout.experiment_metrics(experiment), {run.name: by_name[run.name][0] for run in runs})
+    return profile.layout.experiment_metrics(experiment)
 
 
 # -- analyses (Figs. 5/10 and 9, Table 14) --------------------------------------------------
@@ -391,7 +347,7 @@ def analyse(params: Path, profile_name: str | None = None) -> Path:
     if str(layer) not in model.moe:
         raise MoeclipError(f"analysis layer {layer} of profile '{profile.name}' carries no MoE "
                            f"(MoE layers: {sorted(int(k) for k in model.moe)})")
-    out = analysis_dir(profile)
+    out = profile.layout.analysis()
     utilisation = pd.concat(
         [expert_utilisation(model, _loader(profile, model, dataset), [layer]).assign(dataset=dataset)
          for dataset in benchmark.main.targets[auxiliary]], ignore_index=True)
@@ -413,7 +369,7 @@ def _loader(profile: Profile, model, dataset: str):
     from moeclip.data.dataset import ManifestDataset
     from moeclip.workflows import read_manifests
 
-    frame = read_manifests({dataset: profile.manifest(dataset)})
+    frame = read_manifests({dataset: profile.layout.manifest(dataset)})
     return DataLoader(ManifestDataset(frame, model.config.image_size), batch_size=8)
 
 

@@ -106,13 +106,13 @@ def _epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[li
 
 
 class Trainer:
-    """Owns the model, optimiser, scheduler and progress of one training run in `out_dir`."""
+    """Owns the model, optimiser, scheduler and progress of one training run, kept in `checkpoint`."""
 
-    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, frame: pd.DataFrame, out_dir: Path,
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, frame: pd.DataFrame, checkpoint: Path,
                  device: str | torch.device = "cpu") -> None:
         self.model_config, self.config = model_config, train_config
         self.device = torch.device(device)
-        self.checkpoint = Path(out_dir) / "checkpoint.pt"
+        self.checkpoint = Path(checkpoint)
         torch.manual_seed(train_config.seed)
         self.model = build_model(model_config, seed=train_config.seed).to(self.device)
         self.dataset = ManifestDataset(frame, model_config.image_size, train=train_config.augment,
@@ -133,7 +133,7 @@ class Trainer:
                         history=list(self.history))
 
     def resume(self) -> bool:
-        """Continue from `checkpoint.pt` if present; refuse one written with another configuration."""
+        """Continue from the checkpoint if present; refuse one written with another configuration."""
         if not self.checkpoint.exists():
             return False
         payload = read_checkpoint(self.checkpoint)
@@ -197,10 +197,10 @@ class Trainer:
         return TrainResult(self.checkpoint, progress["global_step"], self.history)
 
 
-def train(model_config: ModelConfig, train_config: TrainConfig, frame: pd.DataFrame, out_dir: Path,
+def train(model_config: ModelConfig, train_config: TrainConfig, frame: pd.DataFrame, checkpoint: Path,
           device: str | torch.device = "cpu", max_steps: int | None = None,
           log: LossLogger | None = None) -> TrainResult:
-    """Train (resuming from `out_dir/checkpoint.pt` when it exists) and return the final checkpoint."""
-    trainer = Trainer(model_config, train_config, frame, out_dir, device)
+    """Train into `checkpoint` (resuming from it when it exists) and return the final checkpoint."""
+    trainer = Trainer(model_config, train_config, frame, checkpoint, device)
     trainer.resume()
     return trainer.run(max_steps=max_steps, log=log)

@@ -17,6 +17,7 @@ import pandas as pd
 from moeclip.atomic import atomic_path, write_text_atomically
 from moeclip.config import Domain, ModelConfig, TrainConfig
 from moeclip.errors import MoeclipError
+from moeclip.layout import checkpoint_in
 from moeclip.params import Profile, TrackingConfig, resolve_device
 
 if TYPE_CHECKING:
@@ -34,21 +35,21 @@ def fetch_profile_dataset(profile: Profile, dataset: str) -> Path:
     get_dataset(dataset)  # an unknown name fails here, in one line
     if profile.data.synthetic:
         data = profile.data
-        return generate_demo_dataset(dataset, profile.raw_dir(dataset).parent, seed=data.seed,
+        return generate_demo_dataset(dataset, profile.layout.raw(dataset).parent, seed=data.seed,
                                      image_size=data.image_size, per_class=data.per_class, classes=data.classes,
                                      real_sizes=data.real_sizes)
-    return fetch_dataset(dataset, profile.raw_dir(dataset).parent)
+    return fetch_dataset(dataset, profile.layout.raw(dataset).parent)
 
 
 def prepare_profile_dataset(profile: Profile, dataset: str) -> Path:
     """Validate one fetched dataset into its manifest."""
     from moeclip.data.prepare import prepare_dataset
 
-    raw = profile.raw_dir(dataset)
+    raw = profile.layout.raw(dataset)
     if not raw.is_dir():
         raise MoeclipError(f"dataset folder '{raw}' is missing: run `moeclip data fetch {dataset}` first")
-    prepare_dataset(dataset, raw, profile.manifest(dataset))
-    return profile.manifest(dataset)
+    prepare_dataset(dataset, raw, profile.layout.manifest(dataset))
+    return profile.layout.manifest(dataset)
 
 
 def prepare_profile_data(profile: Profile, datasets: Sequence[str]) -> dict[str, Path]:
@@ -68,24 +69,24 @@ def read_manifests(manifests: Mapping[str, Path]) -> pd.DataFrame:
     return pd.concat([read_manifest(path) for path in manifests.values()], ignore_index=True)
 
 
-def train_model(profile: Profile, model: ModelConfig, settings: TrainConfig, train_on: Sequence[str], out_dir: Path,
-                run_name: str | None = None, tags: Mapping[str, str] | None = None,
+def train_model(profile: Profile, model: ModelConfig, settings: TrainConfig, train_on: Sequence[str],
+                checkpoint: Path, run_name: str, tags: Mapping[str, str] | None = None,
                 max_steps: int | None = None) -> Path:
-    """Train one configuration on the auxiliary dataset(s) into `out_dir`, logging to MLflow; returns the checkpoint.
+    """Train one configuration on the auxiliary dataset(s) into `checkpoint`, logging to MLflow; returns it.
 
-    Resumes an interrupted run from `out_dir/checkpoint.pt`.
+    Resumes an interrupted run from `checkpoint`.
     """
     from moeclip.tracking import start_run
     from moeclip.training import train
 
-    manifests = {name: profile.manifest(name) for name in train_on}
+    manifests = {name: profile.layout.manifest(name) for name in train_on}
     frame = read_manifests(manifests)
     params = {"model": model.model_dump(mode="json"), "train": settings.model_dump(mode="json"),
               "train_on": list(train_on), "profile": profile.name}
-    with start_run(profile.tracking.experiment, run_name or Path(out_dir).name, profile.tracking.uri, params=params,
+    with start_run(profile.tracking.experiment, run_name, profile.tracking.uri, params=params,
                    tags={"stage": "train", "profile": profile.name, **(tags or {})}) as run:
         run.log_manifest_hashes(manifests)
-        result = train(model, settings, frame, Path(out_dir), resolve_device(profile.device), max_steps=max_steps,
+        result = train(model, settings, frame, checkpoint, resolve_device(profile.device), max_steps=max_steps,
                        log=run.log_losses)
         run.log_artifact(result.checkpoint)
     return result.checkpoint
@@ -93,9 +94,11 @@ def train_model(profile: Profile, model: ModelConfig, settings: TrainConfig, tra
 
 def train_profile(profile: Profile, train_on: Sequence[str] = ("visa",), out_dir: Path | None = None,
                   max_steps: int | None = None) -> Path:
-    """Train the profile's model on its auxiliary dataset(s); returns the checkpoint."""
-    out_dir = out_dir or profile.run_dir / "train" / "+".join(train_on)
-    return train_model(profile, profile.model, profile.train, train_on, out_dir, max_steps=max_steps)
+    """Train the profile's model on its auxiliary dataset(s) into `out_dir` (default: the main training's
+    folder, `runs/<profile>/train/<datasets>`); returns the checkpoint."""
+    name = "+".join(train_on)
+    return train_model(profile, profile.model, profile.train, train_on,
+                       checkpoint_in(out_dir or profile.layout.training(name)), f"train/{name}", max_steps=max_steps)
 
 
 def untrained_checkpoint(model: ModelConfig, seed: int, path: Path) -> Path:

@@ -28,8 +28,6 @@ import moeclip
 from moeclip.data.archive import file_sha256
 from moeclip.experiments import Benchmark, load_plan
 from moeclip.params import Profile
-from moeclip.pipeline import (analysis_dir, evaluation_dir, evaluation_metrics, experiment_dir, experiment_metrics,
-                              experiment_resources, training_checkpoint)
 from pipelines.plan import analysis_datasets, experiment_datasets
 
 CODE_SUFFIXES = (".py", ".json", ".yaml")
@@ -39,27 +37,27 @@ def stage_files(stage: str, benchmark: Benchmark, profile: Profile,
                 args: dict[str, Any]) -> tuple[list[Path], list[Path]]:
     """(files read, files written) by one stage call, as dvc.yaml declares them."""
     if stage == "fetch":
-        return [], [profile.raw_dir(args["dataset"])]
+        return [], [profile.layout.raw(args["dataset"])]
     if stage == "prepare":
-        return [profile.raw_dir(args["dataset"])], [profile.manifest(args["dataset"])]
+        return [profile.layout.raw(args["dataset"])], [profile.layout.manifest(args["dataset"])]
     if stage == "train":
-        return [profile.manifest(args["auxiliary"])], [training_checkpoint(profile, args["auxiliary"])]
+        return [profile.layout.manifest(args["auxiliary"])], [profile.layout.checkpoint(args["auxiliary"])]
     if stage == "evaluate":
         auxiliary, target = args["auxiliary"], args["target"]
-        return [training_checkpoint(profile, auxiliary), profile.manifest(target)], \
-            [evaluation_dir(profile, auxiliary, target), evaluation_metrics(profile, auxiliary, target)]
+        return [profile.layout.checkpoint(auxiliary), profile.layout.manifest(target)], \
+            [profile.layout.evaluation(auxiliary, target), profile.layout.evaluation_metrics(auxiliary, target)]
     if stage == "experiment":
         experiment = args["experiment"]
-        reads = [*(training_checkpoint(profile, a) for a in benchmark.main.targets),
-                 *(profile.manifest(d) for d in sorted(experiment_datasets(benchmark, profile, experiment)))]
-        return reads, [experiment_dir(profile, experiment), experiment_metrics(profile, experiment),
-                       experiment_resources(profile, experiment)]
+        reads = [*(profile.layout.checkpoint(a) for a in benchmark.main.targets),
+                 *(profile.layout.manifest(d) for d in sorted(experiment_datasets(benchmark, profile, experiment)))]
+        return reads, [profile.layout.experiment(experiment), profile.layout.experiment_metrics(experiment),
+                       profile.layout.experiment_resources(experiment)]
     if stage == "analysis":
-        return [training_checkpoint(profile, benchmark.main.auxiliary),
-                *(profile.manifest(d) for d in sorted(analysis_datasets(benchmark, profile)))], [analysis_dir(profile)]
+        return [profile.layout.checkpoint(benchmark.main.auxiliary),
+                *(profile.layout.manifest(d) for d in sorted(analysis_datasets(benchmark, profile)))], [profile.layout.analysis()]
     if stage == "report":
-        return [profile.run_dir / "metrics", profile.run_dir / "resources", analysis_dir(profile)], \
-            [profile.report_dir]
+        return [profile.layout.metrics(), profile.layout.resources(), profile.layout.analysis()], \
+            [profile.layout.reports]
     raise ValueError(f"no stage '{stage}'")
 
 

@@ -90,7 +90,7 @@ def test_cache_keys_follow_the_params_file_and_the_stage_inputs(small_params: Pa
     monkeypatch.chdir(small_params.parent)
     benchmark, profile = load_plan(small_params)
     args = {"dataset": "visa"}
-    raw = profile.raw_dir("visa")
+    raw = profile.layout.raw("visa")
     raw.mkdir(parents=True)
     (raw / "image.png").write_bytes(b"one")
 
@@ -106,8 +106,8 @@ def test_cache_keys_follow_the_params_file_and_the_stage_inputs(small_params: Pa
     small_params.write_text(small_params.read_text() + "# an edit\n")
     assert key() != second
     assert not outputs_exist("prepare", benchmark, profile, args)
-    profile.manifest("visa").parent.mkdir(parents=True)
-    profile.manifest("visa").write_bytes(b"")
+    profile.layout.manifest("visa").parent.mkdir(parents=True)
+    profile.layout.manifest("visa").write_bytes(b"")
     assert outputs_exist("prepare", benchmark, profile, args)
 
 

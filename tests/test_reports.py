@@ -7,7 +7,6 @@ import pytest
 
 from moeclip.errors import MoeclipError
 from moeclip.experiments import experiment_runs, load_plan
-from moeclip.pipeline import analysis_dir, evaluation_metrics, experiment_metrics, experiment_resources
 from moeclip.reports.render import (ABLATION_TABLES, render_reports, similarity_figure, sweep_markdown,
                                      utilisation_figure)
 from moeclip.reports.tables import (Comparison, MethodTable, best_index, fmt_delta, method_markdown, variant_latex,
@@ -61,7 +60,7 @@ def _fake_pipeline_outputs(params: Path) -> tuple:
     benchmark, profile = load_plan(params)
     for auxiliary, targets in benchmark.main.targets.items():
         for target in targets:
-            path = evaluation_metrics(profile, auxiliary, target)
+            path = profile.layout.evaluation_metrics(auxiliary, target)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"image_auroc": 80.0, "image_ap": 81.0, "pixel_auroc": 90.0, "pixel_ap": 30.0}))
     for name, spec in benchmark.experiments.items():
@@ -71,16 +70,16 @@ def _fake_pipeline_outputs(params: Path) -> tuple:
             if spec.cost:
                 metrics[run.name]["cost"] = {"params_m": 1.0, "inference_ms": 2.0, "peak_memory_mb": None,
                                              "flops_g": 0.1}
-        path = experiment_metrics(profile, name)
+        path = profile.layout.experiment_metrics(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(metrics))
         resources = {run.name: {"params_m": 3.5 + index, "trainable_m": 0.02, "seconds": None, "peak_rss_gib": None}
                      for index, run in enumerate(experiment_runs(benchmark, profile, name))}
         if name == "table13":  # as a profile that measures time writes it
             resources = {run: {**record, "seconds": 61.25, "peak_rss_gib": 9.5} for run, record in resources.items()}
-        experiment_resources(profile, name).parent.mkdir(parents=True, exist_ok=True)
-        experiment_resources(profile, name).write_text(json.dumps(resources))
-    folder = analysis_dir(profile)
+        profile.layout.experiment_resources(name).parent.mkdir(parents=True, exist_ok=True)
+        profile.layout.experiment_resources(name).write_text(json.dumps(resources))
+    folder = profile.layout.analysis()
     folder.mkdir(parents=True)
     pd.DataFrame({"expert": [1, 2, 3, 4], "n_patches": [5, 6, 7, 8], "gradient": [1.0, 2, 3, 4],
                   "contrast": [1.0, 2, 3, 4], "entropy": [0.5, 1, 1.5, 2]}).to_csv(folder / "routed_statistics.csv")

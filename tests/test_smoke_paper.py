@@ -16,7 +16,6 @@ from PIL import Image
 from benchmarks.bench_pipeline import stage_environment, wait_for_server
 from benchmarks.smoke_paper import PROFILE, planned_stages, stage_records, use_profile, variant_records
 from moeclip.experiments import experiment_runs, load_plan
-from moeclip.pipeline import experiment_resources, usage_record
 from moeclip.resources import USAGE_LINE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,15 +54,15 @@ def test_use_profile_sets_the_profile_line_and_refuses_a_file_without_one(tmp_pa
 def test_missing_stage_and_variant_records_are_named(tmp_path):
     benchmark, profile = load_plan(ROOT / "params.yaml", PROFILE)
     for stage in planned_stages(benchmark)[1:]:  # the first stage left no record
-        (tmp_path / usage_record(profile, stage)).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / usage_record(profile, stage)).write_text(json.dumps({"seconds": 1.0, "peak_rss_gib": 2.0}))
+        (tmp_path / profile.layout.usage(stage)).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / profile.layout.usage(stage)).write_text(json.dumps({"seconds": 1.0, "peak_rss_gib": 2.0}))
     for experiment in benchmark.experiments:
         records = {run.name: {"params_m": 433.6, "seconds": 3.0, "peak_rss_gib": 9.0}
                    for run in experiment_runs(benchmark, profile, experiment)}
         if experiment == "table10":
             records["MLP Router"]["seconds"] = None  # measured without time
-        (tmp_path / experiment_resources(profile, experiment)).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / experiment_resources(profile, experiment)).write_text(json.dumps(records))
+        (tmp_path / profile.layout.experiment_resources(experiment)).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / profile.layout.experiment_resources(experiment)).write_text(json.dumps(records))
     stages, missing_stages = stage_records(tmp_path, benchmark, profile)
     variants, missing_variants = variant_records(tmp_path, benchmark, profile)
     assert missing_stages == ["stage fetch@mvtec"] and len(stages) == len(planned_stages(benchmark)) - 1

@@ -21,6 +21,7 @@ from moeclip.losses import (
     focal_loss,
     segmentation_loss,
 )
+from moeclip.layout import CHECKPOINT
 from moeclip.training import Trainer, compute_losses, train
 
 
@@ -93,7 +94,7 @@ TINY = ModelConfig.tiny(moe_layers=(2, 4))
 
 
 def test_release_compat_trains_without_etf_and_balance(visa_frame, tmp_path):
-    trainer = Trainer(TINY, TrainConfig(release_compat=True, batch_size=4), visa_frame, tmp_path)
+    trainer = Trainer(TINY, TrainConfig(release_compat=True, batch_size=4), visa_frame, tmp_path / CHECKPOINT)
     batch = next(iter(trainer._loader([[0, 1, 2, 3]])))
     trainer.model.eval()
     losses = compute_losses(trainer.model, batch, trainer.config, trainer.device)
@@ -105,7 +106,7 @@ def test_release_compat_trains_without_etf_and_balance(visa_frame, tmp_path):
 
 def test_the_learning_rate_steps_per_iteration_and_adam_uses_the_papers_betas(visa_frame, tmp_path):
     config = TrainConfig(batch_size=1, lr=1e-3, milestones=(3,), gamma=0.5, epochs=1)  # 8 steps in the epoch
-    trainer = Trainer(TINY, config, visa_frame, tmp_path)
+    trainer = Trainer(TINY, config, visa_frame, tmp_path / CHECKPOINT)
     assert trainer.optimizer.param_groups[0]["betas"] == (0.5, 0.999) == TrainConfig().betas
     trainer.run(max_steps=4)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)  # halved after iteration 3
@@ -113,7 +114,7 @@ def test_the_learning_rate_steps_per_iteration_and_adam_uses_the_papers_betas(vi
 
 def test_total_loss_adds_the_weighted_constraint_summed_over_layers_and_the_balance(visa_frame, tmp_path):
     model_config = TINY.model_copy(update={"lora_dropout": 0.0})
-    trainer = Trainer(model_config, TrainConfig(batch_size=4), visa_frame, tmp_path)
+    trainer = Trainer(model_config, TrainConfig(batch_size=4), visa_frame, tmp_path / CHECKPOINT)
     with torch.no_grad():
         for adapter in trainer.model.moe.values():
             adapter.router.net.weight.normal_(std=0.5)  # uneven routing: a non-zero balance loss
@@ -135,11 +136,11 @@ def test_total_loss_adds_the_weighted_constraint_summed_over_layers_and_the_bala
 
 def test_a_killed_run_resumes_to_the_same_weights(visa_frame, tmp_path):
     config = TrainConfig(epochs=2, batch_size=3, lr=1e-3, checkpoint_every=2)
-    whole = train(TINY, config, visa_frame, tmp_path / "whole")
+    whole = train(TINY, config, visa_frame, tmp_path / "whole" / CHECKPOINT)
     assert whole.steps == 6
-    interrupted = train(TINY, config, visa_frame, tmp_path / "killed", max_steps=4)
+    interrupted = train(TINY, config, visa_frame, tmp_path / "killed" / CHECKPOINT, max_steps=4)
     assert interrupted.steps == 4 and not read_checkpoint(interrupted.checkpoint)["progress"]["complete"]
-    resumed = train(TINY, config, visa_frame, tmp_path / "killed")
+    resumed = train(TINY, config, visa_frame, tmp_path / "killed" / CHECKPOINT)
     assert resumed.steps == 6
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
     a = read_checkpoint(whole.checkpoint)["weights"]
@@ -151,22 +152,22 @@ def test_a_killed_run_resumes_to_the_same_weights(visa_frame, tmp_path):
 
 def test_a_step_budget_ends_the_training_complete_and_equal_to_its_first_steps(visa_frame, tmp_path):
     """`max_steps` (the smoke run's bound) is a finished training, unlike a paused one."""
-    bounded = train(TINY, TrainConfig(epochs=3, batch_size=3, max_steps=4), visa_frame, tmp_path / "bounded")
+    bounded = train(TINY, TrainConfig(epochs=3, batch_size=3, max_steps=4), visa_frame, tmp_path / "bounded" / CHECKPOINT)
     assert bounded.steps == 4 and read_checkpoint(bounded.checkpoint)["progress"]["complete"]
-    assert train(TINY, TrainConfig(epochs=3, batch_size=3, max_steps=4), visa_frame, tmp_path / "bounded").steps == 4
-    whole = train(TINY, TrainConfig(epochs=3, batch_size=3), visa_frame, tmp_path / "whole")
+    assert train(TINY, TrainConfig(epochs=3, batch_size=3, max_steps=4), visa_frame, tmp_path / "bounded" / CHECKPOINT).steps == 4
+    whole = train(TINY, TrainConfig(epochs=3, batch_size=3), visa_frame, tmp_path / "whole" / CHECKPOINT)
     assert whole.steps == 9
     assert [h["loss"] for h in bounded.history] == [h["loss"] for h in whole.history[:4]]
 
 
 def test_resume_refuses_a_checkpoint_of_another_configuration(visa_frame, tmp_path):
-    train(TINY, TrainConfig(epochs=1, batch_size=4), visa_frame, tmp_path, max_steps=1)
+    train(TINY, TrainConfig(epochs=1, batch_size=4), visa_frame, tmp_path / CHECKPOINT, max_steps=1)
     with pytest.raises(CheckpointError, match="another configuration"):
-        train(TINY, TrainConfig(epochs=1, batch_size=4, lr=1e-2), visa_frame, tmp_path)
+        train(TINY, TrainConfig(epochs=1, batch_size=4, lr=1e-2), visa_frame, tmp_path / CHECKPOINT)
 
 
 def test_trained_checkpoint_loads_for_inference(visa_frame, tmp_path):
-    result = train(TINY, TrainConfig(epochs=1, batch_size=4), visa_frame, tmp_path)
+    result = train(TINY, TrainConfig(epochs=1, batch_size=4), visa_frame, tmp_path / CHECKPOINT)
     model, payload = load_model(result.checkpoint)
     assert payload["progress"]["complete"] and not model.training
     trained = read_checkpoint(result.checkpoint)["weights"]

@@ -51,9 +51,9 @@ def test_demo_runs_prepare_train_and_evaluate_with_mlflow(quick_params, tmp_path
 
 def test_train_stops_and_resumes_from_its_checkpoint(quick_params, tmp_path):
     profile = load_profile(quick_params, "demo")
-    CliRunner().invoke(app, ["data", "demo", "--out", str(profile.data_root / "raw")])
-    CliRunner().invoke(app, ["data", "prepare", "visa", "--root", str(profile.raw_dir("visa")),
-                             "--out", str(profile.manifest("visa"))])
+    CliRunner().invoke(app, ["data", "demo", "--out", str(profile.layout.data / "raw")])
+    CliRunner().invoke(app, ["data", "prepare", "visa", "--root", str(profile.layout.raw("visa")),
+                             "--out", str(profile.layout.manifest("visa"))])
     first = CliRunner().invoke(app, ["train", "--config", str(quick_params), "--max-steps", "3"])
     assert first.exit_code == 0, first.output
     checkpoint = Path(first.stdout.strip().splitlines()[-1])

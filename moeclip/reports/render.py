@@ -20,7 +20,6 @@ from moeclip.errors import MoeclipError
 from moeclip.experiments import Benchmark, experiment_runs
 from moeclip.figures import save_figure
 from moeclip.params import Profile
-from moeclip.pipeline import analysis_dir, evaluation_metrics, experiment_metrics, experiment_resources
 from moeclip.reports.paper import load_paper_results, paper_table
 from moeclip.reports.tables import (Comparison, MethodTable, fmt, method_latex, method_markdown, variant_latex,
                                     variant_markdown)
@@ -84,7 +83,7 @@ def table1(benchmark: Benchmark, profile: Profile) -> MethodTable:
     default = benchmark.main.auxiliary
     sources = {target: default for target in benchmark.main.targets[default]}
     sources |= {default: auxiliary for auxiliary, targets in benchmark.main.targets.items() if default in targets}
-    ours_values: Values = {target: _read_json(evaluation_metrics(profile, auxiliary, target))
+    ours_values: Values = {target: _read_json(profile.layout.evaluation_metrics(auxiliary, target))
                            for target, auxiliary in sources.items()}
     datasets = {metric: [*(results["image_datasets"] if metric.startswith("image") else results["pixel_datasets"]),
                          "average_image" if metric.startswith("image") else "average_pixel"]
@@ -98,7 +97,7 @@ def table1(benchmark: Benchmark, profile: Profile) -> MethodTable:
 
 def experiment_table(benchmark: Benchmark, profile: Profile, key: str) -> Comparison:
     """Tables 2, 5-13 from an experiment's metrics.json, rows in params order."""
-    metrics = _read_json(experiment_metrics(profile, key))
+    metrics = _read_json(profile.layout.experiment_metrics(key))
     runs = experiment_runs(benchmark, profile, key)
     cells, paper_by_row = _paper_cells(key)
     ours = {run.name: _with_averages(metrics.get(run.name, {}), cells) for run in runs}
@@ -110,7 +109,7 @@ def experiment_table(benchmark: Benchmark, profile: Profile, key: str) -> Compar
 
 def table14(profile: Profile) -> Comparison:
     """Table 14 from the analysis stage's routed-patch statistics (raw statistics, not x100)."""
-    statistics = pd.read_csv(_stage_output(analysis_dir(profile) / "routed_statistics.csv"))
+    statistics = pd.read_csv(_stage_output(profile.layout.analysis() / "routed_statistics.csv"))
     cells, paper_by_row = _paper_cells("table14")
     dataset = profile.analysis.statistics_dataset
     ours = {f"Expert {int(row.expert)}": {(dataset, m): getattr(row, m) for _, m in cells}
@@ -124,7 +123,7 @@ def table14(profile: Profile) -> Comparison:
 # -- figures ---------------------------------------------------------------------------------
 def _sweep_values(benchmark: Benchmark, profile: Profile, key: str) -> pd.DataFrame:
     """An experiment's variants named 'parameter=value' as rows: parameter, value, and our metrics."""
-    metrics = _read_json(experiment_metrics(profile, key))
+    metrics = _read_json(profile.layout.experiment_metrics(key))
     dataset = benchmark.experiments[key].datasets[0]
     rows = []
     for run in experiment_runs(benchmark, profile, key):
@@ -197,7 +196,7 @@ RESOURCE_COLUMNS = {"params_m": "Params (M)", "trainable_m": "Trainable (M)", "s
 
 def resources_markdown(benchmark: Benchmark, profile: Profile, key: str) -> str:
     """Each variant's parameter counts, and its wall time and peak memory where they were measured."""
-    resources = _read_json(experiment_resources(profile, key))
+    resources = _read_json(profile.layout.experiment_resources(key))
     frame = pd.DataFrame([{"Variant": run.name, **resources.get(run.name, {})}
                           for run in experiment_runs(benchmark, profile, key)])
     columns = [column for column in RESOURCE_COLUMNS if column in frame and frame[column].notna().any()]
@@ -225,7 +224,7 @@ def _banner(profile: Profile) -> str:
 
 def render_reports(benchmark: Benchmark, profile: Profile) -> Path:
     """Write every table (.md and .tex) and figure (.png) of the profile, plus README.md indexing them."""
-    out = profile.report_dir
+    out = profile.layout.reports
     sections = [f"# Results: profile `{profile.name}`", "", _banner(profile), "",
                 "Bold marks the best value of each column (ours and the paper's separately; in Table 1 the best "
                 "method per dataset, where synthetic-data numbers never count). Δ = ours - paper.", ""]
@@ -247,11 +246,11 @@ def render_reports(benchmark: Benchmark, profile: Profile) -> Path:
         "fig6_num_experts.png": sweep_figure(sweeps["fig6"], "Fig. 6: number of experts"),
         "fig7_hyperparameters.png": sweep_figure(sweeps["fig7"], "Fig. 7: hyperparameter sweeps"),
     }
-    similarity = _read_json(analysis_dir(profile) / "similarity.json")
+    similarity = _read_json(profile.layout.analysis() / "similarity.json")
     figures["fig5_expert_similarity.png"] = similarity_figure(similarity["matrix"], similarity["layer"],
                                                               similarity["dataset"])
     figures["fig9_expert_utilisation.png"] = utilisation_figure(
-        pd.read_csv(_stage_output(analysis_dir(profile) / "utilisation.csv")))
+        pd.read_csv(_stage_output(profile.layout.analysis() / "utilisation.csv")))
     sections += ["## Figures", ""]
     for name, figure in figures.items():
         save_figure(figure, out / name)

@@ -1,0 +1,56 @@
+"""One object for every path of a profile (moeclip/layout.py), and dvc.yaml naming the same paths."""
+from pathlib import Path
+
+import yaml
+
+from moeclip.experiments import load_plan
+from moeclip.layout import RunLayout, checkpoint_in
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data_paths(stage: dict) -> tuple[set[str], set[str]]:
+    """A locked stage's outputs and its data (non-code) dependencies."""
+    outs = {out["path"] for out in stage.get("outs", [])}
+    return outs, {dep["path"] for dep in stage["deps"] if not dep["path"].startswith("moeclip")}
+
+
+def test_dvc_stages_read_and_write_the_layouts_paths():
+    """dvc.lock holds the stages as DVC expanded them for the committed (demo) profile."""
+    benchmark, profile = load_plan(ROOT / "params.yaml")
+    layout = profile.layout
+    locked = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    expected: dict[str, tuple[set[Path], set[Path]]] = {}
+    for dataset in benchmark.datasets:
+        expected[f"fetch@{dataset}"] = ({layout.raw(dataset)}, set())
+        expected[f"prepare@{dataset}"] = ({layout.manifest(dataset)}, {layout.raw(dataset)})
+    for auxiliary, targets in benchmark.main.targets.items():
+        expected[f"train@{auxiliary}"] = ({layout.training(auxiliary)}, {layout.manifest(auxiliary)})
+        for target in targets:
+            expected[f"evaluate-{auxiliary}@{target}"] = (
+                {layout.evaluation(auxiliary, target), layout.evaluation_metrics(auxiliary, target)},
+                {layout.training(auxiliary), layout.manifest(target)})
+    for experiment in benchmark.experiments:
+        expected[f"experiment@{experiment}"] = (
+            {layout.experiment(experiment), layout.experiment_metrics(experiment),
+             layout.experiment_resources(experiment)},
+            {layout.manifest("x").parent, layout.evaluation_metrics("x", "y").parents[1], layout.training("x").parent})
+    expected["analysis"] = ({layout.analysis()}, {layout.manifest("x").parent, layout.training(benchmark.main.auxiliary)})
+    expected["report"] = ({layout.reports}, {layout.metrics(), layout.resources(), layout.analysis()})
+    assert set(locked) == set(expected)
+    for name, (outs, deps) in expected.items():
+        assert _data_paths(locked[name]) == ({p.as_posix() for p in outs}, {p.as_posix() for p in deps}), name
+
+
+def test_the_trainings_checkpoint_and_loss_curve_are_where_dvc_plots_looks():
+    layout = RunLayout(data=Path("data/demo"), runs=Path("runs/demo"), reports=Path("reports/demo"))
+    assert layout.checkpoint("visa") == checkpoint_in(layout.training("visa")) == Path("runs/demo/train/visa/checkpoint.pt")
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    assert any(layout.losses("visa").as_posix() in entry["training loss"]["y"] for entry in plots
+               if isinstance(entry, dict) and "training loss" in entry)
+
+
+def test_a_profiles_data_root_moves_only_its_data():
+    _, profile = load_plan(ROOT / "params.yaml", "release")
+    assert profile.layout.data == Path("data/paper")
+    assert profile.layout.runs == Path("runs/release") and profile.layout.reports == Path("reports/release")
