@@ -87,14 +87,17 @@ PROFILE_OPTION = typer.Option(None, help="profile of the params file (default: i
 def train(
     config: Path = CONFIG_OPTION,
     profile: str | None = PROFILE_OPTION,
-    on: list[str] = typer.Option(["visa"], help="auxiliary dataset(s) to train on; repeat for several"),
+    on: list[str] | None = typer.Option(None, help="auxiliary dataset(s) to train on; repeat for several "
+                                                   "(default: params.yaml's main.auxiliary)"),
     out: Path | None = typer.Option(None, help="run folder (default: <runs>/<profile>/train/<datasets>)"),
     max_steps: int | None = typer.Option(None, help="stop (checkpointed) after this many steps; rerun to resume"),
 ) -> None:
     """Train MoECLIP on auxiliary dataset(s) with a profile's settings; resumes from the run folder's checkpoint."""
+    from moeclip.experiments import load_plan
     from moeclip.workflows import train_profile
 
-    typer.echo(str(train_profile(_profile(config, profile), on, out, max_steps)))
+    benchmark, _ = load_plan(config, profile)
+    typer.echo(str(train_profile(_profile(config, profile), on or [benchmark.main.auxiliary], out, max_steps)))
 
 
 @app.command()
@@ -102,18 +105,22 @@ def evaluate(
     checkpoint: Path = typer.Option(..., help="a checkpoint written by `moeclip train`"),
     manifest: list[Path] = typer.Option(..., help="manifest(s) to evaluate on; repeat for several"),
     out: Path = typer.Option(..., help="folder for per_class.csv/.parquet and summary.json"),
-    tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI"),
-    experiment: str = typer.Option("zsad-bench", help="MLflow experiment"),
-    device: str = typer.Option("auto"),
-    batch_size: int = typer.Option(8, min=1),
+    config: Path = CONFIG_OPTION,
+    profile: str | None = PROFILE_OPTION,
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: the profile's)"),
+    experiment: str | None = typer.Option(None, help="MLflow experiment (default: the profile's)"),
+    device: str | None = typer.Option(None, help="cpu, cuda, auto (default: the profile's)"),
+    batch_size: int | None = typer.Option(None, min=1, help="images per pass (default: the profile's)"),
 ) -> None:
     """Zero-shot evaluation: per-class and per-dataset AUROC/AP (x100), logged to MLflow."""
-    from moeclip.params import TrackingConfig
     from moeclip.workflows import evaluate_checkpoint
 
+    settings = _profile(config, profile)
+    tracking = settings.tracking.model_copy(update={key: value for key, value in
+                                                    {"uri": tracking_uri, "experiment": experiment}.items() if value})
     manifests = {path.stem: path for path in manifest}
-    summary = evaluate_checkpoint(checkpoint, manifests, out, TrackingConfig(uri=tracking_uri, experiment=experiment),
-                                  device, batch_size)
+    summary = evaluate_checkpoint(checkpoint, manifests, out, tracking, device or settings.device,
+                                  batch_size or settings.runtime.eval_batch_size)
     Console().print(_summary_table(f"{checkpoint} (x100)", {"": summary}))
 
 
@@ -158,9 +165,10 @@ def demo(
     targets = {name: manifests[name] for name in benchmark.main.targets[auxiliary]}
     run_dir = settings.layout.before_after()
     before = evaluate_checkpoint(untrained_checkpoint(settings.model, settings.train.seed, run_dir / "untrained.pt"),
-                                 targets, run_dir / "eval-untrained", settings.tracking, settings.device)
+                                 targets, run_dir / "eval-untrained", settings.tracking, settings.device,
+                                 settings.runtime.eval_batch_size)
     after = evaluate_checkpoint(train_profile(settings, [auxiliary], run_dir / "train"), targets,
-                                run_dir / "eval-trained", settings.tracking, settings.device)
+                                run_dir / "eval-trained", settings.tracking, settings.device, settings.runtime.eval_batch_size)
     columns = ["image_auroc", "pixel_auroc", "pixel_ap"]
     Console().print(_summary_table(
         f"Demo ({profile}): zero-shot on unseen datasets, x100 (tiny random-weight ViT; not paper results)",

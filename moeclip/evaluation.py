@@ -103,7 +103,7 @@ def _examples(outputs: dict[str, torch.Tensor], group: pd.DataFrame, count: int)
                     outputs["masks"][i].numpy(), outputs["maps"][i].cpu().numpy()) for i in chosen]
 
 
-def evaluate_frame(model: MoECLIP, frame: pd.DataFrame, batch_size: int = 8, device: str | torch.device = "cpu",
+def evaluate_frame(model: MoECLIP, frame: pd.DataFrame, batch_size: int, device: str | torch.device = "cpu",
                    num_workers: int | None = None, examples_per_class: int = 0,
                    execution: Execution | None = None, seed: int = 0) -> Evaluation:
     """One row per (dataset, class): counts and every metric the class can have (fractions, not x100).

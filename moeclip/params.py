@@ -70,6 +70,7 @@ class RuntimeConfig(BaseModel):
                                                       "3 warm-up passes")
     workers: int = Field(1, ge=1, description="an experiment's variants computed at once, each in its own process "
                                             "with `threads` threads (results do not change); 1 on one GPU")
+    eval_batch_size: int = Field(8, ge=1, description="test images per forward pass in evaluations and analyses")
 
 
 class ExperimentSelection(BaseModel):

@@ -154,6 +154,7 @@ def evaluate(params: Path, auxiliary: str, target: str, profile_name: str | None
     _, profile = _computing_plan(params, profile_name)
     summary = evaluate_checkpoint(_main_checkpoint(profile, auxiliary), {target: profile.layout.manifest(target)},
                                   profile.layout.evaluation(auxiliary, target), profile.tracking, profile.device,
+                                  profile.runtime.eval_batch_size,
                                   run_name=f"evaluate/{auxiliary}/{target}",
                                   tags={"auxiliary": auxiliary, "target": target, "profile": profile.name})
     metrics = profile.layout.evaluation_metrics(auxiliary, target)
@@ -210,6 +211,7 @@ def _evaluate_variant(profile: Profile, run: Run, checkpoint: Path, datasets: tu
     if results_file.is_file():
         return json.loads(results_file.read_text())
     summary = evaluate_checkpoint(checkpoint, manifests, folder / "tables", profile.tracking, profile.device,
+                                  profile.runtime.eval_batch_size,
                                   run_name=f"evaluate/{experiment}/{run.name}", test_time=run.test_time,
                                   tags={"experiment": experiment, "variant": run.name, "profile": profile.name})
     results = _summary_values(summary)
@@ -370,7 +372,7 @@ def _loader(profile: Profile, model, dataset: str):
     from moeclip.workflows import read_manifests
 
     frame = read_manifests({dataset: profile.layout.manifest(dataset)})
-    return DataLoader(ManifestDataset(frame, model.config.image_size), batch_size=8)
+    return DataLoader(ManifestDataset(frame, model.config.image_size), batch_size=profile.runtime.eval_batch_size)
 
 
 # -- report ----------------------------------------------------------------------------------

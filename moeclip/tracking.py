@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from moeclip.data.manifest import manifest_sha256
 from moeclip.figures import save_figure
+from moeclip.params import TrackingConfig
 
 MAX_PARAM_VALUE_LENGTH = 6000  # MLflow rejects longer param values
 TRUNCATION_MARK = "...[truncated]"
@@ -87,8 +88,9 @@ def git_commit(repo: Path | None = None) -> str | None:
 
 
 def tracking_uri_default() -> str:
-    """A SQLite file in the current directory: no server, and `mlflow ui` can open it directly."""
-    return "sqlite:///mlflow.db"
+    """The params schema's default store (a SQLite file in the current directory: no server, and
+    `mlflow ui` opens it directly), for runs started without a profile."""
+    return TrackingConfig.model_fields["uri"].default
 
 
 def _now_ms() -> int:

@@ -92,7 +92,7 @@ def train_model(profile: Profile, model: ModelConfig, settings: TrainConfig, tra
     return result.checkpoint
 
 
-def train_profile(profile: Profile, train_on: Sequence[str] = ("visa",), out_dir: Path | None = None,
+def train_profile(profile: Profile, train_on: Sequence[str], out_dir: Path | None = None,
                   max_steps: int | None = None) -> Path:
     """Train the profile's model on its auxiliary dataset(s) into `out_dir` (default: the main training's
     folder, `runs/<profile>/train/<datasets>`); returns the checkpoint."""
@@ -136,7 +136,7 @@ def _log_figures(run, evaluation: Evaluation) -> None:
 
 
 def evaluate_checkpoint(checkpoint: Path, manifests: Mapping[str, Path], out_dir: Path, tracking: TrackingConfig,
-                        device: str = "auto", batch_size: int = 8, run_name: str | None = None,
+                        device: str, batch_size: int, run_name: str | None = None,
                         test_time: Mapping[str, object] | None = None,
                         tags: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Zero-shot evaluation of a checkpoint on manifests: result tables in `out_dir`, everything in MLflow.

@@ -63,6 +63,28 @@ def test_train_stops_and_resumes_from_its_checkpoint(quick_params, tmp_path):
     assert torch.load(checkpoint, weights_only=False)["progress"]["complete"]
 
 
+def test_evaluate_logs_where_the_profile_says_unless_told_otherwise(quick_params, tmp_path):
+    from moeclip.workflows import untrained_checkpoint
+
+    profile = load_profile(quick_params, "demo")
+    CliRunner().invoke(app, ["data", "demo", "--out", str(profile.layout.data / "raw")])
+    CliRunner().invoke(app, ["data", "prepare", "mvtec", "--root", str(profile.layout.raw("mvtec")),
+                             "--out", str(profile.layout.manifest("mvtec"))])
+    checkpoint = untrained_checkpoint(profile.model, 0, tmp_path / "model.pt")
+    common = ["evaluate", "--checkpoint", str(checkpoint), "--manifest", str(profile.layout.manifest("mvtec")),
+              "--config", str(quick_params)]
+    first = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "first")])
+    second = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "second"), "--experiment", "mine",
+                                      "--batch-size", "3"])
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    client = MlflowClient(tracking_uri=profile.tracking.uri)  # the profile's store, in the working directory
+    assert [len(client.search_runs([client.get_experiment_by_name(name).experiment_id]))
+            for name in (profile.tracking.experiment, "mine")] == [1, 1]
+    for out in ("first", "second"):  # the batch size changes memory and speed, not the numbers
+        assert json.loads((tmp_path / out / "summary.json").read_text()) == \
+            json.loads((tmp_path / "first" / "summary.json").read_text())
+
+
 def test_predict_writes_overlays_and_scores(tmp_path):
     from moeclip import ModelConfig
     from moeclip.workflows import untrained_checkpoint
