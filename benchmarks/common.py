@@ -25,6 +25,9 @@ from moeclip.backbone import default_moe_layers
 from moeclip.cost import synchronize
 from moeclip.model import MoECLIP
 from moeclip.model.execution import REFERENCE, Execution, compile_backbone, fast_execution
+from moeclip.params import load_profile
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,8 +46,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    if args.tiny:
-        return ModelConfig.tiny(image_size=args.image_size or 64)
+    if args.tiny:  # the demo profile's network (params.yaml)
+        demo = load_profile(ROOT / "params.yaml", "demo").model
+        return demo.model_copy(update={"image_size": args.image_size or demo.image_size})
     return ModelConfig(backbone=args.backbone, image_size=args.image_size or 518, weights=None,
                        moe_layers=default_moe_layers(args.backbone))
 

@@ -129,13 +129,6 @@ class ModelConfig(BaseModel):
                              "text projection: set moe_layers: [], output_layers, text_head: frozen_projection")
         return self
 
-    @classmethod
-    def tiny(cls, **overrides: object) -> "ModelConfig":
-        """The offline demo/test network: a 4-block, 64-wide random-weight ViT at 64 px (8x8 patch grid)."""
-        defaults: dict[str, object] = dict(backbone="MoECLIP-Tiny-ViT", image_size=64, weights=None,
-                                           quick_gelu=False, moe_layers=(1, 2, 3, 4))
-        return cls(**(defaults | overrides))
-
     @property
     def moe(self) -> MoESettings:
         """The settings of each MoE layer, from this section's flat fields."""

@@ -7,7 +7,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from moeclip import ModelConfig, build_model
+from moeclip import build_model
 from moeclip.analysis import (
     assignment_counts,
     expert_utilisation,
@@ -21,6 +21,7 @@ from moeclip.analysis import (
 )
 from moeclip.data.transforms import normalize
 from moeclip.model.network import MoECLIP
+from tiny_models import tiny_config
 
 K = 4
 
@@ -37,7 +38,7 @@ class ConstantLogits(nn.Module):
 
 
 def _model(**overrides: object) -> MoECLIP:
-    return build_model(ModelConfig.tiny(**overrides), seed=0)
+    return build_model(tiny_config(**overrides), seed=0)
 
 
 def _loader(batches: int = 2, size: int = 64, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -1,13 +1,13 @@
 """Table 13's FLOPs (moeclip/cost.py): every matrix product of one image's inference, attention included."""
 import torch
 
-from moeclip.config import ModelConfig
 from moeclip.cost import inference_flop_counts
 from moeclip.model import build_model
+from tiny_models import tiny_config
 
 
 def test_attention_and_mlp_flops_match_the_vit_formula_and_text_is_not_counted():
-    config = ModelConfig.tiny()  # 4 blocks, width 64, 8 px patches at 64 px: 65 tokens
+    config = tiny_config()  # 4 blocks, width 64, 8 px patches at 64 px: 65 tokens
     model = build_model(config, seed=0).eval()
     image = torch.randn(1, 3, config.image_size, config.image_size)
     counts = inference_flop_counts(model, image, ["object"], "industrial")

@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from moeclip import ModelConfig, build_model
+from moeclip import build_model
 from moeclip.data.dataset import ManifestDataset
 from moeclip.model.scoring import finalize_class_scores
 from moeclip.evaluation import evaluate_frame, summarize
+from tiny_models import tiny_config
 
 SIZE = 16
 
@@ -48,7 +49,7 @@ class OracleModel(torch.nn.Module):
 
     def __init__(self, frame: pd.DataFrame) -> None:
         super().__init__()
-        self.config = ModelConfig.tiny(image_size=SIZE)
+        self.config = tiny_config(image_size=SIZE)
         self.truth = {}
         for row in frame.itertuples():
             mask = np.zeros((SIZE, SIZE), np.float32) if pd.isna(row.mask_path) else \
@@ -80,7 +81,7 @@ def test_each_class_gets_exactly_the_metrics_it_can_have(tmp_path):
 
 def test_pixel_auroc_equals_sklearn_on_the_normalised_class_maps(tmp_path):
     frame = _frame(tmp_path)
-    model = build_model(ModelConfig.tiny(image_size=32, moe_layers=(1, 2)), seed=0)  # 4x4 grid fits the blur
+    model = build_model(tiny_config(image_size=32, moe_layers=(1, 2)), seed=0)  # 4x4 grid fits the blur
     per_class = evaluate_frame(model, frame[frame["dataset"] == "mvtec"], batch_size=3).per_class
     dataset = ManifestDataset(frame[frame["dataset"] == "mvtec"], 32)
     batch = torch.stack([dataset[i]["image"] for i in range(len(dataset))])

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.profiler import profile
 
-from moeclip import ModelConfig, build_model
+from moeclip import build_model
 from moeclip.data.manifest import read_manifest
 from moeclip.data.prepare import prepare_dataset
 from moeclip.data.synthetic import generate_demo_datasets
@@ -23,13 +23,14 @@ from moeclip.evaluation import METRICS, evaluate_frame
 from moeclip.model import MoECLIP, Router
 from moeclip.model.execution import REFERENCE, Execution, compile_backbone, executing, fast_execution
 from moeclip.model.scoring import finalize_class_scores
+from tiny_models import tiny_config
 
 BF16 = Execution(bf16=True)
 
 
 def _randomised(seed: int) -> MoECLIP:
     """A tiny model whose zero-initialised trainables are random too, so every expert and head matters."""
-    model = build_model(ModelConfig.tiny(), seed=seed)
+    model = build_model(tiny_config(), seed=seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():

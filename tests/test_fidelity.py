@@ -15,7 +15,7 @@ from moeclip.losses import dice_loss
 from moeclip.model.text import RELEASE_DESCRIPTIONS, prompt_descriptions
 from moeclip.params import load_profile
 from moeclip.tracking import flatten_params
-from tiny_models import moe_adapter, randomised
+from tiny_models import moe_adapter, randomised, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # -- image score (SPEC 5, 6) --------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["paper", "release"])
 def test_the_model_scores_and_trains_on_the_chosen_image_similarity(kind):
-    model = randomised(ModelConfig.tiny(image_score=kind)).eval()
+    model = randomised(tiny_config(image_score=kind)).eval()
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         vision = model.encode_image(images)
@@ -83,7 +83,7 @@ def test_dice_paper_formula_and_release_smoothing():
 
 
 def test_heads_start_xavier_uniform_as_in_the_release():
-    model = build_model(ModelConfig.tiny(), seed=3)
+    model = build_model(tiny_config(), seed=3)
     width, embed = 64, 32
     depthwise = model.image_adapter.depthwise.weight  # (d, 1, 3): fan_in 3, fan_out 3 d
     pointwise = model.image_adapter.pointwise.weight  # (D, d, 1)
@@ -95,7 +95,7 @@ def test_heads_start_xavier_uniform_as_in_the_release():
 
 
 def test_release_text_adapter_keeps_its_leaky_relu():
-    model = build_model(ModelConfig.tiny(), seed=0)
+    model = build_model(tiny_config(), seed=0)
     head = model.text
     with torch.no_grad():
         head.adapter[0].weight.copy_(torch.eye(32, 64))
@@ -127,12 +127,12 @@ def test_release_description_set_is_verbatim_and_only_differs_where_the_release_
     batch = {"dataset": ["mvtec", "btad", "mvtec", "visa"], "class_name": ["capsule", "01", "bottle", "pcb1"],
              "description": ["black and orange capsule", "product", "dark bottle",
                              "dual ultrasonic distance sensor pcb module"]}
-    release = prompt_descriptions(batch, ModelConfig.tiny(description_set="release"))
+    release = prompt_descriptions(batch, tiny_config(description_set="release"))
     assert release[0] == "black asd orange capsule"
     assert release[1] == RELEASE_DESCRIPTIONS[("btad", "01")] and release[1].startswith("Bright concentric rings")
     assert release[2:] == batch["description"][2:]
-    assert prompt_descriptions(batch, ModelConfig.tiny()) == batch["description"]
-    assert prompt_descriptions(batch, ModelConfig.tiny(use_class_descriptions=False)) == batch["class_name"]
+    assert prompt_descriptions(batch, tiny_config()) == batch["description"]
+    assert prompt_descriptions(batch, tiny_config(use_class_descriptions=False)) == batch["class_name"]
 
 
 def test_the_release_profile_switches_every_documented_difference():
@@ -160,7 +160,7 @@ def test_every_switch_is_recorded_in_the_run_params():
 
 
 def test_a_checkpoint_of_the_old_format_is_refused_with_the_reason(tmp_path):
-    model = build_model(ModelConfig.tiny(), seed=0)
+    model = build_model(tiny_config(), seed=0)
     path = tmp_path / "old.pt"
     save_checkpoint(path, model, 0)
     payload = torch.load(path, weights_only=False)

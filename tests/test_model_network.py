@@ -7,11 +7,12 @@ from moeclip import ModelConfig, build_model
 from moeclip.losses import balance_loss, etf_loss
 from moeclip.model import count_parameters, patch_average
 from moeclip.model.text import prompt_ensemble
+from tiny_models import tiny_config
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_model(ModelConfig.tiny(), seed=0)
+    return build_model(tiny_config(), seed=0)
 
 
 def _randomise_trainables(model, seed=0):
@@ -35,7 +36,7 @@ def test_outputs_have_one_map_per_layer_and_scale(tiny):
 
 
 def test_prediction_is_sparse_and_equals_the_dense_forward():
-    model = build_model(ModelConfig.tiny(), seed=1)
+    model = build_model(tiny_config(), seed=1)
     _randomise_trainables(model)
     model.eval()
     images = torch.randn(2, 3, 64, 64)
@@ -51,7 +52,7 @@ def test_prediction_is_sparse_and_equals_the_dense_forward():
 
 
 def test_frozen_parameters_get_no_gradient_and_trained_ones_do():
-    model = build_model(ModelConfig.tiny(), seed=2)
+    model = build_model(tiny_config(), seed=2)
     _randomise_trainables(model, seed=2)
     model.train()
     maps, cosines, vision = model.training_outputs(torch.randn(2, 3, 64, 64), ["screw", "pill"])
@@ -70,7 +71,7 @@ def test_frozen_parameters_get_no_gradient_and_trained_ones_do():
 @pytest.mark.parametrize("overrides", [
     dict(), dict(projection_activation=True, paa_scales=(3, 5), image_adapter=False)])
 def test_batched_heads_equal_paa_ln_post_and_each_layers_projection(overrides):
-    model = build_model(ModelConfig.tiny(moe_layers=(1, 3), **overrides), seed=6).eval()
+    model = build_model(tiny_config(moe_layers=(1, 3), **overrides), seed=6).eval()
     _randomise_trainables(model, seed=6)
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -103,7 +104,7 @@ def test_prompt_ensemble_is_every_template_times_every_state():
 
 @pytest.mark.parametrize("head", ["release_adapter", "frozen_projection"])
 def test_text_anchors_average_normalised_prompt_embeddings(head):
-    model = build_model(ModelConfig.tiny(text_head=head), seed=3)
+    model = build_model(tiny_config(text_head=head), seed=3)
     anchors = model.text_anchors(["bottle", "cable"])
     assert anchors.shape == (2, 2, 32)
     torch.testing.assert_close(anchors.norm(dim=-1), torch.ones(2, 2))
@@ -118,14 +119,14 @@ def test_text_anchors_average_normalised_prompt_embeddings(head):
 
 
 def test_frozen_projection_equals_clips_own_text_encoder():
-    model = build_model(ModelConfig.tiny(text_head="frozen_projection"), seed=4)
+    model = build_model(tiny_config(text_head="frozen_projection"), seed=4)
     tokens = model.text.tokenizer(["a photo of a bottle."])
     with torch.no_grad():
         torch.testing.assert_close(model.text._encode(tokens) @ model.clip.text_projection, model.clip.encode_text(tokens))
 
 
 def test_learnable_prompts_train_their_context_vectors():
-    model = build_model(ModelConfig.tiny(learnable_prompts=True), seed=5)
+    model = build_model(tiny_config(learnable_prompts=True), seed=5)
     anchors = model.text_anchors(["bottle"])
     anchors[0, 1].sum().backward()
     assert model.text.context_abnormal.grad.abs().sum() > 0
@@ -150,15 +151,15 @@ def test_parameter_counts_split_backbone_and_added_modules(tiny):
                                      {"vanilla": True, "moe_layers": [], "output_layers": [2, 4], "text_head": "frozen_projection"}])
 def test_counting_without_weights_matches_the_built_model(changes):
     """The smoke run's per-variant counts come from the meta device: they must be the built model's."""
-    config = ModelConfig.model_validate({**ModelConfig.tiny().model_dump(), **changes})
+    config = ModelConfig.model_validate({**tiny_config().model_dump(), **changes})
     assert count_parameters(config) == build_model(config, seed=0).parameter_counts()
 
 
 def test_the_same_seed_builds_the_same_model_backbone_included():
-    one, two = build_model(ModelConfig.tiny(), seed=7), build_model(ModelConfig.tiny(), seed=7)
+    one, two = build_model(tiny_config(), seed=7), build_model(tiny_config(), seed=7)
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
         assert torch.equal(a, b), name
-    other = build_model(ModelConfig.tiny(), seed=8)
+    other = build_model(tiny_config(), seed=8)
     assert not torch.equal(other.clip.visual.conv1.weight, one.clip.visual.conv1.weight)
 
 
@@ -171,7 +172,7 @@ def test_the_same_seed_builds_the_same_model_backbone_included():
     dict(vanilla=True, moe_layers=(), output_layers=(2, 4), text_head="frozen_projection"),
 ])
 def test_ablation_variants_build_and_run(overrides):
-    model = build_model(ModelConfig.tiny(**overrides), seed=0).eval()
+    model = build_model(tiny_config(**overrides), seed=0).eval()
     layers = len(model.config.feature_layers) * len(model.config.paa_scales)
     with torch.no_grad():
         maps, scores = model.predict(torch.randn(1, 3, 64, 64), ["tile"], "medical")
@@ -181,7 +182,7 @@ def test_ablation_variants_build_and_run(overrides):
 
 
 def test_vanilla_clip_has_nothing_to_train():
-    model = build_model(ModelConfig.tiny(vanilla=True, moe_layers=(), output_layers=(4,),
+    model = build_model(tiny_config(vanilla=True, moe_layers=(), output_layers=(4,),
                                          text_head="frozen_projection"))
     assert model.parameter_counts()["trainable"] == 0
 
@@ -194,12 +195,12 @@ def test_vanilla_clip_has_nothing_to_train():
 ])
 def test_inconsistent_configs_are_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
-        ModelConfig.tiny(**overrides)
+        tiny_config(**overrides)
 
 
 def test_layers_beyond_the_backbone_depth_are_rejected():
     with pytest.raises(ValueError, match="4 blocks"):
-        build_model(ModelConfig.tiny(moe_layers=(6,)))
+        build_model(tiny_config(moe_layers=(6,)))
 
 
 def test_backbone_attention_uses_fused_scaled_dot_product_attention(tiny, monkeypatch):
@@ -218,7 +219,7 @@ def test_backbone_attention_uses_fused_scaled_dot_product_attention(tiny, monkey
 
 
 def test_blocks_before_the_first_moe_layer_record_no_autograd_graph():
-    model = build_model(ModelConfig.tiny(moe_layers=(3, 4)), seed=0).train()
+    model = build_model(tiny_config(moe_layers=(3, 4)), seed=0).train()
     recorded = []
     hooks = [block.register_forward_hook(lambda _m, _i, out: recorded.append(out.requires_grad))
              for block in model.clip.visual.transformer.resblocks]

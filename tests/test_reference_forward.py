@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from moeclip import ModelConfig
-from tiny_models import randomised
+from tiny_models import randomised, tiny_config
 
 MAP_RTOL = 1e-4
 SCORE_ATOL = 1e-5
@@ -134,7 +133,7 @@ def reference_predict(model, image: torch.Tensor, description: str, domain: str)
 
 @pytest.mark.parametrize("domain", ["industrial", "medical"])
 def test_predict_equals_the_written_out_forward(domain):
-    model = randomised(ModelConfig.tiny()).eval()
+    model = randomised(tiny_config()).eval()
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         maps, scores = model.predict(images, ["bottle", "bottle"], domain)
@@ -147,7 +146,7 @@ def test_predict_equals_the_written_out_forward(domain):
 
 def test_the_reference_tells_the_domains_blur_apart():
     """The two domains' blurs give different maps, so the test above pins each to its own kernel."""
-    model = randomised(ModelConfig.tiny()).eval()
+    model = randomised(tiny_config()).eval()
     image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(6))
     industrial, _ = reference_predict(model, image, "bottle", "industrial")
     medical, _ = reference_predict(model, image, "bottle", "medical")

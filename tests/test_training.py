@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeclip import ModelConfig
 from moeclip.checkpoint import CheckpointError, load_model, read_checkpoint
 from moeclip.config import TrainConfig
 from moeclip.data.manifest import read_manifest
@@ -23,6 +22,7 @@ from moeclip.losses import (
 )
 from moeclip.layout import CHECKPOINT
 from moeclip.training import Trainer, compute_losses, train
+from tiny_models import tiny_config
 
 
 def test_focal_loss_uses_the_true_class_probability():
@@ -90,7 +90,7 @@ def visa_frame(tmp_path_factory):
     return read_manifest(root / "visa.parquet").head(8)
 
 
-TINY = ModelConfig.tiny(moe_layers=(2, 4))
+TINY = tiny_config(moe_layers=(2, 4))
 
 
 def test_release_compat_trains_without_etf_and_balance(visa_frame, tmp_path):

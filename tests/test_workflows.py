@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from moeclip.cli import app
 from moeclip.params import ParamsError, load_profile
+from tiny_models import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,10 +87,9 @@ def test_evaluate_logs_where_the_profile_says_unless_told_otherwise(quick_params
 
 
 def test_predict_writes_overlays_and_scores(tmp_path):
-    from moeclip import ModelConfig
     from moeclip.workflows import untrained_checkpoint
 
-    checkpoint = untrained_checkpoint(ModelConfig.tiny(), 0, tmp_path / "model.pt")
+    checkpoint = untrained_checkpoint(tiny_config(), 0, tmp_path / "model.pt")
     rng = np.random.default_rng(0)
     images = []
     for index in range(2):

@@ -1,10 +1,27 @@
-"""The tiny random-weight MoECLIP with every trainable tensor randomised, so experts, router and heads all contribute."""
+"""The tests' networks: the demo profile's tiny random-weight ViT (from params.yaml, its one source), variants of it,
+and a copy with every trainable tensor randomised, so experts, router and heads all contribute."""
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 
 from moeclip import ModelConfig, build_model
 from moeclip.model import MoEAdapter, MoECLIP
+from moeclip.params import load_profile
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+@functools.cache
+def _demo_model() -> ModelConfig:
+    return load_profile(PARAMS, "demo").model
+
+
+def tiny_config(**overrides: object) -> ModelConfig:
+    """The demo profile's network (4 blocks, width 64, 8 px patches at 64 px: an 8x8 grid), with `overrides`."""
+    return ModelConfig.model_validate({**_demo_model().model_dump(), **overrides})
 
 
 def randomised(config: ModelConfig, seed: int = 0) -> MoECLIP:
