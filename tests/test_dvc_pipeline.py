@@ -70,7 +70,7 @@ def test_reports_hold_every_table_with_all_rows(clone):
         assert rows == names, key
         assert (reports / f"{key}.tex").is_file()
     assert _table_rows(reports / "table14.md") == ["Expert 1", "Expert 2", "Expert 3", "Expert 4"]
-    for figure in ("fig5_expert_similarity", "fig6_num_experts", "fig7_hyperparameters", "fig9_expert_utilisation"):
+    for figure in ("fig5_expert_similarity", "fig6_number_of_experts_k", "fig7_hyperparameter_sweeps", "fig9_expert_utilisation"):
         assert (reports / f"{figure}.png").is_file()
 
 

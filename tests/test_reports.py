@@ -7,7 +7,7 @@ import pytest
 
 from moeclip.errors import MoeclipError
 from moeclip.experiments import experiment_runs, load_plan
-from moeclip.reports.render import (ABLATION_TABLES, render_reports, similarity_figure, sweep_markdown,
+from moeclip.reports.render import (experiment_tables, render_reports, similarity_figure, sweep_markdown,
                                      utilisation_figure)
 from moeclip.reports.tables import (Comparison, MethodTable, best_index, fmt_delta, method_markdown, variant_latex,
                                     variant_markdown)
@@ -95,9 +95,11 @@ def test_report_renders_every_table_with_all_rows(tmp_path, monkeypatch):
     benchmark, profile = _fake_pipeline_outputs(ROOT / "params.yaml")
     out = render_reports(benchmark, profile)
     assert out == Path("reports/demo")
-    for key in ("table1", *ABLATION_TABLES, "table14"):
+    assert experiment_tables(benchmark) == ["table2", "table5", "table6", "table7", "table8", "table9", "table10",
+                                            "table11", "table12", "table13"]  # params.yaml's, in its order
+    for key in ("table1", *experiment_tables(benchmark), "table14"):
         assert (out / f"{key}.md").is_file() and (out / f"{key}.tex").is_file()
-    for figure in ("fig5_expert_similarity", "fig6_num_experts", "fig7_hyperparameters", "fig9_expert_utilisation"):
+    for figure in ("fig5_expert_similarity", "fig6_number_of_experts_k", "fig7_hyperparameter_sweeps", "fig9_expert_utilisation"):
         assert (out / f"{figure}.png").stat().st_size > 1000
     table1 = (out / "table1.md").read_text()
     # Every dataset of the paper's Table 1 is a row; MoECLIP (paper) mvtec image AUROC 93.9 vs ours 80.0.
@@ -112,7 +114,7 @@ def test_report_renders_every_table_with_all_rows(tmp_path, monkeypatch):
     # The demo's "Layer 2" row is compared with the paper's "Layer 12" row (MVTec-AD image AUROC 90.0).
     assert "| Layer 2 (paper: Layer 12) | 50.0 | 90.0 | -40.0 |" in (out / "table8.md").read_text()
     readme = (out / "README.md").read_text()
-    assert "not** paper results" in readme and "![fig6_num_experts.png](fig6_num_experts.png)" in readme
+    assert "not** paper results" in readme and "![fig6_number_of_experts_k.png](fig6_number_of_experts_k.png)" in readme
     # Beside each experiment, its variants' sizes; time and memory only where they were measured.
     table5 = (out / "table5.md").read_text()
     assert "| Variant   |   Params (M) |   Trainable (M) |" in table5 and "| Tiny@80   |        5.500 |           0.020 |" in table5

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,6 @@ from moeclip.reports.paper import load_paper_results, paper_table
 from moeclip.reports.tables import (Comparison, MethodTable, fmt, method_latex, method_markdown, variant_latex,
                                     variant_markdown)
 
-ABLATION_TABLES = ("table2", "table5", "table6", "table7", "table8", "table9", "table10", "table11", "table12",
-                   "table13")
 TABLE1_METRICS = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap"]
 Values = dict[str, dict[str, float | None]]  # dataset -> metric -> value
 
@@ -118,6 +117,21 @@ def table14(profile: Profile) -> Comparison:
     return Comparison("table14", f"Table 14: routed-patch statistics at layer {profile.analysis.layer} "
                       f"({dataset}, top-1)", rows, cells, ours, {r: paper_by_row.get(r, {}) for r in rows},
                       dataset_names=_dataset_names(), mark_best=False, digits=2)
+
+
+def experiment_tables(benchmark: Benchmark) -> list[str]:
+    """The experiments params.yaml names `table<N>`, in its order: each is a table of the report."""
+    return [key for key in benchmark.experiments if key.startswith("table")]
+
+
+def experiment_figures(benchmark: Benchmark) -> list[str]:
+    """The experiments params.yaml names `fig<N>` (sweeps): each is a figure with its numbers beside it."""
+    return [key for key in benchmark.experiments if key.startswith("fig")]
+
+
+def sweep_file(key: str, title: str) -> str:
+    """A sweep figure's file name from its key and title ('fig6', 'Number of experts K' -> fig6_number_of_experts_k.png)."""
+    return f"{key}_{re.sub(r'[^a-z0-9]+', '_', title.lower()).strip('_')}.png"
 
 
 # -- figures ---------------------------------------------------------------------------------
@@ -232,7 +246,7 @@ def render_reports(benchmark: Benchmark, profile: Profile) -> Path:
     _write_text(out / "table1.md", method_markdown(first))
     _write_text(out / "table1.tex", method_latex(first))
     sections.append(method_markdown(first))
-    comparisons = [experiment_table(benchmark, profile, key) for key in ABLATION_TABLES]
+    comparisons = [experiment_table(benchmark, profile, key) for key in experiment_tables(benchmark)]
     comparisons.append(table14(profile))
     for comparison in comparisons:
         markdown = variant_markdown(comparison)
@@ -241,11 +255,10 @@ def render_reports(benchmark: Benchmark, profile: Profile) -> Path:
         _write_text(out / f"{comparison.key}.md", markdown)
         _write_text(out / f"{comparison.key}.tex", variant_latex(comparison))
         sections.append(markdown)
-    sweeps = {"fig6": _sweep_values(benchmark, profile, "fig6"), "fig7": _sweep_values(benchmark, profile, "fig7")}
-    figures = {
-        "fig6_num_experts.png": sweep_figure(sweeps["fig6"], "Fig. 6: number of experts"),
-        "fig7_hyperparameters.png": sweep_figure(sweeps["fig7"], "Fig. 7: hyperparameter sweeps"),
-    }
+    sweeps = {key: _sweep_values(benchmark, profile, key) for key in experiment_figures(benchmark)}
+    figures = {sweep_file(key, benchmark.experiments[key].title):
+               sweep_figure(frame, f"Fig. {key.removeprefix('fig')}: {benchmark.experiments[key].title}")
+               for key, frame in sweeps.items()}
     similarity = _read_json(profile.layout.analysis() / "similarity.json")
     figures["fig5_expert_similarity.png"] = similarity_figure(similarity["matrix"], similarity["layer"],
                                                               similarity["dataset"])
