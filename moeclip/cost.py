@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from moeclip.checkpoint import load_model
 from moeclip.config import Domain
 from moeclip.model import MoECLIP
-from moeclip.params import resolve_device
+from moeclip.runtime import resolve_device
 
 WARMUP = 3
 

@@ -152,9 +152,3 @@ def profile_from_params(document: dict[str, Any], path: Path, name: str | None =
 def load_profile(path: Path, name: str | None = None) -> Profile:
     """The profile `name` (default: the active one) of params file `path` (see `profile_from_params`)."""
     return profile_from_params(read_params(path), Path(path), name)
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device

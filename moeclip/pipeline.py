@@ -340,7 +340,7 @@ def analyse(params: Path, profile_name: str | None = None) -> Path:
 
     from moeclip.analysis import expert_utilisation, inter_expert_similarity, routed_patch_statistics
     from moeclip.checkpoint import load_model
-    from moeclip.params import resolve_device
+    from moeclip.runtime import resolve_device
 
     benchmark, profile = _computing_plan(params, profile_name)
     auxiliary = benchmark.main.auxiliary

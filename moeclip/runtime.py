@@ -20,3 +20,10 @@ def pin_runtime(threads: int | None, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' as the device this machine has: cuda when available, else cpu; other names unchanged."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device

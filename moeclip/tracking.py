@@ -23,14 +23,20 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
-from mlflow.entities import Metric, Param, RunStatus, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
-from mlflow.tracking import MlflowClient
 
 from moeclip.data.manifest import manifest_sha256
+from moeclip.errors import MoeclipError
 from moeclip.figures import save_figure
 from moeclip.params import TrackingConfig
+
+try:
+    from mlflow.entities import Metric, Param, RunStatus, RunTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+    from mlflow.tracking import MlflowClient
+except ImportError as missing:  # the library installs without the benchmark application
+    raise MoeclipError(f"logging to MLflow needs the benchmark extra: pip install 'moeclip[benchmark]' ({missing})") \
+        from None
 
 MAX_PARAM_VALUE_LENGTH = 6000  # MLflow rejects longer param values
 TRUNCATION_MARK = "...[truncated]"

@@ -18,7 +18,8 @@ from moeclip.atomic import atomic_path, write_text_atomically
 from moeclip.config import Domain, ModelConfig, TrainConfig
 from moeclip.errors import MoeclipError
 from moeclip.layout import checkpoint_in
-from moeclip.params import Profile, TrackingConfig, resolve_device
+from moeclip.params import Profile, TrackingConfig
+from moeclip.runtime import resolve_device
 
 if TYPE_CHECKING:
     from moeclip.evaluation import Evaluation
