@@ -49,8 +49,10 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     if args.tiny:  # the demo profile's network (params.yaml)
         demo = load_profile(ROOT / "params.yaml", "demo").model
         return demo.model_copy(update={"image_size": args.image_size or demo.image_size})
-    return ModelConfig(backbone=args.backbone, image_size=args.image_size or 518, weights=None,
-                       moe_layers=default_moe_layers(args.backbone))
+    paper = load_profile(ROOT / "params.yaml", "paper").model
+    return ModelConfig.model_validate({**paper.model_dump(), "backbone": args.backbone, "weights": None,
+                                       "image_size": args.image_size or paper.image_size,
+                                       "moe_layers": default_moe_layers(args.backbone)})
 
 
 def fast_mode(args: argparse.Namespace, device: torch.device) -> Execution:

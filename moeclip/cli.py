@@ -32,19 +32,28 @@ def main() -> None:
     """MoECLIP zero-shot anomaly detection benchmark."""
 
 
+CONFIG_OPTION = typer.Option(Path("params.yaml"), "--config", help="the params file")
+PROFILE_OPTION = typer.Option(None, help="profile of the params file (default: its `profile:` entry)")
+
+
 @app.command()
 def params(
     backbone: str = typer.Option("ViT-L-14-336", help="open_clip model name"),
     image_size: int = typer.Option(518, help="input size in pixels"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    config: Path = CONFIG_OPTION,
+    profile: str = typer.Option("paper", help="the profile whose model settings the count uses"),
 ) -> None:
     """Count parameters of MoECLIP on a backbone: total, trainable, backbone, added (no weights needed)."""
     from moeclip.backbone import default_moe_layers
     from moeclip.config import ModelConfig
     from moeclip.model import count_parameters
+    from moeclip.params import load_profile
 
-    config = ModelConfig(backbone=backbone, image_size=image_size, weights=None, moe_layers=default_moe_layers(backbone))
-    counts = count_parameters(config)
+    settings = load_profile(config, profile).model.model_dump()
+    counted = ModelConfig.model_validate({**settings, "backbone": backbone, "image_size": image_size, "weights": None,
+                                          "moe_layers": default_moe_layers(backbone)})
+    counts = count_parameters(counted)
     if as_json:
         typer.echo(json.dumps(counts))
         return
@@ -77,10 +86,6 @@ def _summary_table(title: str, summaries: dict[str, pd.DataFrame]) -> Table:
     for dataset, row in joined.iterrows():
         table.add_row(str(dataset), *("-" if pd.isna(v) else f"{v:.1f}" for v in row))
     return table
-
-
-CONFIG_OPTION = typer.Option(Path("params.yaml"), "--config", help="the params file")
-PROFILE_OPTION = typer.Option(None, help="profile of the params file (default: its `profile:` entry)")
 
 
 @app.command()

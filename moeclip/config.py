@@ -1,9 +1,9 @@
-"""Model configuration: the `model` section of params.yaml as a validated object.
+"""Model and training configuration: the `model` and `train` sections of params.yaml as validated objects.
 
-Every switch used by the paper's ablations lives here, so that later stages only
-wire values from params.yaml into `ModelConfig` and never change model code.
-Defaults are the paper's (SPEC.md sections 1-6); where the authors' release
-differs, the release's behaviour is a named option.
+Every switch used by the paper's ablations is a field here, so that later stages only wire
+values from params.yaml into `ModelConfig` and never change model code; where the authors'
+release differs, the release's behaviour is a named option. No field has a default: every
+value lives once, in params.yaml (the paper's in `profiles.paper`, SPEC.md sections 1-7).
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ class BlurConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kernel_size: int = Field(7, ge=1)
-    sigma: float = Field(1.0, gt=0)
+    kernel_size: int = Field(ge=1)
+    sigma: float = Field(gt=0)
 
     @model_validator(mode="after")
     def _odd_kernel(self) -> "BlurConfig":
@@ -33,8 +33,8 @@ class BlurConfig(BaseModel):
 
 @dataclass(frozen=True)
 class MoESettings:
-    """One MoE layer's hyperparameters (SPEC 2, Tables 9-11). No defaults here: they are the
-    paper's and live once, in `ModelConfig`, whose `moe` property builds this object."""
+    """One MoE layer's hyperparameters (SPEC 2, Tables 9-11), built by `ModelConfig.moe` from the
+    model section's flat fields."""
 
     num_experts: int
     top_k: int
@@ -56,63 +56,58 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # Backbone (SPEC 1)
-    backbone: str = "ViT-L-14-336"
-    image_size: int = Field(518, ge=16)
-    weights: str | None = Field(
-        "openai",
-        description="'openai' (open_clip tag), a local checkpoint path, or null for random init",
-    )
-    quick_gelu: bool = Field(True, description="OpenAI CLIP weights were trained with QuickGELU")
+    backbone: str
+    image_size: int = Field(ge=16)
+    weights: str | None = Field(description="'openai' (open_clip tag), a local checkpoint path, or null for random init")
+    quick_gelu: bool = Field(description="OpenAI CLIP weights were trained with QuickGELU")
 
     # MoE adapter (SPEC 2); layers are 1-indexed transformer blocks
-    moe_layers: tuple[int, ...] = (6, 12, 18, 24)
+    moe_layers: tuple[int, ...]
     output_layers: tuple[int, ...] | None = Field(
-        None, description="layers whose features feed the heads; null = moe_layers (Table 8 varies it)"
+        description="layers whose features feed the heads; null = moe_layers (Table 8 varies it)"
     )
-    num_experts: int = Field(4, ge=1)
-    top_k: int = Field(2, ge=1)
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = 16.0
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    lambda_moe: float = Field(0.1, ge=0, le=1)
-    norm_eps: float = 1e-6
-    fofs: bool = Field(True, description="frozen orthogonal A blocks (Eq. 6); false = trainable LoRA A")
-    expert_type: Literal["lora", "full_rank"] = "lora"
-    router_type: Literal["linear", "mlp"] = "linear"
-    router_hidden: int = Field(256, ge=1, description="hidden width of the MLP router (Table 10)")
+    num_experts: int = Field(ge=1)
+    top_k: int = Field(ge=1)
+    lora_rank: int = Field(ge=1)
+    lora_alpha: float
+    lora_dropout: float = Field(ge=0, lt=1)
+    lambda_moe: float = Field(ge=0, le=1)
+    norm_eps: float
+    fofs: bool = Field(description="frozen orthogonal A blocks (Eq. 6); false = trainable LoRA A")
+    expert_type: Literal["lora", "full_rank"]
+    router_type: Literal["linear", "mlp"]
+    router_hidden: int = Field(ge=1, description="hidden width of the MLP router (Table 10)")
     router_noise: float = Field(
-        0.0, ge=0, description="alpha of N(0,(alpha*sigma)^2) noise on router logits at inference (Table 11)"
+        ge=0, description="alpha of N(0,(alpha*sigma)^2) noise on router logits at inference (Table 11)"
     )
 
     # Patch average aggregation and heads (SPEC 4, 5)
-    paa_scales: tuple[int, ...] = (1, 3, 5)
-    image_adapter: bool = Field(True, description="depth-wise adapter for the image score (Eq. 13)")
-    projection_activation: bool = Field(False, description="release's optional LeakyReLU after Proj_l")
-    vanilla: bool = Field(
-        False, description="plain frozen CLIP (Table 2 'Vanilla CLIP'): no MoE, CLIP's own projections"
-    )
+    paa_scales: tuple[int, ...]
+    image_adapter: bool = Field(description="depth-wise adapter for the image score (Eq. 13)")
+    projection_activation: bool = Field(description="release's optional LeakyReLU after Proj_l")
+    vanilla: bool = Field(description="plain frozen CLIP (Table 2 'Vanilla CLIP'): no MoE, CLIP's own projections")
 
     image_score: Literal["paper", "release"] = Field(
-        "paper", description="paper (Eqs. 13-14): cosine of T_A with the mean of the raw adapter outputs; release: "
-                             "dot product of T_A with the mean of the L2-normalised outputs (also used by L_ac)")
+        description="paper (Eqs. 13-14): cosine of T_A with the mean of the raw adapter outputs; release: "
+                    "dot product of T_A with the mean of the L2-normalised outputs (also used by L_ac)")
 
     # Text side (SPEC 5)
-    text_head: Literal["release_adapter", "frozen_projection"] = "release_adapter"
-    learnable_prompts: bool = Field(False, description="learnable context tokens instead of templates (Table 6)")
-    prompt_context_length: int = Field(4, ge=1)
-    use_class_descriptions: bool = Field(True, description="false = plain class names in prompts")
+    text_head: Literal["release_adapter", "frozen_projection"]
+    learnable_prompts: bool = Field(description="learnable context tokens instead of templates (Table 6)")
+    prompt_context_length: int = Field(ge=1)
+    use_class_descriptions: bool = Field(description="false = plain class names in prompts")
     description_set: Literal["datasets", "release"] = Field(
-        "datasets", description="datasets: the registry's descriptions (DATASETS.md); release: the authors' "
-                                "release verbatim (its BTAD texts and its MVTec capsule typo)")
-    logit_scale: float = 100.0
+        description="datasets: the registry's descriptions (DATASETS.md); release: the authors' "
+                    "release verbatim (its BTAD texts and its MVTec capsule typo)")
+    logit_scale: float
 
     # Numerics (training and test alike)
     precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="fp32 as the paper and the release compute; bf16 = autocast of the frozen blocks', "
-                            "experts' and projections' matmuls (router, scores, losses stay fp32)")
+        description="fp32 as the paper and the release compute; bf16 = autocast of the frozen blocks', "
+                    "experts' and projections' matmuls (router, scores, losses stay fp32)")
     # Test-time post-processing (SPEC 6)
-    blur_industrial: BlurConfig = BlurConfig(kernel_size=7, sigma=1.0)
-    blur_medical: BlurConfig = BlurConfig(kernel_size=9, sigma=1.5)
+    blur_industrial: BlurConfig
+    blur_medical: BlurConfig
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
@@ -147,34 +142,34 @@ class ModelConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    """The `train` section of params.yaml (SPEC 7). Defaults are the paper's."""
+    """The `train` section of params.yaml (SPEC 7)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(2, ge=1)
-    lr: float = Field(5e-4, gt=0, description="paper 5e-4; the release's default is 5e-5")
-    betas: tuple[float, float] = (0.5, 0.999)
-    milestones: tuple[int, ...] = Field((16000, 32000), description="MultiStepLR milestones, in iterations")
-    gamma: float = 0.5
-    seed: int = 0
-    focal_gamma: float = 2.0
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0, description="paper 5e-4; the release's default is 5e-5")
+    betas: tuple[float, float]
+    milestones: tuple[int, ...] = Field(description="MultiStepLR milestones, in iterations")
+    gamma: float
+    seed: int
+    focal_gamma: float
     classification_loss: Literal["bce", "cross_entropy"] = Field(
-        "bce", description="paper: BCE on S_A; release: 2-way cross-entropy on the raw cosines")
-    lambda_etf: float = Field(0.01, ge=0)
-    lambda_bal: float = Field(0.01, ge=0)
+        description="paper: BCE on S_A; release: 2-way cross-entropy on the raw cosines")
+    lambda_etf: float = Field(ge=0)
+    lambda_bal: float = Field(ge=0)
     expert_constraint: Literal["etf", "cosine", "contrastive"] = Field(
-        "etf", description="output-stage expert constraint weighted by lambda_etf (Table 10 variants)")
-    balance_unbiased: bool = Field(False, description="release: unbiased (n-1) variance in CV^2")
+        description="output-stage expert constraint weighted by lambda_etf (Table 10 variants)")
+    balance_unbiased: bool = Field(description="release: unbiased (n-1) variance in CV^2")
     release_compat: bool = Field(
-        False, description="train as the release effectively does: eval mode (sparse top-k, no dropout), "
-                           "no ETF and no balance loss")
-    augment: bool = True
+        description="train as the release effectively does: eval mode (sparse top-k, no dropout), "
+                    "no ETF and no balance loss")
+    augment: bool
     dice: Literal["paper", "release"] = Field(
-        "paper", description="paper: 1 - 2 sum(yp) / (sum(y) + sum(p)); release: smoothing 1 in numerator and "
-                             "denominator (a normal image's anomaly-channel Dice then has a gradient)")
+        description="paper: 1 - 2 sum(yp) / (sum(y) + sum(p)); release: smoothing 1 in numerator and "
+                    "denominator (a normal image's anomaly-channel Dice then has a gradient)")
     num_workers: int | None = Field(
-        None, ge=0, description="data-loading processes; null = one per spare core on CUDA, none on the CPU")
-    checkpoint_every: int = Field(200, ge=1, description="iterations between resumable checkpoints")
-    max_steps: int | None = Field(None, ge=1, description="end the training after this many optimiser steps "
-                                                         "(null: train all epochs); a smoke run's bound")
+        ge=0, description="data-loading processes; null = one per spare core on CUDA, none on the CPU")
+    checkpoint_every: int = Field(ge=1, description="iterations between resumable checkpoints")
+    max_steps: int | None = Field(ge=1, description="end the training after this many optimiser steps "
+                                                    "(null: train all epochs); a smoke run's bound")

@@ -86,8 +86,8 @@ class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
+    model: ModelConfig
+    train: TrainConfig
     data: DataConfig = DataConfig()
     tracking: TrackingConfig = TrackingConfig()
     runs: Path = Field(Path("runs"), description="checkpoints and results go to <runs>/<profile>/...")

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from moeclip import ModelConfig, build_model
+from moeclip import build_model
 from moeclip.backbone import TINY_BACKBONE, WeightsUnavailableError, default_moe_layers, load_clip
 from moeclip.cli import app
+from tiny_models import paper_config
 
 
 def test_positional_embedding_grid_is_resized_and_cls_kept(tmp_path):
@@ -49,7 +50,7 @@ def test_offline_openai_weights_say_what_to_download(monkeypatch):
 
 
 def test_any_open_clip_vit_and_input_size_works():
-    config = ModelConfig(backbone="ViT-B-32", image_size=448, weights=None, moe_layers=default_moe_layers("ViT-B-32"))
+    config = paper_config(backbone="ViT-B-32", image_size=448, weights=None, moe_layers=default_moe_layers("ViT-B-32"))
     model = build_model(config, seed=0).eval()
     assert config.moe_layers == (3, 6, 9, 12)
     assert model.grid == (14, 14)

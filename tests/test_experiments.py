@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moeclip.config import ModelConfig, TrainConfig
 from moeclip.experiments import experiment_runs, load_plan, main_run
 from moeclip.params import ParamsError, load_profile, read_params
 
@@ -16,10 +15,24 @@ SPEC_EXPERIMENTS = {"table2", "table5", "table6", "table7", "table8", "table9", 
                     "table13", "fig6", "fig7"}
 
 
-def test_params_hold_every_spec_experiment_and_the_paper_defaults():
+# SPEC.md sections 1-7: the paper's hyperparameters, which the paper profile must hold.
+SPEC_MODEL = {"backbone": "ViT-L-14-336", "weights": "openai", "image_size": 518, "moe_layers": (6, 12, 18, 24),
+              "num_experts": 4, "top_k": 2, "lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.05,
+              "lambda_moe": 0.1, "fofs": True, "expert_type": "lora", "router_type": "linear", "router_noise": 0.0,
+              "paa_scales": (1, 3, 5), "image_adapter": True, "vanilla": False, "learnable_prompts": False,
+              "precision": "fp32", "image_score": "paper", "output_layers": None,
+              "blur_industrial": {"kernel_size": 7, "sigma": 1.0}, "blur_medical": {"kernel_size": 9, "sigma": 1.5}}
+SPEC_TRAIN = {"lr": 5e-4, "betas": (0.5, 0.999), "batch_size": 2, "epochs": 20, "milestones": (16000, 32000),
+              "gamma": 0.5, "focal_gamma": 2.0, "lambda_etf": 0.01, "lambda_bal": 0.01, "classification_loss": "bce",
+              "expert_constraint": "etf", "dice": "paper", "augment": True, "release_compat": False, "max_steps": None}
+
+
+def test_params_hold_every_spec_experiment_and_the_papers_hyperparameters():
     benchmark, paper = load_plan(PARAMS, "paper")
     assert set(benchmark.experiments) == SPEC_EXPERIMENTS
-    assert paper.model == ModelConfig() and paper.train == TrainConfig()
+    model, train = paper.model.model_dump(), paper.train.model_dump()
+    assert {key: model[key] for key in SPEC_MODEL} == SPEC_MODEL
+    assert {key: train[key] for key in SPEC_TRAIN} == SPEC_TRAIN
     assert len(benchmark.datasets) == 14
     assert benchmark.main.auxiliary == "visa"
     assert set(benchmark.main.targets["visa"]) == set(benchmark.datasets) - {"visa"}

@@ -7,15 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeclip import ModelConfig, build_model
+from moeclip import build_model
 from moeclip.checkpoint import FORMAT_VERSION, OutdatedCheckpointError, read_checkpoint, save_checkpoint
-from moeclip.config import TrainConfig
 from moeclip.data.transforms import augment
 from moeclip.losses import dice_loss
 from moeclip.model.text import RELEASE_DESCRIPTIONS, prompt_descriptions
 from moeclip.params import load_profile
 from moeclip.tracking import flatten_params
-from tiny_models import moe_adapter, randomised, tiny_config
+from tiny_models import moe_adapter, paper_config, paper_training, randomised, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,8 +150,8 @@ def test_the_release_profile_switches_every_documented_difference():
 
 
 def test_every_switch_is_recorded_in_the_run_params():
-    params = flatten_params({"model": ModelConfig().model_dump(mode="json"),
-                             "train": TrainConfig().model_dump(mode="json")})
+    params = flatten_params({"model": paper_config().model_dump(mode="json"),
+                             "train": paper_training().model_dump(mode="json")})
     for key, value in {"model.image_score": "paper", "model.description_set": "datasets", "model.precision": "fp32",
                        "model.quick_gelu": "True", "train.dice": "paper",
                        "train.classification_loss": "bce"}.items():

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from moeclip.model import MoEAdapter, Router, fofs_matrices
-from moeclip.config import ModelConfig, MoESettings
+from moeclip.config import MoESettings
 from moeclip.model.moe import fofs_chunk_sizes
-from tiny_models import moe_adapter
+from tiny_models import moe_adapter, paper_config
 
 
 def test_fofs_chunk_sizes_put_the_remainder_first():
@@ -166,7 +166,7 @@ def test_zero_initialised_b_and_router_add_nothing_at_start():
 
 
 def test_each_moe_setting_comes_from_its_own_model_field():
-    config = ModelConfig(num_experts=6, top_k=3, lora_rank=5, lora_alpha=7.0, lora_dropout=0.2, lambda_moe=0.3,
+    config = paper_config(num_experts=6, top_k=3, lora_rank=5, lora_alpha=7.0, lora_dropout=0.2, lambda_moe=0.3,
                          norm_eps=1e-4, fofs=False, expert_type="full_rank", router_type="mlp", router_hidden=9,
                          router_noise=0.4)
     assert config.moe == MoESettings(num_experts=6, top_k=3, rank=5, alpha=7.0, dropout=0.2, lambda_moe=0.3, eps=1e-4,

@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
-from moeclip.config import BlurConfig, ModelConfig
+from moeclip.config import BlurConfig
 from moeclip.model import patch_average
 from moeclip.model.scoring import (anomaly_map, finalize_class_scores, image_embedding, image_score,
                                    image_similarities, similarity_logits, training_maps)
+from tiny_models import paper_config
 
 IDENTITY_BLUR = BlurConfig(kernel_size=1, sigma=1.0)
 
@@ -62,7 +63,7 @@ def test_similarity_logits_default_scale_is_100():
     patches = torch.tensor([[[[0.6, 0.8]]]])
     anchors = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
     torch.testing.assert_close(similarity_logits(patches, anchors), torch.tensor([[[[80.0], [60.0]]]]))
-    assert ModelConfig().logit_scale == 100.0
+    assert paper_config().logit_scale == 100.0
 
 
 def test_test_map_upsamples_with_aligned_corners():
@@ -98,7 +99,7 @@ def test_each_domain_blurs_with_the_papers_kernel(domain, kernel, sigma):
     """A delta on a 11x11 grid: the centre keeps w0^2 of it, w the normalised 1-D Gaussian of SPEC 6."""
     logits = torch.zeros(1, 1, 2, 121)
     logits[0, 0, 1, 60] = 2.0
-    blur = ModelConfig().blur_for(domain)
+    blur = paper_config().blur_for(domain)
     out = anomaly_map(logits, (11, 11), 11, blur)
     offsets = torch.arange(kernel) - kernel // 2
     weights = torch.exp(-offsets.double() ** 2 / (2 * sigma ** 2))

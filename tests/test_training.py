@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from moeclip.checkpoint import CheckpointError, load_model, read_checkpoint
-from moeclip.config import TrainConfig
 from moeclip.data.manifest import read_manifest
 from moeclip.data.prepare import prepare_dataset
 from moeclip.data.synthetic import generate_demo_datasets
@@ -22,7 +21,7 @@ from moeclip.losses import (
 )
 from moeclip.layout import CHECKPOINT
 from moeclip.training import Trainer, compute_losses, train
-from tiny_models import tiny_config
+from tiny_models import paper_training, tiny_config
 
 
 def test_focal_loss_uses_the_true_class_probability():
@@ -94,34 +93,34 @@ TINY = tiny_config(moe_layers=(2, 4))
 
 
 def test_release_compat_trains_without_etf_and_balance(visa_frame, tmp_path):
-    trainer = Trainer(TINY, TrainConfig(release_compat=True, batch_size=4), visa_frame, tmp_path / CHECKPOINT)
+    trainer = Trainer(TINY, paper_training(release_compat=True, batch_size=4), visa_frame, tmp_path / CHECKPOINT)
     batch = next(iter(trainer._loader([[0, 1, 2, 3]])))
     trainer.model.eval()
     losses = compute_losses(trainer.model, batch, trainer.config, trainer.device)
     assert losses["expert_constraint_loss"].item() == 0.0 and losses["balance_loss"].item() == 0.0
     trainer.model.train()
-    paper = compute_losses(trainer.model, batch, TrainConfig(batch_size=4), trainer.device)
+    paper = compute_losses(trainer.model, batch, paper_training(batch_size=4), trainer.device)
     assert paper["expert_constraint_loss"].item() > 0 and paper["segmentation_loss"].item() > 0
 
 
 def test_the_learning_rate_steps_per_iteration_and_adam_uses_the_papers_betas(visa_frame, tmp_path):
-    config = TrainConfig(batch_size=1, lr=1e-3, milestones=(3,), gamma=0.5, epochs=1)  # 8 steps in the epoch
+    config = paper_training(batch_size=1, lr=1e-3, milestones=(3,), gamma=0.5, epochs=1)  # 8 steps in the epoch
     trainer = Trainer(TINY, config, visa_frame, tmp_path / CHECKPOINT)
-    assert trainer.optimizer.param_groups[0]["betas"] == (0.5, 0.999) == TrainConfig().betas
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.5, 0.999) == paper_training().betas
     trainer.run(max_steps=4)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)  # halved after iteration 3
 
 
 def test_total_loss_adds_the_weighted_constraint_summed_over_layers_and_the_balance(visa_frame, tmp_path):
     model_config = TINY.model_copy(update={"lora_dropout": 0.0})
-    trainer = Trainer(model_config, TrainConfig(batch_size=4), visa_frame, tmp_path / CHECKPOINT)
+    trainer = Trainer(model_config, paper_training(batch_size=4), visa_frame, tmp_path / CHECKPOINT)
     with torch.no_grad():
         for adapter in trainer.model.moe.values():
             adapter.router.net.weight.normal_(std=0.5)  # uneven routing: a non-zero balance loss
             adapter.lora_b.normal_(std=0.1)
     trainer.model.train()
     batch = next(iter(trainer._loader([[0, 1, 2, 3]])))
-    weights = TrainConfig(batch_size=4, lambda_etf=0.3, lambda_bal=0.7)
+    weights = paper_training(batch_size=4, lambda_etf=0.3, lambda_bal=0.7)
     losses = compute_losses(trainer.model, batch, weights, trainer.device)
     with torch.no_grad():
         vision = trainer.model.encode_image(batch["image"])
@@ -135,7 +134,7 @@ def test_total_loss_adds_the_weighted_constraint_summed_over_layers_and_the_bala
 
 
 def test_a_killed_run_resumes_to_the_same_weights(visa_frame, tmp_path):
-    config = TrainConfig(epochs=2, batch_size=3, lr=1e-3, checkpoint_every=2)
+    config = paper_training(epochs=2, batch_size=3, lr=1e-3, checkpoint_every=2)
     whole = train(TINY, config, visa_frame, tmp_path / "whole" / CHECKPOINT)
     assert whole.steps == 6
     interrupted = train(TINY, config, visa_frame, tmp_path / "killed" / CHECKPOINT, max_steps=4)
@@ -152,22 +151,22 @@ def test_a_killed_run_resumes_to_the_same_weights(visa_frame, tmp_path):
 
 def test_a_step_budget_ends_the_training_complete_and_equal_to_its_first_steps(visa_frame, tmp_path):
     """`max_steps` (the smoke run's bound) is a finished training, unlike a paused one."""
-    bounded = train(TINY, TrainConfig(epochs=3, batch_size=3, max_steps=4), visa_frame, tmp_path / "bounded" / CHECKPOINT)
+    bounded = train(TINY, paper_training(epochs=3, batch_size=3, max_steps=4), visa_frame, tmp_path / "bounded" / CHECKPOINT)
     assert bounded.steps == 4 and read_checkpoint(bounded.checkpoint)["progress"]["complete"]
-    assert train(TINY, TrainConfig(epochs=3, batch_size=3, max_steps=4), visa_frame, tmp_path / "bounded" / CHECKPOINT).steps == 4
-    whole = train(TINY, TrainConfig(epochs=3, batch_size=3), visa_frame, tmp_path / "whole" / CHECKPOINT)
+    assert train(TINY, paper_training(epochs=3, batch_size=3, max_steps=4), visa_frame, tmp_path / "bounded" / CHECKPOINT).steps == 4
+    whole = train(TINY, paper_training(epochs=3, batch_size=3), visa_frame, tmp_path / "whole" / CHECKPOINT)
     assert whole.steps == 9
     assert [h["loss"] for h in bounded.history] == [h["loss"] for h in whole.history[:4]]
 
 
 def test_resume_refuses_a_checkpoint_of_another_configuration(visa_frame, tmp_path):
-    train(TINY, TrainConfig(epochs=1, batch_size=4), visa_frame, tmp_path / CHECKPOINT, max_steps=1)
+    train(TINY, paper_training(epochs=1, batch_size=4), visa_frame, tmp_path / CHECKPOINT, max_steps=1)
     with pytest.raises(CheckpointError, match="another configuration"):
-        train(TINY, TrainConfig(epochs=1, batch_size=4, lr=1e-2), visa_frame, tmp_path / CHECKPOINT)
+        train(TINY, paper_training(epochs=1, batch_size=4, lr=1e-2), visa_frame, tmp_path / CHECKPOINT)
 
 
 def test_trained_checkpoint_loads_for_inference(visa_frame, tmp_path):
-    result = train(TINY, TrainConfig(epochs=1, batch_size=4), visa_frame, tmp_path / CHECKPOINT)
+    result = train(TINY, paper_training(epochs=1, batch_size=4), visa_frame, tmp_path / CHECKPOINT)
     model, payload = load_model(result.checkpoint)
     assert payload["progress"]["complete"] and not model.training
     trained = read_checkpoint(result.checkpoint)["weights"]

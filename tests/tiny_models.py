@@ -9,19 +9,30 @@ import torch
 
 from moeclip import ModelConfig, build_model
 from moeclip.model import MoEAdapter, MoECLIP
-from moeclip.params import load_profile
+from moeclip.config import TrainConfig
+from moeclip.params import Profile, load_profile
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 @functools.cache
-def _demo_model() -> ModelConfig:
-    return load_profile(PARAMS, "demo").model
+def _profile(name: str) -> Profile:
+    return load_profile(PARAMS, name)
 
 
 def tiny_config(**overrides: object) -> ModelConfig:
     """The demo profile's network (4 blocks, width 64, 8 px patches at 64 px: an 8x8 grid), with `overrides`."""
-    return ModelConfig.model_validate({**_demo_model().model_dump(), **overrides})
+    return ModelConfig.model_validate({**_profile("demo").model.model_dump(), **overrides})
+
+
+def paper_config(**overrides: object) -> ModelConfig:
+    """The paper profile's network (ViT-L-14-336 at 518 px with OpenAI weights), with `overrides`."""
+    return ModelConfig.model_validate({**_profile("paper").model.model_dump(), **overrides})
+
+
+def paper_training(**overrides: object) -> TrainConfig:
+    """The paper profile's training settings, with `overrides`."""
+    return TrainConfig.model_validate({**_profile("paper").train.model_dump(), **overrides})
 
 
 def randomised(config: ModelConfig, seed: int = 0) -> MoECLIP:
@@ -37,4 +48,4 @@ def randomised(config: ModelConfig, seed: int = 0) -> MoECLIP:
 
 def moe_adapter(d: int, **model_fields: object) -> MoEAdapter:
     """One MoE layer of width `d` whose settings are the paper's except `model_fields` (ModelConfig's names)."""
-    return MoEAdapter(d, ModelConfig(**model_fields).moe)
+    return MoEAdapter(d, paper_config(**model_fields).moe)
