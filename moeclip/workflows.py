@@ -1,7 +1,7 @@
-"""The benchmark's stages as plain functions: prepare data, train, evaluate, predict.
+"""The jobs a profile runs, logged to MLflow: prepare its data, train, evaluate a checkpoint, predict.
 
-The CLI, the DVC stages and the Prefect flow all call these, so each stage has exactly
-one implementation. Training and evaluation runs are logged to MLflow. Torch, the model
+The command line calls them directly and the pipeline's stages (moeclip/pipeline.py) call them
+with the paths and settings of a stage, so each job has exactly one implementation. Torch, the model
 and MLflow are imported inside the functions that need them, so the data stages start fast.
 """
 from __future__ import annotations
