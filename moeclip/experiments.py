@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moeclip.config import ModelConfig, TrainConfig
-from moeclip.params import ParamsError, Profile, profile_from_params, read_params
+from moeclip.params import ParamsError, Profile, profile_from_params, read_params, validation_problems
 
 # Model fields that only act at test time: changing them needs no new training.
 TEST_TIME_FIELDS = ("router_noise", "blur_industrial", "blur_medical")
@@ -114,7 +114,7 @@ def _merged(base: ModelConfig | TrainConfig, overrides: dict[str, Any], where: s
     try:
         return type(base).model_validate({**base.model_dump(), **overrides})
     except ValidationError as err:
-        raise ParamsError(f"{where} is invalid:\n{err}") from None
+        raise ParamsError(f"{where} is invalid: {validation_problems(err)}") from None
 
 
 def resolve_variant(profile: Profile, name: str, variant: Variant, default_train_on: tuple[str, ...],
@@ -161,5 +161,5 @@ def load_plan(path: Path, profile_name: str | None = None) -> tuple[Benchmark, P
     try:
         benchmark = Benchmark.model_validate(document)
     except ValidationError as err:
-        raise ParamsError(f"params file '{path}' is invalid:\n{err}") from None
+        raise ParamsError(f"params file '{path}' is invalid: {validation_problems(err)}") from None
     return benchmark, profile_from_params(document, Path(path), profile_name or benchmark.profile)

@@ -146,7 +146,13 @@ def profile_from_params(document: dict[str, Any], path: Path, name: str | None =
     try:
         return Profile.model_validate({"name": name, **(profiles[name] or {})})
     except ValidationError as err:
-        raise ParamsError(f"profile '{name}' in '{path}' is invalid:\n{err}") from None
+        raise ParamsError(f"profile '{name}' in '{path}' is invalid: {validation_problems(err)}") from None
+
+
+def validation_problems(error: ValidationError) -> str:
+    """A validation error on one line: each field's dotted path and what is wrong with it."""
+    return "; ".join(": ".join(filter(None, (".".join(str(part) for part in problem["loc"]), problem["msg"].lower())))
+                     for problem in error.errors())
 
 
 def load_profile(path: Path, name: str | None = None) -> Profile:

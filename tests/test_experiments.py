@@ -89,7 +89,7 @@ def test_invalid_variants_and_selections_are_named(tmp_path):
     bad_model = _edited(tmp_path, lambda d: d["experiments"]["table9"]["variants"].update({"0": {"model": {
         "paa_scales": [2]}}}))
     benchmark, paper = load_plan(bad_model, "paper")
-    with pytest.raises(ParamsError, match=r"experiment 'table9' variant '0' model is invalid"):
+    with pytest.raises(ParamsError, match=r"variant '0' model is invalid: value error, paa_scales must be positive odd integers, got \(2,\)$"):
         experiment_runs(benchmark, paper, "table9")
     unknown = _edited(tmp_path, lambda d: d["profiles"]["demo"]["experiments"].update({"table9": {"only": ["7"]}}))
     benchmark, demo = load_plan(unknown)
@@ -113,9 +113,16 @@ def test_the_profile_to_run_must_exist(tmp_path):
     with pytest.raises(ParamsError, match=r"has no profile 'nope' \(it has: paper, release, paper-smoke, demo\)"):
         load_plan(PARAMS, "nope")
     unnamed = _edited(tmp_path, lambda d: d.pop("profile"))
-    with pytest.raises(ParamsError, match=r"params file '.*params.yaml' is invalid:\n(.|\n)*profile\n  Field required"):
+    with pytest.raises(ParamsError, match=r"params file '.*params.yaml' is invalid: profile: field required$"):
         load_plan(unnamed)
     with pytest.raises(ParamsError, match="has no top-level `profile: <name>` entry"):
         load_profile(unnamed)
     with pytest.raises(ParamsError, match="does not exist"):
         load_plan(tmp_path / "missing.yaml")
+
+
+def test_a_profile_without_its_model_and_training_is_named_in_one_line(tmp_path):
+    bare = _edited(tmp_path, lambda d: d["profiles"].update(bare={"data": {"synthetic": True}}))
+    with pytest.raises(ParamsError) as raised:
+        load_profile(bare, "bare")
+    assert str(raised.value) == f"profile 'bare' in '{bare}' is invalid: model: field required; train: field required"

@@ -48,8 +48,12 @@ experiments:
 
 @pytest.fixture
 def small_params(tmp_path: Path) -> Path:
+    """SMALL_PARAMS with the demo profile's network and training (a profile must name every value)."""
+    document = yaml.safe_load(SMALL_PARAMS)
+    demo = yaml.safe_load((REPO / "params.yaml").read_text())["profiles"]["demo"]
+    document["profiles"]["tiny"].update(model=demo["model"], train=demo["train"])
     path = tmp_path / "params.yaml"
-    path.write_text(SMALL_PARAMS)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
 
 
