@@ -41,7 +41,7 @@ def stage_files(stage: str, benchmark: Benchmark, profile: Profile,
     if stage == "prepare":
         return [profile.layout.raw(args["dataset"])], [profile.layout.manifest(args["dataset"])]
     if stage == "train":
-        return [profile.layout.manifest(args["auxiliary"])], [profile.layout.checkpoint(args["auxiliary"])]
+        return [profile.layout.manifest(args["auxiliary"])], [profile.layout.training(args["auxiliary"])]
     if stage == "evaluate":
         auxiliary, target = args["auxiliary"], args["target"]
         return [profile.layout.checkpoint(auxiliary), profile.layout.manifest(target)], \

@@ -54,3 +54,28 @@ def test_a_profiles_data_root_moves_only_its_data():
     _, profile = load_plan(ROOT / "params.yaml", "release")
     assert profile.layout.data == Path("data/paper")
     assert profile.layout.runs == Path("runs/release") and profile.layout.reports == Path("reports/release")
+
+
+def _stage_call(name: str) -> tuple[str, dict[str, str]]:
+    """A DVC stage name as the Prefect flow's (stage, arguments): 'evaluate-visa@mvtec' -> ('evaluate', ...)."""
+    kind, _, item = name.partition("@")
+    if kind.startswith("evaluate-"):
+        return "evaluate", {"auxiliary": kind.removeprefix("evaluate-"), "target": item}
+    argument = {"fetch": "dataset", "prepare": "dataset", "train": "auxiliary", "experiment": "experiment"}.get(kind)
+    return kind, ({argument: item} if argument else {})
+
+
+def test_the_flows_cache_keys_read_and_write_what_dvc_stages_do():
+    """pipelines/caching.py keys a Prefect task on the files its stage reads: the same ones, or files inside
+    the folders, that dvc.yaml declares; and it writes exactly dvc.yaml's outputs."""
+    from pipelines.caching import stage_files
+
+    benchmark, profile = load_plan(ROOT / "params.yaml")
+    locked = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    for name, stage in locked.items():
+        outs, deps = _data_paths(stage)
+        kind, args = _stage_call(name)
+        reads, writes = stage_files(kind, benchmark, profile, args)
+        assert {path.as_posix() for path in writes} == outs, name
+        for path in reads:
+            assert any(path == Path(dep) or Path(dep) in path.parents for dep in deps), (name, path)
