@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from moeclip.config import Domain
-from moeclip.data.dataset import ManifestDataset, loader_options
+from moeclip.data.dataset import loader_options
 from moeclip.metrics import pixel_metrics, ranking_metrics
 from moeclip.model import MoECLIP
 from moeclip.model.execution import Execution, executing, model_execution
@@ -120,7 +120,7 @@ def evaluate_frame(model: MoECLIP, frame: pd.DataFrame, batch_size: int, device:
     model.eval()
     ordered = frame.sort_values(["dataset", "class_name"], kind="stable")
     groups = list(_classes(ordered))
-    dataset = ManifestDataset(ordered, model.config.image_size, train=False)
+    dataset = model.inputs(ordered, train=False)
     loader = DataLoader(dataset, batch_sampler=_class_batches([len(g) for _, g in groups], batch_size),
                         **loader_options(device, num_workers))
     batches = iter(loader)

@@ -368,11 +368,10 @@ def analyse(params: Path, profile_name: str | None = None) -> Path:
 def _loader(profile: Profile, model, dataset: str):
     from torch.utils.data import DataLoader
 
-    from moeclip.data.dataset import ManifestDataset
     from moeclip.workflows import read_manifests
 
     frame = read_manifests({dataset: profile.layout.manifest(dataset)})
-    return DataLoader(ManifestDataset(frame, model.config.image_size), batch_size=profile.runtime.eval_batch_size)
+    return DataLoader(model.inputs(frame), batch_size=profile.runtime.eval_batch_size)
 
 
 # -- report ----------------------------------------------------------------------------------

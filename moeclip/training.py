@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from moeclip.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from moeclip.config import ModelConfig, TrainConfig
-from moeclip.data.dataset import ManifestDataset, loader_options
+from moeclip.data.dataset import loader_options
 from moeclip.losses import (
     balance_loss,
     classification_loss,
@@ -115,8 +115,7 @@ class Trainer:
         self.checkpoint = Path(checkpoint)
         torch.manual_seed(train_config.seed)
         self.model = build_model(model_config, seed=train_config.seed).to(self.device)
-        self.dataset = ManifestDataset(frame, model_config.image_size, train=train_config.augment,
-                                       seed=train_config.seed)
+        self.dataset = self.model.inputs(frame, train=train_config.augment, seed=train_config.seed)
         self.optimizer, self.scheduler = build_optimizer(self.model, train_config, self.device)
         self.execution = model_execution(model_config)
         self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "complete": False}

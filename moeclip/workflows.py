@@ -175,7 +175,6 @@ def predict_images(checkpoint: Path, images: Sequence[Path], description: str, d
     import torch
 
     from moeclip.checkpoint import load_model
-    from moeclip.data.dataset import ManifestDataset
     from moeclip.data.transforms import read_image
     from moeclip.figures import overlay_png
     from moeclip.model.scoring import finalize_class_scores, min_max
@@ -185,7 +184,7 @@ def predict_images(checkpoint: Path, images: Sequence[Path], description: str, d
     frame = pd.DataFrame({"image_path": [str(Path(p).resolve()) for p in images], "mask_path": None, "label": 0,
                           "class_name": description, "description": description, "dataset": "own",
                           "domain": domain})
-    dataset = ManifestDataset(frame, model.config.image_size)
+    dataset = model.inputs(frame)
     batch = torch.stack([dataset[i]["image"] for i in range(len(dataset))]).to(device)
     with torch.inference_mode():
         raw_maps, raw_scores = model.predict(batch, [description] * len(dataset), domain)

@@ -58,6 +58,9 @@ class OracleModel(torch.nn.Module):
         self.paths: list[str] = []
         self.dense_inference = False  # the switch the evaluator's execution modes set
 
+    def inputs(self, frame, **options):
+        return ManifestDataset(frame, SIZE, **options)
+
     def predict(self, images, descriptions, domain):
         paths, self.paths = self.paths[:len(images)], self.paths[len(images):]
         maps = torch.stack([torch.from_numpy(self.truth[p][0]) for p in paths])

@@ -227,3 +227,22 @@ def test_blocks_before_the_first_moe_layer_record_no_autograd_graph():
     for hook in hooks:
         hook.remove()
     assert recorded == [False, False, False, True]  # block 3 feeds the first MoE; block 4 follows it
+
+
+@pytest.mark.parametrize("size", [48, 64])
+def test_the_network_builds_its_own_inputs_at_its_size(tmp_path, size):
+    """Every caller (training, evaluation, analysis, prediction) gets images from `model.inputs`."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    path = tmp_path / "part.png"
+    Image.fromarray(np.full((30, 50, 3), 200, dtype=np.uint8)).save(path)
+    frame = pd.DataFrame({"image_path": [str(path)], "mask_path": [None], "label": [0], "class_name": ["part"],
+                          "description": ["part"], "dataset": ["own"], "domain": ["industrial"]})
+    item = build_model(tiny_config(image_size=size), seed=0).inputs(frame)[0]
+    assert item["image"].shape == (3, size, size) and item["mask"].shape == (1, size, size)
+    # CLIP normalisation: a flat grey of 200/255 becomes (0.784 - mean) / std per channel.
+    torch.testing.assert_close(item["image"][:, 0, 0], torch.tensor([(200 / 255 - 0.48145466) / 0.26862954,
+                                                                      (200 / 255 - 0.4578275) / 0.26130258,
+                                                                      (200 / 255 - 0.40821073) / 0.27577711]))

@@ -78,8 +78,9 @@ def test_evaluate_logs_where_the_profile_says_unless_told_otherwise(quick_params
     second = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "second"), "--experiment", "mine",
                                       "--batch-size", "3"])
     assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
-    client = MlflowClient(tracking_uri=profile.tracking.uri)  # the profile's store, in the working directory
-    assert [len(client.search_runs([client.get_experiment_by_name(name).experiment_id]))
+    client = MlflowClient(tracking_uri=profile.tracking.uri)  # the profile's store
+    ours = f"params.checkpoint = '{checkpoint}'"  # MLflow keeps one store per URI in a process: count ours only
+    assert [len(client.search_runs([client.get_experiment_by_name(name).experiment_id], ours))
             for name in (profile.tracking.experiment, "mine")] == [1, 1]
     for out in ("first", "second"):  # the batch size changes memory and speed, not the numbers
         assert json.loads((tmp_path / out / "summary.json").read_text()) == \

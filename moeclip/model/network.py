@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +13,7 @@ from torch import nn
 
 from moeclip.backbone import load_clip, tokenizer_for
 from moeclip.config import Domain, ModelConfig
+from moeclip.data.dataset import ManifestDataset
 from moeclip.model.heads import DepthwiseImageAdapter, SegmentationProjections
 from moeclip.model.moe import MoEAdapter, MoEAux
 from moeclip.model.paa import patch_average
@@ -69,6 +73,11 @@ class MoECLIP(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """State of the added modules only (the frozen backbone comes from its own weights)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
+
+    def inputs(self, frame: pd.DataFrame, **options: Any) -> ManifestDataset:
+        """A manifest's images (and masks) as this network takes them: resized to the size it was built for
+        and CLIP-normalised (SPEC 1); `options` (train, seed, ...) as `ManifestDataset` takes them."""
+        return ManifestDataset(frame, self.config.image_size, **options)
 
     def parameter_counts(self) -> dict[str, int]:
         backbone = sum(p.numel() for p in self.clip.parameters())
