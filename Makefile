@@ -26,6 +26,6 @@ test: $(STAMP)
 
 # Before a real paper run: the paper profile at its real size (random weights, one class per
 # dataset, one step per training) through `dvc repro` in .smoke/clone; per stage and per variant
-# wall time and peak memory (benchmarks/smoke_paper.py). About 2.4 hours on a 2-core CPU, minutes on a GPU.
+# wall time and peak memory (benchmarks/smoke_paper.py). 86 minutes on a 2-core CPU, minutes on a GPU.
 smoke-paper: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.smoke_paper
