@@ -28,9 +28,9 @@ from benchmarks.common import (
     measured_alone,
     model_config,
     modes,
+    paper_profile,
     print_table,
 )
-from moeclip.config import TrainConfig
 from moeclip.model import MoECLIP
 from moeclip.model.execution import Execution
 from moeclip.training import build_optimizer, train_step
@@ -51,7 +51,7 @@ def synthetic_batch(batch: int, size: int, device: torch.device) -> dict[str, An
 def stepper(model: MoECLIP, how: Execution, batch_size: int) -> Callable[[], dict[str, float]]:
     """One training step (losses, backward, Adam) at `batch_size`, with its own optimiser."""
     device = next(model.parameters()).device
-    config = TrainConfig(batch_size=batch_size)
+    config = paper_profile().train.model_copy(update={"batch_size": batch_size})
     optimizer, scheduler = build_optimizer(model, config, device)
     batch = synthetic_batch(batch_size, model.config.image_size, device)
     return lambda: train_step(model, optimizer, scheduler, batch, config, device, how)

@@ -25,7 +25,7 @@ from moeclip.backbone import default_moe_layers
 from moeclip.cost import synchronize
 from moeclip.model import MoECLIP
 from moeclip.model.execution import REFERENCE, Execution, compile_backbone, fast_execution
-from moeclip.params import load_profile
+from moeclip.params import Profile, load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,11 +45,16 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
 
 
+def paper_profile() -> Profile:
+    """The paper profile of the repository's params.yaml: the settings every full-size benchmark uses."""
+    return load_profile(ROOT / "params.yaml", "paper")
+
+
 def model_config(args: argparse.Namespace) -> ModelConfig:
     if args.tiny:  # the demo profile's network (params.yaml)
         demo = load_profile(ROOT / "params.yaml", "demo").model
         return demo.model_copy(update={"image_size": args.image_size or demo.image_size})
-    paper = load_profile(ROOT / "params.yaml", "paper").model
+    paper = paper_profile().model
     return ModelConfig.model_validate({**paper.model_dump(), "backbone": args.backbone, "weights": None,
                                        "image_size": args.image_size or paper.image_size,
                                        "moe_layers": default_moe_layers(args.backbone)})

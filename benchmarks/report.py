@@ -18,9 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moeclip.config import TrainConfig
+from benchmarks.common import paper_profile
 from moeclip.data.registry import DATASETS
-from moeclip.params import load_profile
 
 BENCHMARKS = ("inference", "train", "eval")
 TRAINED_ON = ("visa", "mvtec")
@@ -38,16 +37,11 @@ GPU_COMMANDS = (
 )
 
 
-def paper_training() -> TrainConfig:
-    """The paper profile's training settings (params.yaml)."""
-    return load_profile(Path(__file__).resolve().parents[1] / "params.yaml", "paper").train
-
-
 def paper_profile_images() -> dict[str, int]:
     """Images the paper profile pushes through each stage (test-set counts of paper Table 3)."""
     def test_images(name: str) -> int:
         return DATASETS[name].expected_normal + DATASETS[name].expected_anomalous
-    return {"train": paper_training().epochs * sum(test_images(name) for name in TRAINED_ON),
+    return {"train": paper_profile().train.epochs * sum(test_images(name) for name in TRAINED_ON),
             "eval": sum(test_images(name) for name in DATASETS)}
 
 
@@ -135,7 +129,7 @@ def render_folder(folder: Path) -> tuple[list[str], bool]:
         caption, columns = SECTIONS[name]
         lines += [f"### {caption}", "", *_table(report["rows"], columns), ""]
     if "train" in reports and "eval" in reports:
-        train = _fast_row(reports["train"], paper_training().batch_size)["images_per_s"]
+        train = _fast_row(reports["train"], paper_profile().train.batch_size)["images_per_s"]
         evaluation = _fast_row(reports["eval"])["images_per_s"]
         times = estimate(train, evaluation)
         lines += ["### Paper profile estimate from these measurements", "",
@@ -160,8 +154,8 @@ def render(folders: list[Path]) -> str:
              "to 1e-5 and the demo metrics within 0.1 point; in bf16 the class-normalised maps stay within 0.03 "
              "(0.002 on average) and the final scores within 0.01 of the reference.", "",
              "## Paper profile: how the estimate is made", "",
-             f"- 2 trainings x {paper_training().epochs} epochs over the VisA and MVTec-AD test sets: "
-             f"{images['train']:,} training images at batch {paper_training().batch_size};",
+             f"- 2 trainings x {paper_profile().train.epochs} epochs over the VisA and MVTec-AD test sets: "
+             f"{images['train']:,} training images at batch {paper_profile().train.batch_size};",
              f"- 14 evaluations, each dataset's test set once: {images['eval']:,} images;",
              "- stage time = images / measured fast-path images/s on one device (training at batch 2; "
              "evaluation end to end: decoding, forward, normalisation, metrics).", "",
