@@ -173,7 +173,8 @@ def demo(
                                  targets, run_dir / "eval-untrained", settings.tracking, settings.device,
                                  settings.runtime.eval_batch_size)
     after = evaluate_checkpoint(train_profile(settings, [auxiliary], run_dir / "train"), targets,
-                                run_dir / "eval-trained", settings.tracking, settings.device, settings.runtime.eval_batch_size)
+                                run_dir / "eval-trained", settings.tracking, settings.device,
+                                settings.runtime.eval_batch_size)
     columns = ["image_auroc", "pixel_auroc", "pixel_ap"]
     Console().print(_summary_table(
         f"Demo ({profile}): zero-shot on unseen datasets, x100 (tiny random-weight ViT; not paper results)",

@@ -58,7 +58,8 @@ class ModelConfig(BaseModel):
     # Backbone (SPEC 1)
     backbone: str
     image_size: int = Field(ge=16)
-    weights: str | None = Field(description="'openai' (open_clip tag), a local checkpoint path, or null for random init")
+    weights: str | None = Field(
+        description="'openai' (open_clip tag), a local checkpoint path, or null for random init")
     quick_gelu: bool = Field(description="OpenAI CLIP weights were trained with QuickGELU")
 
     # MoE adapter (SPEC 2); layers are 1-indexed transformer blocks

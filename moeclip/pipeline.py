@@ -194,8 +194,8 @@ def _checkpoint_for(benchmark: Benchmark, profile: Profile, run: Run, folder: Pa
         return untrained_checkpoint(run.model, profile.train.seed, folder / "untrained.pt")
     if reused:
         return _main_checkpoint(profile, reused)
-    return ensure_trained(profile, run, checkpoint_in(trainings / str(run.training_key)), f"train/{experiment}/{run.name}",
-                          {"experiment": experiment, "variant": run.name})
+    return ensure_trained(profile, run, checkpoint_in(trainings / str(run.training_key)),
+                          f"train/{experiment}/{run.name}", {"experiment": experiment, "variant": run.name})
 
 
 def _evaluate_variant(profile: Profile, run: Run, checkpoint: Path, datasets: tuple[str, ...], folder: Path,
@@ -324,8 +324,8 @@ def run_experiment(params: Path, experiment: str, profile_name: str | None = Non
     # Own trainings first, so that no worker is left training alone at the end while the other idles.
     order = sorted(range(len(runs)), key=lambda i: not (runs[i].trained and
                                                         _reused_main_training(benchmark, profile, runs[i]) is None))
-    results = in_processes(_variant_metrics, [(benchmark, profile, runs[i], profile.layout.variant(experiment, slugs[i]),
-                                               experiment) for i in order], profile.runtime)
+    calls = [(benchmark, profile, runs[i], profile.layout.variant(experiment, slugs[i]), experiment) for i in order]
+    results = in_processes(_variant_metrics, calls, profile.runtime)
     by_name = {runs[i].name: result for i, result in zip(order, results)}
     _prune(profile.layout.variants(experiment), set(slugs))
     _write_json(profile.layout.experiment_resources(experiment), {run.name: by_name[run.name][1] for run in runs})
