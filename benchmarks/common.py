@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import platform
 import sys
@@ -45,8 +46,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
 
 
+@functools.cache
 def paper_profile() -> Profile:
-    """The paper profile of the repository's params.yaml: the settings every full-size benchmark uses."""
+    """The paper profile of the repository's params.yaml: the settings every full-size benchmark uses
+    (read once: a report asks for it several times)."""
     return load_profile(ROOT / "params.yaml", "paper")
 
 

@@ -53,8 +53,9 @@ def stage_files(stage: str, benchmark: Benchmark, profile: Profile,
         return reads, [profile.layout.experiment(experiment), profile.layout.experiment_metrics(experiment),
                        profile.layout.experiment_resources(experiment)]
     if stage == "analysis":
-        return [profile.layout.checkpoint(benchmark.main.auxiliary),
-                *(profile.layout.manifest(d) for d in sorted(analysis_datasets(benchmark, profile)))], [profile.layout.analysis()]
+        reads = [profile.layout.checkpoint(benchmark.main.auxiliary),
+                 *(profile.layout.manifest(d) for d in sorted(analysis_datasets(benchmark, profile)))]
+        return reads, [profile.layout.analysis()]
     if stage == "report":
         return [profile.layout.metrics(), profile.layout.resources(), profile.layout.analysis()], \
             [profile.layout.reports]

@@ -15,7 +15,7 @@ from pipelines.flow import zsad_benchmark
 DEPLOYMENTS = {
     "demo": "The offline demo profile: synthetic datasets and a tiny ViT, minutes on a CPU.",
     "paper-smoke": "The paper's profile at its real size with one step per training and one class per "
-                   "synthetic dataset: run it before `paper` (hours on a CPU, minutes on a GPU).",
+                   "synthetic dataset: run it before `paper` (86 minutes on a 2-core CPU, minutes on a GPU).",
     "paper": "The paper's profile: real datasets and ViT-L-14-336, needs a GPU.",
 }
 
