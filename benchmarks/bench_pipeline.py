@@ -3,7 +3,7 @@
 Each mode runs `dvc repro` from nothing in its own fresh clone of the working tree and times
 every stage from DVC's "Running stage" lines. Start-up cost is measured on its own too: a cold
 stage process imports what the stages import (torch, open_clip, MLflow's SQL store, the
-package), a warm one is a round trip through the stage server (moeclip/warm.py).
+package), a warm one is a round trip through the stage server (moeclip/bench/warm.py).
 
     .venv/bin/python -m benchmarks.bench_pipeline --out reports/pipeline-time/<machine>.json
 """
@@ -134,7 +134,7 @@ def startup_seconds(clone: Path, warm: bool, repeats: int = 3) -> float:
         subprocess.run(command, cwd=clone, env=env, capture_output=True)  # starts the server
         wait_for_server(clone)
     else:
-        from moeclip.warm import PRELOAD
+        from moeclip.bench.warm import PRELOAD
 
         command = [sys.executable, "-c", "import importlib\nfor m in %r: importlib.import_module(m)" % (PRELOAD,)]
     best = float("inf")

@@ -26,7 +26,7 @@ from moeclip.backbone import default_moe_layers
 from moeclip.cost import synchronize
 from moeclip.model import MoECLIP
 from moeclip.model.execution import REFERENCE, Execution, compile_backbone, fast_execution
-from moeclip.params import Profile, load_profile
+from moeclip.bench.params import Profile, load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 

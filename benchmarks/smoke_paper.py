@@ -21,8 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.bench_pipeline import ROOT, clone_working_tree, run_repro
-from moeclip.experiments import Benchmark, experiment_runs, load_plan
-from moeclip.params import Profile
+from moeclip.bench.experiments import Benchmark, experiment_runs, load_plan
+from moeclip.bench.params import Profile
 
 PROFILE = "paper-smoke"
 

@@ -4,7 +4,7 @@ CPU reductions and matrix products are split across threads, so the thread count
 rounding of sums (one stage trained with 1 and with 2 threads ends with weights 7e-5 apart);
 some CUDA kernels (atomics, cuBLAS workspaces) are not deterministic at all. Stages call
 `pin_runtime` before any computation, so the same command on another machine of the same
-kind gives the same bits. Which CPU vector kernels run is pinned earlier, in moeclip.launch.
+kind gives the same bits. Which CPU vector kernels run is pinned earlier, in moeclip.bench.launch.
 """
 from __future__ import annotations
 

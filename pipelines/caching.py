@@ -26,8 +26,8 @@ from prefect.utilities.hashing import hash_objects
 
 import moeclip
 from moeclip.data.archive import file_sha256
-from moeclip.experiments import Benchmark, load_plan
-from moeclip.params import Profile
+from moeclip.bench.experiments import Benchmark, load_plan
+from moeclip.bench.params import Profile
 from pipelines.plan import analysis_datasets, experiment_datasets
 
 CODE_SUFFIXES = (".py", ".json", ".yaml")

@@ -1,6 +1,6 @@
 """The `zsad-benchmark` Prefect flow: the stages of dvc.yaml as tasks, fanned out per dataset, training and experiment.
 
-Each task is a stage function of moeclip/pipeline.py, unchanged, so the flow and `dvc repro`
+Each task is a stage function of moeclip/bench/pipeline.py, unchanged, so the flow and `dvc repro`
 produce the same files. Tasks run in a process pool: a training draws its dropout from the
 global torch RNG, which threads would share (and so lose the seed's reproducibility), and a
 process per stage is also what DVC gives each stage. ZSAD_MAX_WORKERS (default 2) caps how
@@ -16,8 +16,8 @@ from prefect import flow, get_run_logger, task
 from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from moeclip import pipeline
-from moeclip.experiments import load_plan
+from moeclip.bench import pipeline
+from moeclip.bench.experiments import load_plan
 from pipelines.caching import StageCache, outputs_exist
 from pipelines.plan import plan_stages
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from moeclip.experiments import Benchmark, experiment_runs
-from moeclip.params import Profile
+from moeclip.bench.experiments import Benchmark, experiment_runs
+from moeclip.bench.params import Profile
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def experiment_datasets(benchmark: Benchmark, profile: Profile, experiment: str)
 
 
 def analysis_datasets(benchmark: Benchmark, profile: Profile) -> set[str]:
-    """The datasets the analysis stage reads (moeclip.pipeline.analyse)."""
+    """The datasets the analysis stage reads (moeclip.bench.pipeline.analyse)."""
     auxiliary = benchmark.main.auxiliary
     return {auxiliary, *benchmark.main.targets[auxiliary],
             profile.analysis.similarity_dataset, profile.analysis.statistics_dataset}

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from moeclip import build_model
 from moeclip.backbone import TINY_BACKBONE, WeightsUnavailableError, default_moe_layers, load_clip
-from moeclip.cli import app
+from moeclip.bench.cli import app
 from tiny_models import paper_config
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 import pytest
 from typer.testing import CliRunner
 
-from moeclip.cli import app
+from moeclip.bench.cli import app
 from moeclip.data.archive import file_sha256, member_problem
 from moeclip.data.fetch import fetch_dataset, http_download
 from moeclip.data.manifest import read_manifest

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from moeclip.cli import app
+from moeclip.bench.cli import app
 from moeclip.data.layouts import parse_layout
 from moeclip.data.prepare import prepare_dataset
 from moeclip.data.registry import DATASETS

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 from typer.testing import CliRunner
 
-from moeclip.cli import app
+from moeclip.bench.cli import app
 from moeclip.data.manifest import COLUMNS, load_mask, manifest_sha256, read_manifest, write_manifest
 from moeclip.data.prepare import compare_expected, prepare_dataset
 from moeclip.data.registry import DATASETS, DataError

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from benchmarks.bench_pipeline import clone_working_tree, run_repro, stage_environment
-from moeclip.experiments import experiment_runs, load_plan
+from moeclip.bench.experiments import experiment_runs, load_plan
 
 # The whole demo pipeline, measured with benchmarks/bench_pipeline.py (reports/pipeline-time/): 336 s on
 # 2 idle cores, 470 s with one core kept busy (experiments run two single-threaded variants at once).

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moeclip.experiments import experiment_runs, load_plan, main_run
-from moeclip.params import ParamsError, load_profile, read_params
+from moeclip.bench.experiments import experiment_runs, load_plan, main_run
+from moeclip.bench.params import ParamsError, load_profile, read_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"

@@ -12,8 +12,8 @@ from moeclip.checkpoint import FORMAT_VERSION, OutdatedCheckpointError, read_che
 from moeclip.data.transforms import augment
 from moeclip.losses import dice_loss
 from moeclip.model.text import RELEASE_DESCRIPTIONS, prompt_descriptions
-from moeclip.params import load_profile
-from moeclip.tracking import flatten_params
+from moeclip.bench.params import load_profile
+from moeclip.bench.tracking import flatten_params
 from tiny_models import moe_adapter, paper_config, paper_training, randomised, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

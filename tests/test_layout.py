@@ -1,10 +1,10 @@
-"""One object for every path of a profile (moeclip/layout.py), and dvc.yaml naming the same paths."""
+"""One object for every path of a profile (moeclip/bench/layout.py), and dvc.yaml naming the same paths."""
 from pathlib import Path
 
 import yaml
 
-from moeclip.experiments import load_plan
-from moeclip.layout import RunLayout, checkpoint_in
+from moeclip.bench.experiments import load_plan
+from moeclip.bench.layout import RunLayout, checkpoint_in
 
 ROOT = Path(__file__).resolve().parents[1]
 

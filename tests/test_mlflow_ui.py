@@ -1,4 +1,4 @@
-"""The MLflow UI lists the runs `moeclip.tracking` logs: a real `mlflow server` on a SQLite store,
+"""The MLflow UI lists the runs `moeclip.bench.tracking` logs: a real `mlflow server` on a SQLite store,
 rendered by headless Chromium (the UI is a React app, so the HTML that the server sends has no runs in it)."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from moeclip.tracking import start_run
+from moeclip.bench.tracking import start_run
 from server_processes import free_port, start_group, stop_group
 
 EXPERIMENT = "ui-test"

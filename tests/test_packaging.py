@@ -6,11 +6,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 APPLICATION_TOOLS = ("mlflow", "dvc", "prefect", "fastapi")
-LIBRARY = ("moeclip", "moeclip.model", "moeclip.data.dataset", "moeclip.data.fetch", "moeclip.data.prepare",
-           "moeclip.data.synthetic", "moeclip.metrics", "moeclip.training", "moeclip.evaluation", "moeclip.analysis",
-           "moeclip.cost", "moeclip.checkpoint", "moeclip.losses", "moeclip.figures", "moeclip.runtime")
-APPLICATION = ("moeclip.params", "moeclip.experiments", "moeclip.layout", "moeclip.pipeline", "moeclip.workflows",
-               "moeclip.tracking", "moeclip.reports", "moeclip.warm", "moeclip.cli")
+PACKAGE = ROOT / "moeclip"
+APPLICATION = "moeclip.bench"
+# Every module of the package outside the application: the library.
+LIBRARY = tuple(sorted(
+    ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for path in PACKAGE.rglob("*.py") if APPLICATION.replace(".", "/") not in path.relative_to(ROOT).as_posix()))
 
 # Run in a fresh interpreter where importing any of the tools fails, as on a machine without them.
 PROBE = f"""
@@ -26,10 +27,10 @@ class Absent:
 sys.meta_path.insert(0, Absent())
 for module in {LIBRARY!r}:
     importlib.import_module(module)
-loaded = sorted(m for m in {APPLICATION!r} if m in sys.modules)
+loaded = sorted(m for m in sys.modules if m.startswith({APPLICATION!r}))
 assert not loaded, f"the library imported the application: {{loaded}}"
 try:
-    importlib.import_module("moeclip.tracking")
+    importlib.import_module({APPLICATION!r} + ".tracking")
 except Exception as error:
     print(type(error).__name__, error)
 """

@@ -1,4 +1,4 @@
-"""The transcribed paper numbers (moeclip/reports/paper_results.yaml) checked against the paper text.
+"""The transcribed paper numbers (moeclip/bench/reports/paper_results.yaml) checked against the paper text.
 
 Every check re-reads the printed table rows from the extracted paper and compares them, cell by cell
 and in printed column order, with the YAML, so a mistyped number, a swapped pair or a missing row fails.
@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from moeclip.reports.paper import load_paper_results, paper_table, paper_value, table_names
+from moeclip.bench.reports.paper import load_paper_results, paper_table, paper_value, table_names
 
 # The paper text is not redistributable, so it is not in the repository: MOECLIP_PAPER_TEXT names the
 # file (CI sets it; tests/conftest.py does not collect this module without it).

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moeclip.experiments import load_plan
+from moeclip.bench.experiments import load_plan
 from server_processes import free_port, start_group, stop_group
 from pipelines.caching import StageCache, outputs_exist
 from pipelines.plan import plan_stages

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 
 from moeclip.errors import MoeclipError
-from moeclip.experiments import experiment_runs, load_plan
-from moeclip.reports.render import (experiment_tables, render_reports, similarity_figure, sweep_markdown,
+from moeclip.bench.experiments import experiment_runs, load_plan
+from moeclip.bench.reports.render import (experiment_tables, render_reports, similarity_figure, sweep_markdown,
                                      utilisation_figure)
-from moeclip.reports.tables import (Comparison, MethodTable, best_index, fmt_delta, method_markdown, variant_latex,
+from moeclip.bench.reports.tables import (Comparison, MethodTable, best_index, fmt_delta, method_markdown, variant_latex,
                                     variant_markdown)
 
 ROOT = Path(__file__).resolve().parents[1]

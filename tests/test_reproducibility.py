@@ -20,9 +20,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from benchmarks.bench_pipeline import stage_environment, wait_for_server
-from moeclip import warm
-from moeclip.params import RuntimeConfig
-from moeclip.pipeline import in_processes
+from moeclip.bench import warm
+from moeclip.bench.params import RuntimeConfig
+from moeclip.bench.pipeline import in_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +147,7 @@ def test_where_time_is_measured_each_call_has_a_process_of_its_own():
 def test_threads_follow_the_profile(tmp_path):
     document = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert document["profiles"]["demo"]["runtime"]["threads"] == 1
-    script = ("from moeclip.cli import _profile; import torch; from pathlib import Path; "
+    script = ("from moeclip.bench.cli import _profile; import torch; from pathlib import Path; "
               "_profile(Path('params.yaml'), 'demo'); print(torch.get_num_threads(), "
               "torch.are_deterministic_algorithms_enabled())")
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
@@ -188,7 +188,7 @@ def test_a_warm_stage_reports_errors_and_exit_status_like_a_fresh_process(tmp_pa
 
 def test_kept_evaluations_follow_the_evaluation_code(tmp_path):
     """A variant's kept results are keyed by the code that computed them, so an edit there re-evaluates."""
-    from moeclip.pipeline import EVALUATION_CODE, PACKAGE, code_digest
+    from moeclip.bench.pipeline import EVALUATION_CODE, PACKAGE, code_digest
 
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/auc.py").write_text("AUC = 1\n")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from benchmarks.bench_pipeline import stage_environment, wait_for_server
 from benchmarks.smoke_paper import PROFILE, planned_stages, stage_records, use_profile, variant_records
-from moeclip.experiments import experiment_runs, load_plan
+from moeclip.bench.experiments import experiment_runs, load_plan
 from moeclip.resources import USAGE_LINE
 
 ROOT = Path(__file__).resolve().parents[1]

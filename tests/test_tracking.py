@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from moeclip.data.manifest import manifest_sha256
 from moeclip.figures import anomaly_map_figure, overlay_png, save_figure
-from moeclip.tracking import (
+from moeclip.bench.tracking import (
     MAX_PARAM_VALUE_LENGTH,
     RunLogger,
     flatten_params,

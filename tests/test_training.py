@@ -19,7 +19,7 @@ from moeclip.losses import (
     focal_loss,
     segmentation_loss,
 )
-from moeclip.layout import CHECKPOINT
+from moeclip.bench.layout import CHECKPOINT
 from moeclip.training import Trainer, compute_losses, train
 from tiny_models import paper_training, tiny_config
 

@@ -10,8 +10,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from moeclip.cli import app
-from moeclip.params import ParamsError, load_profile
+from moeclip.bench.cli import app
+from moeclip.bench.params import ParamsError, load_profile
 from tiny_models import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_train_stops_and_resumes_from_its_checkpoint(quick_params, tmp_path):
 
 
 def test_evaluate_logs_where_the_profile_says_unless_told_otherwise(quick_params, tmp_path):
-    from moeclip.workflows import untrained_checkpoint
+    from moeclip.bench.workflows import untrained_checkpoint
 
     profile = load_profile(quick_params, "demo")
     CliRunner().invoke(app, ["data", "demo", "--out", str(profile.layout.data / "raw")])
@@ -88,7 +88,7 @@ def test_evaluate_logs_where_the_profile_says_unless_told_otherwise(quick_params
 
 
 def test_predict_writes_overlays_and_scores(tmp_path):
-    from moeclip.workflows import untrained_checkpoint
+    from moeclip.bench.workflows import untrained_checkpoint
 
     checkpoint = untrained_checkpoint(tiny_config(), 0, tmp_path / "model.pt")
     rng = np.random.default_rng(0)

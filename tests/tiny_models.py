@@ -10,7 +10,7 @@ import torch
 from moeclip import ModelConfig, build_model
 from moeclip.model import MoEAdapter, MoECLIP
 from moeclip.config import TrainConfig
-from moeclip.params import Profile, load_profile
+from moeclip.bench.params import Profile, load_profile
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

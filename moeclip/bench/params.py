@@ -1,7 +1,7 @@
 """params.yaml: named profiles, each a validated model + train + data + tracking configuration.
 
 Every hyperparameter lives in params.yaml; code only reads it through `load_profile` and
-`read_params` (the experiments section is modelled in moeclip/experiments.py).
+`read_params` (the experiments section is modelled in moeclip/bench/experiments.py).
 Fields a profile leaves out take the paper's defaults from `ModelConfig` / `TrainConfig`.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moeclip.config import ModelConfig, TrainConfig
 from moeclip.errors import MoeclipError
-from moeclip.layout import RunLayout
+from moeclip.bench.layout import RunLayout
 
 
 class ParamsError(MoeclipError):

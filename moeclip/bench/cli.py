@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from moeclip.data.cli import data_app
+from moeclip.bench.data_cli import data_app
 from moeclip.errors import MoeclipError
 
 app = typer.Typer(help="MoECLIP zero-shot anomaly detection benchmark.", no_args_is_help=True,
@@ -48,7 +48,7 @@ def params(
     from moeclip.backbone import default_moe_layers
     from moeclip.config import ModelConfig
     from moeclip.model import count_parameters
-    from moeclip.params import load_profile
+    from moeclip.bench.params import load_profile
 
     settings = load_profile(config, profile).model.model_dump()
     counted = ModelConfig.model_validate({**settings, "backbone": backbone, "image_size": image_size, "weights": None,
@@ -67,7 +67,7 @@ def params(
 
 def _profile(config: Path, profile: str | None):
     """A profile for a command that computes: its runtime pins (threads, kernels) are applied."""
-    from moeclip.params import load_profile
+    from moeclip.bench.params import load_profile
     from moeclip.runtime import pin_runtime
 
     loaded = load_profile(config, profile)
@@ -98,8 +98,8 @@ def train(
     max_steps: int | None = typer.Option(None, help="stop (checkpointed) after this many steps; rerun to resume"),
 ) -> None:
     """Train MoECLIP on auxiliary dataset(s) with a profile's settings; resumes from the run folder's checkpoint."""
-    from moeclip.experiments import load_plan
-    from moeclip.workflows import train_profile
+    from moeclip.bench.experiments import load_plan
+    from moeclip.bench.workflows import train_profile
 
     benchmark, _ = load_plan(config, profile)
     typer.echo(str(train_profile(_profile(config, profile), on or [benchmark.main.auxiliary], out, max_steps)))
@@ -118,7 +118,7 @@ def evaluate(
     batch_size: int | None = typer.Option(None, min=1, help="images per pass (default: the profile's)"),
 ) -> None:
     """Zero-shot evaluation: per-class and per-dataset AUROC/AP (x100), logged to MLflow."""
-    from moeclip.workflows import evaluate_checkpoint
+    from moeclip.bench.workflows import evaluate_checkpoint
 
     settings = _profile(config, profile)
     tracking = settings.tracking.model_copy(update={key: value for key, value in
@@ -139,7 +139,7 @@ def predict(
     device: str = typer.Option("auto"),
 ) -> None:
     """Anomaly-map overlays (PNG) and image scores (scores.json) for your own images."""
-    from moeclip.workflows import predict_images
+    from moeclip.bench.workflows import predict_images
 
     if domain not in ("industrial", "medical"):
         raise typer.BadParameter("domain must be industrial or medical")
@@ -159,9 +159,9 @@ def demo(
     The demo backbone is a tiny random-weight ViT, so the numbers show that the pipeline works
     and that training helps; they are not the paper's results. `dvc repro` runs the full benchmark.
     """
-    from moeclip.experiments import load_plan
+    from moeclip.bench.experiments import load_plan
     from moeclip.runtime import pin_runtime
-    from moeclip.workflows import evaluate_checkpoint, prepare_profile_data, train_profile, untrained_checkpoint
+    from moeclip.bench.workflows import evaluate_checkpoint, prepare_profile_data, train_profile, untrained_checkpoint
 
     benchmark, settings = load_plan(config, profile)
     pin_runtime(settings.runtime.threads, settings.runtime.deterministic)
@@ -188,7 +188,7 @@ def report(
     profile: str | None = PROFILE_OPTION,
 ) -> None:
     """Render every table (Markdown + LaTeX, ours beside the paper's) and figure from the pipeline's metrics."""
-    from moeclip.pipeline import report as render
+    from moeclip.bench.pipeline import report as render
 
     typer.echo(f"tables and figures in {render(config, profile)}")
 
@@ -200,7 +200,7 @@ app.add_typer(stage_app, name="stage")
 
 def _run_stage(name: str, config: Path, profile: str | None, work: Callable[[], Path]) -> None:
     """Run one stage; print its output, then its wall time and peak memory (also kept in runs/<profile>/usage/)."""
-    from moeclip.pipeline import record_usage
+    from moeclip.bench.pipeline import record_usage
     from moeclip.resources import measured
 
     with measured() as usage:
@@ -213,7 +213,7 @@ def _run_stage(name: str, config: Path, profile: str | None, work: Callable[[], 
 @stage_app.command("fetch")
 def stage_fetch(dataset: str, config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
     """Download (or synthesise, for the demo) one dataset."""
-    from moeclip import pipeline
+    from moeclip.bench import pipeline
 
     _run_stage(f"fetch@{dataset}", config, profile, lambda: pipeline.fetch(config, dataset, profile))
 
@@ -221,7 +221,7 @@ def stage_fetch(dataset: str, config: Path = CONFIG_OPTION, profile: str | None 
 @stage_app.command("prepare")
 def stage_prepare(dataset: str, config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
     """Validate one dataset into its manifest."""
-    from moeclip import pipeline
+    from moeclip.bench import pipeline
 
     _run_stage(f"prepare@{dataset}", config, profile, lambda: pipeline.prepare(config, dataset, profile))
 
@@ -229,7 +229,7 @@ def stage_prepare(dataset: str, config: Path = CONFIG_OPTION, profile: str | Non
 @stage_app.command("train")
 def stage_train(auxiliary: str, config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
     """Train the profile's model on one auxiliary dataset of the `main` plan."""
-    from moeclip import pipeline
+    from moeclip.bench import pipeline
 
     _run_stage(f"train@{auxiliary}", config, profile, lambda: pipeline.train(config, auxiliary, profile))
 
@@ -238,7 +238,7 @@ def stage_train(auxiliary: str, config: Path = CONFIG_OPTION, profile: str | Non
 def stage_evaluate(auxiliary: str, target: str, config: Path = CONFIG_OPTION,
                    profile: str | None = PROFILE_OPTION) -> None:
     """Evaluate a main training zero-shot on one target dataset."""
-    from moeclip import pipeline
+    from moeclip.bench import pipeline
 
     _run_stage(f"evaluate-{auxiliary}@{target}", config, profile,
                lambda: pipeline.evaluate(config, auxiliary, target, profile))
@@ -247,7 +247,7 @@ def stage_evaluate(auxiliary: str, target: str, config: Path = CONFIG_OPTION,
 @stage_app.command("experiment")
 def stage_experiment(name: str, config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
     """Run every variant of one experiment (a paper table or figure)."""
-    from moeclip import pipeline
+    from moeclip.bench import pipeline
 
     _run_stage(f"experiment@{name}", config, profile, lambda: pipeline.run_experiment(config, name, profile))
 
@@ -255,6 +255,6 @@ def stage_experiment(name: str, config: Path = CONFIG_OPTION, profile: str | Non
 @stage_app.command("analysis")
 def stage_analysis(config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
     """Expert utilisation, inter-expert similarity and routed-patch statistics of the main model."""
-    from moeclip import pipeline
+    from moeclip.bench import pipeline
 
     _run_stage("analysis", config, profile, lambda: pipeline.analyse(config, profile))

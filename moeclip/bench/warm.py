@@ -29,15 +29,15 @@ from pathlib import Path
 IDLE_SECONDS = 30.0
 STARTUP_SECONDS = 300.0  # longer than any import takes, even beside a busy neighbour
 # What every heavy stage imports (MLflow's SQL store included); the server pays for them once.
-PRELOAD = ("moeclip.cli", "moeclip.pipeline", "moeclip.workflows", "moeclip.training", "moeclip.evaluation",
-           "moeclip.tracking", "moeclip.analysis", "moeclip.cost", "moeclip.reports.render",
+PRELOAD = ("moeclip.bench.cli", "moeclip.bench.pipeline", "moeclip.bench.workflows", "moeclip.training", "moeclip.evaluation",
+           "moeclip.bench.tracking", "moeclip.analysis", "moeclip.cost", "moeclip.bench.reports.render",
            "mlflow.store.tracking.sqlalchemy_store")
 # Set per stage by DVC, or by the shell: they do not change what an import does.
 VOLATILE_ENV = ("DVC_STAGE", "PWD", "OLDPWD", "_", "SHLVL")
 # What a user's Ctrl-C or a scheduler's stop sends the client: passed on to the child that does the work.
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _HEADER = struct.Struct("!Q")
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # the whole moeclip package
 
 
 def enabled() -> bool:
@@ -132,7 +132,7 @@ def _start_server(path: Path) -> None:
     except FileExistsError:
         return
     # -P: no working directory in front of the import path; the server then takes the client's own path.
-    subprocess.Popen([sys.executable, "-P", "-m", "moeclip.warm", str(path), json.dumps(sys.path)],
+    subprocess.Popen([sys.executable, "-P", "-m", "moeclip.bench.warm", str(path), json.dumps(sys.path)],
                      stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                      close_fds=True)
@@ -179,7 +179,7 @@ def _run_child(connection: socket.socket) -> None:
     import torch
 
     torch.random.default_generator.manual_seed(torch.initial_seed())  # as a fresh process starts
-    from moeclip.cli import run
+    from moeclip.bench.cli import run
 
     try:
         run()

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from moeclip.data.manifest import manifest_sha256
 from moeclip.errors import MoeclipError
 from moeclip.figures import save_figure
-from moeclip.params import TrackingConfig
+from moeclip.bench.params import TrackingConfig
 
 try:
     from mlflow.entities import Metric, Param, RunStatus, RunTag

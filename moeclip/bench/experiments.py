@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moeclip.config import ModelConfig, TrainConfig
-from moeclip.params import ParamsError, Profile, profile_from_params, read_params, validation_problems
+from moeclip.bench.params import ParamsError, Profile, profile_from_params, read_params, validation_problems
 
 # Model fields that only act at test time: changing them needs no new training.
 TEST_TIME_FIELDS = ("router_noise", "blur_industrial", "blur_medical")

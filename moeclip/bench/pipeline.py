@@ -1,6 +1,6 @@
 """The benchmark's pipeline stages, one function each, for dvc.yaml (`moeclip stage ...`) and the Prefect flow.
 
-Every stage reads the plan from params.yaml, does its work through `moeclip.workflows`, and
+Every stage reads the plan from params.yaml, does its work through `moeclip.bench.workflows`, and
 writes its outputs where dvc.yaml declares them (all under the profile's data, runs and
 reports folders). Stages are idempotent: an experiment re-trains only variants whose
 configuration changed and re-evaluates only what a changed checkpoint, setting or evaluation
@@ -22,12 +22,12 @@ from moeclip.atomic import atomic_path, write_text_atomically
 from moeclip.config import ModelConfig
 from moeclip.data.archive import file_sha256
 from moeclip.errors import MoeclipError
-from moeclip.experiments import Benchmark, Run, experiment_runs, load_plan, main_run
-from moeclip.layout import checkpoint_in
-from moeclip.params import Profile, RuntimeConfig
+from moeclip.bench.experiments import Benchmark, Run, experiment_runs, load_plan, main_run
+from moeclip.bench.layout import checkpoint_in
+from moeclip.bench.params import Profile, RuntimeConfig
 from moeclip.resources import Usage, measured
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # the moeclip package
 # The code an experiment variant's evaluation results depend on (all of them deps of the
 # experiment stages in dvc.yaml): a change to any of them re-evaluates kept variants.
 EVALUATION_CODE = ("model", "evaluation.py", "metrics", "cost.py", "checkpoint.py", "data/dataset.py",
@@ -77,7 +77,7 @@ def _computing_plan(params: Path, profile_name: str | None) -> tuple[Benchmark, 
 # -- data ------------------------------------------------------------------------------------
 def fetch(params: Path, dataset: str, profile_name: str | None = None) -> Path:
     """Stage `fetch@<dataset>`: the raw dataset folder (downloaded, found in place, or synthesised)."""
-    from moeclip.workflows import fetch_profile_dataset
+    from moeclip.bench.workflows import fetch_profile_dataset
 
     _, profile = load_plan(params, profile_name)
     return fetch_profile_dataset(profile, dataset)
@@ -85,7 +85,7 @@ def fetch(params: Path, dataset: str, profile_name: str | None = None) -> Path:
 
 def prepare(params: Path, dataset: str, profile_name: str | None = None) -> Path:
     """Stage `prepare@<dataset>`: the validated manifest."""
-    from moeclip.workflows import prepare_profile_dataset
+    from moeclip.bench.workflows import prepare_profile_dataset
 
     _, profile = load_plan(params, profile_name)
     return prepare_profile_dataset(profile, dataset)
@@ -111,7 +111,7 @@ def _checkpoint_state(checkpoint: Path, run: Run) -> str:
 def ensure_trained(profile: Profile, run: Run, checkpoint: Path, run_name: str,
                    tags: Mapping[str, str] | None = None) -> Path:
     """The run's `checkpoint`: kept if complete, resumed if interrupted, retrained if stale."""
-    from moeclip.workflows import train_model
+    from moeclip.bench.workflows import train_model
 
     state = _checkpoint_state(checkpoint, run)
     if state == "complete":
@@ -149,7 +149,7 @@ def _main_checkpoint(profile: Profile, auxiliary: str) -> Path:
 # -- evaluations -------------------------------------------------------------------------------
 def evaluate(params: Path, auxiliary: str, target: str, profile_name: str | None = None) -> Path:
     """Stage `evaluate-<auxiliary>@<target>`: zero-shot results of a main training on one target dataset."""
-    from moeclip.workflows import evaluate_checkpoint
+    from moeclip.bench.workflows import evaluate_checkpoint
 
     _, profile = _computing_plan(params, profile_name)
     summary = evaluate_checkpoint(_main_checkpoint(profile, auxiliary), {target: profile.layout.manifest(target)},
@@ -185,7 +185,7 @@ def _checkpoint_for(benchmark: Benchmark, profile: Profile, run: Run, folder: Pa
 
     Trainings of earlier configurations of the variant are removed, so the folder holds only live work.
     """
-    from moeclip.workflows import untrained_checkpoint
+    from moeclip.bench.workflows import untrained_checkpoint
 
     trainings = folder / "trainings"
     reused = _reused_main_training(benchmark, profile, run)
@@ -201,7 +201,7 @@ def _checkpoint_for(benchmark: Benchmark, profile: Profile, run: Run, folder: Pa
 def _evaluate_variant(profile: Profile, run: Run, checkpoint: Path, datasets: tuple[str, ...], folder: Path,
                       experiment: str, cost: bool) -> dict[str, dict[str, float]]:
     """A variant's per-dataset metrics (x100), re-evaluated only when its inputs changed."""
-    from moeclip.workflows import evaluate_checkpoint
+    from moeclip.bench.workflows import evaluate_checkpoint
 
     manifests = {dataset: profile.layout.manifest(dataset) for dataset in datasets}
     key = _digest({"checkpoint": file_sha256(checkpoint), "test_time": run.test_time, "code": _evaluation_code(),
@@ -368,7 +368,7 @@ def analyse(params: Path, profile_name: str | None = None) -> Path:
 def _loader(profile: Profile, model, dataset: str):
     from torch.utils.data import DataLoader
 
-    from moeclip.workflows import read_manifests
+    from moeclip.bench.workflows import read_manifests
 
     frame = read_manifests({dataset: profile.layout.manifest(dataset)})
     return DataLoader(model.inputs(frame), batch_size=profile.runtime.eval_batch_size)
@@ -377,7 +377,7 @@ def _loader(profile: Profile, model, dataset: str):
 # -- report ----------------------------------------------------------------------------------
 def report(params: Path, profile_name: str | None = None) -> Path:
     """Stage `report`: every table and figure, rendered from the stages' metric files."""
-    from moeclip.reports.render import render_reports
+    from moeclip.bench.reports.render import render_reports
 
     benchmark, profile = load_plan(params, profile_name)
     return render_reports(benchmark, profile)

@@ -4,7 +4,7 @@ CPU results depend on which vector kernels torch, MKL and oneDNN pick for the pr
 (AVX2 or AVX-512, Intel or AMD code paths), so two machines of the same architecture could print
 different demo numbers. Every `moeclip` process therefore asks all three for their AVX2 paths,
 unless the environment already says otherwise. Stage commands then go to a warm process
-(`moeclip.warm`) that has torch, open_clip and MLflow imported already.
+(`moeclip.bench.warm`) that has torch, open_clip and MLflow imported already.
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ def main() -> None:
     for name, value in CPU_KERNEL_PINS.items():
         os.environ.setdefault(name, value)
     if sys.argv[1:2] and sys.argv[1] in WARM_COMMANDS:
-        from moeclip import warm
+        from moeclip.bench import warm
 
         if warm.enabled():
             status = warm.run_command(sys.argv[1:])
             if status is not None:
                 raise SystemExit(status)
-    from moeclip.cli import run
+    from moeclip.bench.cli import run
 
     run()

@@ -18,11 +18,11 @@ from matplotlib.figure import Figure
 
 from moeclip.atomic import write_text_atomically
 from moeclip.errors import MoeclipError
-from moeclip.experiments import Benchmark, experiment_runs
+from moeclip.bench.experiments import Benchmark, experiment_runs
 from moeclip.figures import save_figure
-from moeclip.params import Profile
-from moeclip.reports.paper import load_paper_results, paper_table
-from moeclip.reports.tables import (Comparison, MethodTable, fmt, method_latex, method_markdown, variant_latex,
+from moeclip.bench.params import Profile
+from moeclip.bench.reports.paper import load_paper_results, paper_table
+from moeclip.bench.reports.tables import (Comparison, MethodTable, fmt, method_latex, method_markdown, variant_latex,
                                     variant_markdown)
 
 TABLE1_METRICS = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap"]

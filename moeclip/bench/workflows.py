@@ -1,6 +1,6 @@
 """The jobs a profile runs, logged to MLflow: prepare its data, train, evaluate a checkpoint, predict.
 
-The command line calls them directly and the pipeline's stages (moeclip/pipeline.py) call them
+The command line calls them directly and the pipeline's stages (moeclip/bench/pipeline.py) call them
 with the paths and settings of a stage, so each job has exactly one implementation. Torch, the model
 and MLflow are imported inside the functions that need them, so the data stages start fast.
 """
@@ -17,8 +17,8 @@ import pandas as pd
 from moeclip.atomic import atomic_path, write_text_atomically
 from moeclip.config import Domain, ModelConfig, TrainConfig
 from moeclip.errors import MoeclipError
-from moeclip.layout import checkpoint_in
-from moeclip.params import Profile, TrackingConfig
+from moeclip.bench.layout import checkpoint_in
+from moeclip.bench.params import Profile, TrackingConfig
 from moeclip.runtime import resolve_device
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def train_model(profile: Profile, model: ModelConfig, settings: TrainConfig, tra
 
     Resumes an interrupted run from `checkpoint`.
     """
-    from moeclip.tracking import start_run
+    from moeclip.bench.tracking import start_run
     from moeclip.training import train
 
     manifests = {name: profile.layout.manifest(name) for name in train_on}
@@ -147,7 +147,7 @@ def evaluate_checkpoint(checkpoint: Path, manifests: Mapping[str, Path], out_dir
     """
     from moeclip.checkpoint import load_model
     from moeclip.evaluation import evaluate_frame, summarize
-    from moeclip.tracking import start_run
+    from moeclip.bench.tracking import start_run
 
     device = resolve_device(device)
     frame = read_manifests(manifests)
