@@ -171,7 +171,8 @@ class Trainer:
         while progress["epoch"] < config.epochs and not progress["complete"] and not self._budget_spent():
             self.dataset.set_epoch(progress["epoch"])
             batches = _epoch_batches(len(self.dataset), config.batch_size, config.seed, progress["epoch"])
-            bar = tqdm(self._loader(batches[progress["step_in_epoch"]:], progress["epoch"]), initial=progress["step_in_epoch"],
+            bar = tqdm(self._loader(batches[progress["step_in_epoch"]:], progress["epoch"]),
+                       initial=progress["step_in_epoch"],
                        total=per_epoch, desc=f"epoch {progress['epoch'] + 1}/{config.epochs}", unit="batch")
             for batch in bar:
                 losses = self._step(batch)

@@ -1,4 +1,5 @@
-"""Trainable heads on the adapted patch tokens: per-layer projections (Eq. 11) and the depth-wise image adapter (Eq. 13)."""
+"""Trainable heads on the adapted patch tokens: per-layer projections (Eq. 11) and the depth-wise image
+adapter (Eq. 13)."""
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,8 +17,14 @@ from moeclip.model.heads import DepthwiseImageAdapter, SegmentationProjections
 from moeclip.model.moe import MoEAdapter, MoEAux
 from moeclip.model.paa import patch_average
 from moeclip.model.precision import float32
-from moeclip.model.scoring import (anomaly_map, image_embedding, image_score, image_similarities, similarity_logits,
-                                   training_maps)
+from moeclip.model.scoring import (
+    anomaly_map,
+    image_embedding,
+    image_score,
+    image_similarities,
+    similarity_logits,
+    training_maps,
+)
 from moeclip.model.text import TextAnchors
 
 
@@ -50,7 +55,8 @@ class MoECLIP(nn.Module):
         layers = set(config.moe_layers) | set(config.feature_layers)
         if max(layers, default=0) > self.depth:
             raise ValueError(f"{config.backbone} has {self.depth} blocks; layers {sorted(layers)} do not fit")
-        self.moe = nn.ModuleDict({str(layer): MoEAdapter(self.width, config.moe) for layer in sorted(config.moe_layers)})
+        self.moe = nn.ModuleDict({str(layer): MoEAdapter(self.width, config.moe)
+                                  for layer in sorted(config.moe_layers)})
         if not config.vanilla:
             self.projections = SegmentationProjections(config.feature_layers, self.width, self.embed_dim,
                                                        config.projection_activation)
@@ -169,7 +175,8 @@ class MoECLIP(nn.Module):
     def logits(self, vision: VisionOutput, anchors: torch.Tensor) -> torch.Tensor:
         return similarity_logits(vision.patch_features, anchors, self.config.logit_scale)
 
-    def training_outputs(self, images: torch.Tensor, descriptions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, VisionOutput]:
+    def training_outputs(self, images: torch.Tensor,
+                         descriptions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, VisionOutput]:
         """Eq. 12 maps (B, M, 2, H, W), image similarities (B, 2) [s_N, s_A] (see `image_similarities`), and
         the vision output."""
         vision = self.encode_image(images)
@@ -177,7 +184,8 @@ class MoECLIP(nn.Module):
         maps = training_maps(self.logits(vision, anchors), vision.grid, images.shape[-1])
         return maps, image_similarities(vision.image_embedding, anchors, self.config.image_score), vision
 
-    def predict(self, images: torch.Tensor, descriptions: Sequence[str], domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, images: torch.Tensor, descriptions: Sequence[str],
+                domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
         """Test-time anomaly maps (B, H, W) and image scores S_A (B,), before per-class normalisation."""
         vision = self.encode_image(images, dense=self.dense_inference)
         anchors = self.anchors_per_sample(descriptions)

@@ -83,7 +83,8 @@ def into_unit_range(values: torch.Tensor) -> torch.Tensor:
     return min_max(values) if bool(values.min() < 0) or bool(values.max() > 1) else values
 
 
-def finalize_class_scores(maps: torch.Tensor, scores: torch.Tensor, domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
+def finalize_class_scores(maps: torch.Tensor, scores: torch.Tensor,
+                          domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
     """The benchmark protocol's per-class post-processing over all N test images of one class.
 
     The (N, H, W) maps and, separately, the (N,) S_A are brought into [0, 1] by the release's
