@@ -134,9 +134,11 @@ def startup_seconds(clone: Path, warm: bool, repeats: int = 3) -> float:
         subprocess.run(command, cwd=clone, env=env, capture_output=True)  # starts the server
         wait_for_server(clone)
     else:
+        from moeclip.bench.stages import STAGES
         from moeclip.bench.warm import PRELOAD
 
-        command = [sys.executable, "-c", "import importlib\nfor m in %r: importlib.import_module(m)" % (PRELOAD,)]
+        modules = (*(stage.module for stage in STAGES), *PRELOAD)
+        command = [sys.executable, "-c", "import importlib\nfor m in %r: importlib.import_module(m)" % (modules,)]
     best = float("inf")
     for _ in range(repeats):
         begun = time.perf_counter()

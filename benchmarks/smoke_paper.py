@@ -23,6 +23,8 @@ import pandas as pd
 from benchmarks.bench_pipeline import ROOT, clone_working_tree, run_repro
 from moeclip.bench.experiments import Benchmark, experiment_runs, load_plan
 from moeclip.bench.params import Profile
+from moeclip.bench.stages import get_stage
+from pipelines.plan import plan_stages
 
 PROFILE = "paper-smoke"
 
@@ -35,21 +37,19 @@ def use_profile(params: Path, profile: str) -> None:
     params.write_text(text)
 
 
-def planned_stages(benchmark: Benchmark) -> list[str]:
-    """Every stage dvc.yaml expands for the plan, by its DVC name (the report has no usage record)."""
-    return [*(f"fetch@{d}" for d in benchmark.datasets), *(f"prepare@{d}" for d in benchmark.datasets),
-            *(f"train@{a}" for a in benchmark.main.targets),
-            *(f"evaluate-{a}@{t}" for a, targets in benchmark.main.targets.items() for t in targets),
-            *(f"experiment@{e}" for e in benchmark.experiments), "analysis"]
+def planned_stages(benchmark: Benchmark, profile: Profile) -> list[str]:
+    """Every stage call the plan has, by its DVC name (as the declarations name them)."""
+    return [get_stage(name).label(args) for name, args in plan_stages(benchmark, profile).calls(report=True)]
 
 
 def stage_records(clone: Path, benchmark: Benchmark, profile: Profile) -> tuple[pd.DataFrame, list[str]]:
     """Each planned stage's wall time and peak memory, and the stages that left no record."""
     rows, missing = [], []
-    for stage in planned_stages(benchmark):
+    for stage in planned_stages(benchmark, profile):
         record = clone / profile.layout.usage(stage)
         if record.is_file():
-            rows.append({"stage": stage, **json.loads(record.read_text())})
+            usage = json.loads(record.read_text())
+            rows.append({"stage": stage, **{key: value for key, value in usage.items() if key != "code"}})
         else:
             missing.append(f"stage {stage}")
     return pd.DataFrame(rows), missing

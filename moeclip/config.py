@@ -7,9 +7,8 @@ value lives once, in params.yaml (the paper's in `profiles.paper`, SPEC.md secti
 """
 from __future__ import annotations
 
-from typing import Literal
-
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 

@@ -1,13 +1,12 @@
 """When a stage task may reuse its cached result instead of running again.
 
-The key of a stage call hashes:
-  - the stage and its arguments (params path, dataset / auxiliary / target / experiment, profile),
-  - the working directory (every stage path is relative to it),
-  - the params file's content (any edit of params.yaml invalidates every stage: conservative,
-    and cheap because the stages themselves redo only what changed),
-  - the moeclip package's source (a code change invalidates every stage, for the same reason),
-  - size and modification time of every file the stage reads, as dvc.yaml declares them (a
-    re-prepared manifest or a retrained checkpoint invalidates what was computed from it).
+The key of a stage call hashes what its declaration (moeclip/bench/stages/) says it depends on:
+  - the stage, its arguments (params path, dataset / auxiliary / target / experiment, profile) and
+    the working directory (every stage path is relative to it),
+  - the values of the params.yaml keys the stage declares (as DVC tracks them),
+  - its code: the package files the stage imports (digested once per flow run, see `stage_code_digest`),
+  - size and modification time of every file it reads (a re-prepared manifest or a retrained
+    checkpoint invalidates what was computed from it).
 The flow runs a call whose outputs are missing on disk even when its key has a cached result
 (`outputs_exist`, Prefect's `refresh_cache`), so a cached result never stands in for a deleted
 output; only a stage writes its outputs, so checking before the run is enough. The flow's
@@ -15,7 +14,6 @@ output; only a stage writes its outputs, so checking before the run is enough. T
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,42 +22,27 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
-import moeclip
-from moeclip.data.archive import file_sha256
+from moeclip.bench.dvcfile import PACKAGE_ROOT, stage_code
 from moeclip.bench.experiments import Benchmark, load_plan
-from moeclip.bench.params import Profile
-from pipelines.plan import analysis_datasets, experiment_datasets
+from moeclip.bench.params import Profile, read_params
+from moeclip.bench.stages import Stage, get_stage
+from moeclip.bench.stages.common import code_digest
 
-CODE_SUFFIXES = (".py", ".json", ".yaml")
+
+def stage_code_digest(stage: Stage) -> str:
+    """A digest of the stage's code (a fresh interpreter imports its module: seconds, so once per flow run)."""
+    return code_digest(PACKAGE_ROOT, stage_code(stage))
 
 
-def stage_files(stage: str, benchmark: Benchmark, profile: Profile,
-                args: dict[str, Any]) -> tuple[list[Path], list[Path]]:
-    """(files read, files written) by one stage call, as dvc.yaml declares them."""
-    if stage == "fetch":
-        return [], [profile.layout.raw(args["dataset"])]
-    if stage == "prepare":
-        return [profile.layout.raw(args["dataset"])], [profile.layout.manifest(args["dataset"])]
-    if stage == "train":
-        return [profile.layout.manifest(args["auxiliary"])], [profile.layout.training(args["auxiliary"])]
-    if stage == "evaluate":
-        auxiliary, target = args["auxiliary"], args["target"]
-        return [profile.layout.checkpoint(auxiliary), profile.layout.manifest(target)], \
-            [profile.layout.evaluation(auxiliary, target), profile.layout.evaluation_metrics(auxiliary, target)]
-    if stage == "experiment":
-        experiment = args["experiment"]
-        reads = [*(profile.layout.checkpoint(a) for a in benchmark.main.targets),
-                 *(profile.layout.manifest(d) for d in sorted(experiment_datasets(benchmark, profile, experiment)))]
-        return reads, [profile.layout.experiment(experiment), profile.layout.experiment_metrics(experiment),
-                       profile.layout.experiment_resources(experiment)]
-    if stage == "analysis":
-        reads = [profile.layout.checkpoint(benchmark.main.auxiliary),
-                 *(profile.layout.manifest(d) for d in sorted(analysis_datasets(benchmark, profile)))]
-        return reads, [profile.layout.analysis()]
-    if stage == "report":
-        return [profile.layout.metrics(), profile.layout.resources(), profile.layout.analysis()], \
-            [profile.layout.reports]
-    raise ValueError(f"no stage '{stage}'")
+def params_values(document: dict[str, Any], keys: list[str]) -> list[Any]:
+    """The values at dotted params.yaml keys (None where a key is absent)."""
+    values = []
+    for key in keys:
+        value: Any = document
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        values.append(value)
+    return values
 
 
 def fingerprint(path: Path) -> list[tuple[str, int, int]]:
@@ -68,31 +51,25 @@ def fingerprint(path: Path) -> list[tuple[str, int, int]]:
     return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
-def code_digest() -> str:
-    """Digest of the moeclip package's source and bundled configs."""
-    root = Path(moeclip.__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.suffix in CODE_SUFFIXES and "__pycache__" not in p.parts):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def outputs_exist(stage: str, benchmark: Benchmark, profile: Profile, args: dict[str, Any]) -> bool:
+def outputs_exist(stage: Stage, benchmark: Benchmark, profile: Profile, args: dict[str, str]) -> bool:
     """Whether everything the stage call writes is on disk."""
-    return all(path.exists() for path in stage_files(stage, benchmark, profile, args)[1])
+    return all(path.exists() for path in stage.paths(profile.layout, benchmark, args)[1])
 
 
 @dataclass
 class StageCache(CachePolicy):
-    """The cache policy of one stage (see the module docstring)."""
+    """The cache policy of one stage (see the module docstring); `code` is its stage_code_digest."""
 
     stage: str = ""
+    code: str = ""
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
+        stage = get_stage(self.stage)
         params = Path(inputs["params"])
         benchmark, profile = load_plan(params, inputs["profile_name"])
-        reads, _ = stage_files(self.stage, benchmark, profile, inputs)
+        args = {name: inputs[name] for name in stage.arguments}
+        reads, _ = stage.paths(profile.layout, benchmark, args)
+        values = params_values(read_params(params), stage.params_keys(profile.name, args))
         return hash_objects(self.stage, {name: str(value) for name, value in inputs.items()}, str(Path.cwd().resolve()),
-                            file_sha256(params), code_digest(),
-                            [fingerprint(path) for path in reads], raise_on_failure=True)
+                            values, self.code, [fingerprint(path) for path in reads], raise_on_failure=True)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from moeclip.bench.experiments import Benchmark, experiment_runs
+from moeclip.bench.experiments import Benchmark, experiment_datasets
 from moeclip.bench.params import Profile
+from moeclip.bench.stages import STAGES, get_stage
+from moeclip.bench.stages import analysis as analysis_stage
 
 
 @dataclass(frozen=True)
@@ -24,19 +27,38 @@ class StagePlan:
     analysis: bool
     complete: bool                               # nothing left out, so the report can be rendered
 
-
-def experiment_datasets(benchmark: Benchmark, profile: Profile, experiment: str) -> set[str]:
-    """The datasets an experiment reads: its test sets and the training sets of its trained variants."""
-    runs = experiment_runs(benchmark, profile, experiment)
-    return {*benchmark.experiments[experiment].datasets,
-            *(dataset for run in runs if run.trained for dataset in run.train_on)}
+    def calls(self, report: bool) -> list[tuple[str, dict[str, str]]]:
+        """(stage name, arguments) of every stage call, in the order of the stage declarations."""
+        values = {"datasets": [(d,) for d in self.datasets], "trainings": [(a,) for a in self.trainings],
+                  "evaluations": list(self.evaluations), "experiments": [(e,) for e in self.experiments]}
+        once = {"analysis": self.analysis, "report": report and self.complete}
+        return [(stage.name, dict(zip(stage.arguments, call))) for stage in STAGES
+                for call in (values[stage.fan_out] if stage.fan_out else [()] if once[stage.name] else [])]
 
 
 def analysis_datasets(benchmark: Benchmark, profile: Profile) -> set[str]:
-    """The datasets the analysis stage reads (moeclip.bench.pipeline.analyse)."""
-    auxiliary = benchmark.main.auxiliary
-    return {auxiliary, *benchmark.main.targets[auxiliary],
-            profile.analysis.similarity_dataset, profile.analysis.statistics_dataset}
+    """The datasets the analysis stage needs: those it reads and the main training's."""
+    return {benchmark.main.auxiliary, *analysis_stage.datasets(benchmark, profile)}
+
+
+def overlaps(written: list[Path], read: list[Path]) -> bool:
+    """Whether a call writing `written` must run before one reading `read` (a path, or one inside the other)."""
+    return any(w == r or r in w.parents or w in r.parents for w in written for r in read)
+
+
+def waits_for(calls: list[tuple[str, dict[str, str]]], benchmark: Benchmark,
+              profile: Profile) -> dict[str, list[str]]:
+    """For each call (by its DVC name), the earlier calls that write what it reads: what DVC derives from
+    dvc.yaml. Calls come in declaration order, so every writer precedes its readers."""
+    written: dict[str, list[Path]] = {}
+    waits: dict[str, list[str]] = {}
+    for name, args in calls:
+        stage = get_stage(name)
+        reads, writes = stage.paths(profile.layout, benchmark, args)
+        label = stage.label(args)
+        waits[label] = [other for other, paths in written.items() if overlaps(paths, reads)]
+        written[label] = writes
+    return waits
 
 
 def _unknown(kind: str, asked: Iterable[str], known: Sequence[str]) -> None:

@@ -2,10 +2,11 @@
 
 One module-scoped run (a few minutes on 2 CPU cores) serves every check: the committed dvc.lock and
 reports/demo reproduced to the byte, all tables with all rows, metrics and plots through DVC's own
-commands, a second `dvc repro` doing nothing, and `dvc status` naming exactly the stages a params
-edit affects.
+commands, a second `dvc repro` doing nothing, every stage having run exactly the code dvc.yaml lists
+for it, and `dvc status` naming exactly the stages a params or module edit affects.
 """
 import filecmp
+import json
 import subprocess
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from benchmarks.bench_pipeline import clone_working_tree, run_repro, stage_environment
+from moeclip.bench.dvcfile import folded
 from moeclip.bench.experiments import experiment_runs, load_plan
 
 # The whole demo pipeline, measured with benchmarks/bench_pipeline.py (reports/pipeline-time/): 336 s on
@@ -70,7 +72,8 @@ def test_reports_hold_every_table_with_all_rows(clone):
         assert rows == names, key
         assert (reports / f"{key}.tex").is_file()
     assert _table_rows(reports / "table14.md") == ["Expert 1", "Expert 2", "Expert 3", "Expert 4"]
-    for figure in ("fig5_expert_similarity", "fig6_number_of_experts_k", "fig7_hyperparameter_sweeps", "fig9_expert_utilisation"):
+    for figure in ("fig5_expert_similarity", "fig6_number_of_experts_k", "fig7_hyperparameter_sweeps",
+                   "fig9_expert_utilisation"):
         assert (reports / f"{figure}.png").is_file()
 
 
@@ -112,3 +115,39 @@ def test_a_params_edit_invalidates_only_what_depends_on_it(clone):
         params.write_text(original)
     changed = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith(("\t", " "))}
     assert changed == {"experiment@table11", "report"}, status
+
+
+def _stage_code(clone: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Per locked stage: (the package files it recorded having run, its code dependencies in dvc.lock)."""
+    locked = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    usage = clone / "runs" / "demo" / "usage"
+    return {name: (json.loads((usage / f"{name}.json").read_text())["code"],
+                   sorted(dep["path"] for dep in stage["deps"] if dep["path"].startswith("moeclip")))
+            for name, stage in locked.items()}
+
+
+def test_every_stage_ran_exactly_the_code_it_depends_on(clone):
+    """What each stage process loaded (warm server, worker processes included) is its code dependency list."""
+    for name, (recorded, declared) in _stage_code(clone).items():
+        assert folded(recorded, clone) == declared, name
+
+
+# Modules that only some stages import: the edit must invalidate those and no others.
+EDITED_MODULES = ("moeclip/cost.py", "moeclip/data/synthetic.py", "moeclip/analysis.py",
+                  "moeclip/bench/reports/tables.py", "moeclip/data/prepare.py")
+
+
+@pytest.mark.parametrize("module", EDITED_MODULES)
+def test_an_edit_to_a_module_invalidates_exactly_the_stages_that_import_it(clone, module):
+    code = _stage_code(clone)
+    importers = {name for name, (recorded, _) in code.items() if module in recorded}
+    assert importers and importers != set(code)
+    path = clone / module
+    original = path.read_text()
+    try:
+        path.write_text(original + "\n# an edit\n")
+        status = _run(["dvc", "status"], clone).stdout
+    finally:
+        path.write_text(original)
+    changed = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith(("\t", " "))}
+    assert changed == importers, status

@@ -5,6 +5,7 @@ import yaml
 
 from moeclip.bench.experiments import load_plan
 from moeclip.bench.layout import RunLayout, checkpoint_in
+from moeclip.bench.stages import get_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +35,8 @@ def test_dvc_stages_read_and_write_the_layouts_paths():
         expected[f"experiment@{experiment}"] = (
             {layout.experiment(experiment), layout.experiment_metrics(experiment),
              layout.experiment_resources(experiment)},
-            {layout.manifest("x").parent, layout.evaluation_metrics("x", "y").parents[1], layout.training("x").parent})
-    expected["analysis"] = ({layout.analysis()}, {layout.manifest("x").parent, layout.training(benchmark.main.auxiliary)})
+            {layout.manifests(), layout.main_metrics(), layout.trainings()})
+    expected["analysis"] = ({layout.analysis()}, {layout.manifests(), layout.training(benchmark.main.auxiliary)})
     expected["report"] = ({layout.reports}, {layout.metrics(), layout.resources(), layout.analysis()})
     assert set(locked) == set(expected)
     for name, (outs, deps) in expected.items():
@@ -44,10 +45,12 @@ def test_dvc_stages_read_and_write_the_layouts_paths():
 
 def test_the_trainings_checkpoint_and_loss_curve_are_where_dvc_plots_looks():
     layout = RunLayout(data=Path("data/demo"), runs=Path("runs/demo"), reports=Path("reports/demo"))
-    assert layout.checkpoint("visa") == checkpoint_in(layout.training("visa")) == Path("runs/demo/train/visa/checkpoint.pt")
+    assert layout.checkpoint("visa") == checkpoint_in(layout.training("visa"))
+    assert layout.checkpoint("visa") == Path("runs/demo/train/visa/checkpoint.pt")
     plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
-    assert any(layout.losses("visa").as_posix() in entry["training loss"]["y"] for entry in plots
-               if isinstance(entry, dict) and "training loss" in entry)
+    curves = [path.replace("${profile}", "demo").replace("${main.auxiliary}", "visa") for entry in plots
+              if isinstance(entry, dict) and "training loss" in entry for path in entry["training loss"]["y"]]
+    assert curves == [layout.losses("visa").as_posix()]
 
 
 def test_a_profiles_data_root_moves_only_its_data():
@@ -57,25 +60,21 @@ def test_a_profiles_data_root_moves_only_its_data():
 
 
 def _stage_call(name: str) -> tuple[str, dict[str, str]]:
-    """A DVC stage name as the Prefect flow's (stage, arguments): 'evaluate-visa@mvtec' -> ('evaluate', ...)."""
+    """A DVC stage name as (declared stage, arguments): 'evaluate-visa@mvtec' -> ('evaluate', {...})."""
     kind, _, item = name.partition("@")
     if kind.startswith("evaluate-"):
         return "evaluate", {"auxiliary": kind.removeprefix("evaluate-"), "target": item}
-    argument = {"fetch": "dataset", "prepare": "dataset", "train": "auxiliary", "experiment": "experiment"}.get(kind)
-    return kind, ({argument: item} if argument else {})
+    stage = get_stage(kind)
+    return kind, dict(zip(stage.arguments, [item] if item else []))
 
 
-def test_the_flows_cache_keys_read_and_write_what_dvc_stages_do():
-    """pipelines/caching.py keys a Prefect task on the files its stage reads: the same ones, or files inside
-    the folders, that dvc.yaml declares; and it writes exactly dvc.yaml's outputs."""
-    from pipelines.caching import stage_files
-
+def test_the_declared_stages_read_and_write_what_dvc_ran():
+    """The declarations, with the committed profile's layout, name exactly the data paths of dvc.lock."""
     benchmark, profile = load_plan(ROOT / "params.yaml")
     locked = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
     for name, stage in locked.items():
         outs, deps = _data_paths(stage)
         kind, args = _stage_call(name)
-        reads, writes = stage_files(kind, benchmark, profile, args)
-        assert {path.as_posix() for path in writes} == outs, name
-        for path in reads:
-            assert any(path == Path(dep) or Path(dep) in path.parents for dep in deps), (name, path)
+        reads, writes = get_stage(kind).paths(profile.layout, benchmark, args)
+        assert get_stage(kind).label(args) == name
+        assert ({path.as_posix() for path in writes}, {path.as_posix() for path in reads}) == (outs, deps), name

@@ -50,3 +50,54 @@ def test_the_tools_are_an_extra_and_make_installs_it():
     assert not names & set(APPLICATION_TOOLS)
     assert {r.split("=")[0] for r in project["optional-dependencies"]["benchmark"]} == set(APPLICATION_TOOLS)
     assert "'.[benchmark,dev]'" in (ROOT / "Makefile").read_text()
+
+
+def _imports(path: Path, top_level_only: bool) -> set[str]:
+    """The moeclip modules a file imports (at its top level only, or anywhere), under `if TYPE_CHECKING:` excluded."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        if top_level_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            for alias in node.names:  # `from package import module` imports the module
+                found.add(f"{base}.{alias.name}" if (ROOT / f"{base}.{alias.name}".replace(".", "/")).exists()
+                          or (ROOT / (f"{base}.{alias.name}".replace(".", "/") + ".py")).exists() else base)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return {name for name in found if name == "moeclip" or name.startswith("moeclip.")}
+
+
+def _modules() -> dict[str, Path]:
+    return {".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+            for path in PACKAGE.rglob("*.py")}
+
+
+def test_the_packages_imports_have_no_cycle():
+    """Module-level imports, drawn from the source: a cycle would make import order matter."""
+    from graphlib import TopologicalSorter
+
+    graph = {name: _imports(path, top_level_only=True) for name, path in _modules().items()}
+    TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
+
+
+def test_no_library_module_imports_the_application_even_lazily():
+    offenders = {name: sorted(imported) for name, path in _modules().items() if not name.startswith(APPLICATION)
+                 for imported in [{i for i in _imports(path, top_level_only=False) if i.startswith(APPLICATION)}]
+                 if imported}
+    assert offenders == {}

@@ -16,9 +16,10 @@ import pytest
 import yaml
 
 from moeclip.bench.experiments import load_plan
+from moeclip.bench.stages import get_stage
 from server_processes import free_port, start_group, stop_group
 from pipelines.caching import StageCache, outputs_exist
-from pipelines.plan import plan_stages
+from pipelines.plan import plan_stages, waits_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,30 +90,51 @@ def test_explicit_selections_are_checked(small_params: Path) -> None:
         plan_stages(benchmark, profile, experiments=["nope"])
 
 
-def test_cache_keys_follow_the_params_file_and_the_stage_inputs(small_params: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_keys_follow_the_stages_declared_inputs(small_params: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key changes with the files a stage reads, the params keys it declares and its code; nothing else."""
     monkeypatch.chdir(small_params.parent)
     benchmark, profile = load_plan(small_params)
-    args = {"dataset": "visa"}
     raw = profile.layout.raw("visa")
     raw.mkdir(parents=True)
     (raw / "image.png").write_bytes(b"one")
 
-    def key() -> str | None:
-        inputs = {"params": small_params, **args, "profile_name": "tiny"}
-        return StageCache(stage="prepare").compute_key(None, inputs, {})
+    def key(stage: str, code: str = "code") -> str | None:
+        inputs = {"params": small_params, "dataset": "visa", "profile_name": "tiny"}
+        return StageCache(stage=stage, code=code).compute_key(None, inputs, {})
 
-    first = key()
-    assert key() == first
+    first, fetched = key("prepare"), key("fetch")
+    assert key("prepare") == first and key("prepare", "other code") != first
     (raw / "image.png").write_bytes(b"changed")
-    second = key()
-    assert second != first
-    small_params.write_text(small_params.read_text() + "# an edit\n")
-    assert key() != second
-    assert not outputs_exist("prepare", benchmark, profile, args)
+    assert key("prepare") != first and key("fetch") == fetched  # prepare reads the raw folder, fetch writes it
+    document = yaml.safe_load(small_params.read_text())
+    document["experiments"]["industrial"]["title"] = "Renamed"
+    small_params.write_text(yaml.safe_dump(document, sort_keys=False) + "# an edit\n")
+    assert key("fetch") == fetched  # fetch declares only the profile's data section
+    document["profiles"]["tiny"]["data"] = {"per_class": 3}
+    small_params.write_text(yaml.safe_dump(document, sort_keys=False))
+    assert key("fetch") != fetched
+    prepare = get_stage("prepare")
+    assert not outputs_exist(prepare, benchmark, profile, {"dataset": "visa"})
     profile.layout.manifest("visa").parent.mkdir(parents=True)
     profile.layout.manifest("visa").write_bytes(b"")
-    assert outputs_exist("prepare", benchmark, profile, args)
+    assert outputs_exist(prepare, benchmark, profile, {"dataset": "visa"})
+
+
+def test_a_call_waits_for_the_calls_that_write_what_it_reads(small_params: Path) -> None:
+    benchmark, profile = load_plan(small_params)
+    plan = plan_stages(benchmark, profile)
+    waits = waits_for(plan.calls(report=True), benchmark, profile)
+    assert waits["fetch@visa"] == []
+    assert waits["prepare@visa"] == ["fetch@visa"]
+    assert waits["train@visa"] == ["prepare@visa"]
+    assert waits["evaluate-visa@mvtec"] == ["prepare@mvtec", "train@visa"]
+    trainings = [f"train@{a}" for a in plan.trainings]
+    evaluations = [f"evaluate-{a}@{t}" for a, t in plan.evaluations]
+    prepares = [f"prepare@{d}" for d in plan.datasets]
+    assert sorted(waits["experiment@medical"]) == sorted(prepares + trainings + evaluations)
+    assert sorted(waits["analysis"]) == sorted(prepares + ["train@visa"])
+    assert sorted(waits["report"]) == sorted(evaluations + ["experiment@industrial", "experiment@medical", "analysis"])
+    assert "report" not in waits_for(plan.calls(report=False), benchmark, profile)
 
 
 # -- a served deployment, run to completion on a local Prefect server -----------------------------
@@ -180,8 +202,8 @@ def test_served_deployment_runs_to_completion_then_from_cache(tmp_path: Path) ->
         assert first["state"]["type"] == "COMPLETED"
         assert first["parameters"]["profile"] == "demo"
         assert set(_task_states(api, first["id"])) == {
-            "fetch-visa", "fetch-mvtec", "prepare-visa", "prepare-mvtec", "train-visa", "train-mvtec",
-            "evaluate-visa-mvtec", "evaluate-mvtec-visa"}
+            "fetch@visa", "fetch@mvtec", "prepare@visa", "prepare@mvtec", "train@visa", "train@mvtec",
+            "evaluate-visa@mvtec", "evaluate-mvtec@visa"}
         assert (work / "runs/demo/train/visa/checkpoint.pt").is_file()
         assert (work / "runs/demo/train/mvtec/checkpoint.pt").is_file()
         assert set(json.loads((work / "runs/demo/metrics/evaluate/visa/mvtec.json").read_text())) == {
@@ -193,7 +215,7 @@ def test_served_deployment_runs_to_completion_then_from_cache(tmp_path: Path) ->
         second = _run_deployment(prefect, work, env, api, tmp_path / "serve.log")
         assert second["state"]["type"] == "COMPLETED"
         states = _task_states(api, second["id"])
-        assert states.pop("evaluate-visa-mvtec") == "Completed"  # its output was gone: run again
+        assert states.pop("evaluate-visa@mvtec") == "Completed"  # its output was gone: run again
         assert set(states.values()) == {"Cached"}
         assert (work / "runs/demo/metrics/evaluate/visa/mvtec.json").is_file()
     finally:

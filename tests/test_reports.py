@@ -8,9 +8,9 @@ import pytest
 from moeclip.errors import MoeclipError
 from moeclip.bench.experiments import experiment_runs, load_plan
 from moeclip.bench.reports.render import (experiment_tables, render_reports, similarity_figure, sweep_markdown,
-                                     utilisation_figure)
-from moeclip.bench.reports.tables import (Comparison, MethodTable, best_index, fmt_delta, method_markdown, variant_latex,
-                                    variant_markdown)
+                                          utilisation_figure)
+from moeclip.bench.reports.tables import (Comparison, MethodTable, best_index, fmt_delta, method_markdown,
+                                          variant_latex, variant_markdown)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from benchmarks.bench_pipeline import stage_environment, wait_for_server
 from moeclip.bench import warm
 from moeclip.bench.params import RuntimeConfig
-from moeclip.bench.pipeline import in_processes
+from moeclip.bench.stages.experiment import in_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,8 @@ def test_a_warm_stage_reports_errors_and_exit_status_like_a_fresh_process(tmp_pa
 
 def test_kept_evaluations_follow_the_evaluation_code(tmp_path):
     """A variant's kept results are keyed by the code that computed them, so an edit there re-evaluates."""
-    from moeclip.bench.pipeline import EVALUATION_CODE, PACKAGE, code_digest
+    from moeclip.bench.stages.common import code_digest
+    from moeclip.bench.stages.experiment import EVALUATION_CODE, PACKAGE
 
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/auc.py").write_text("AUC = 1\n")

@@ -36,9 +36,9 @@ def test_the_smoke_profile_is_the_paper_with_random_weights_small_trees_and_one_
 
 
 def test_the_planned_stages_are_the_ones_dvc_expands():
-    benchmark, _ = load_plan(ROOT / "params.yaml")
-    locked = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]) - {"report"}
-    assert sorted(planned_stages(benchmark)) == sorted(locked)
+    benchmark, profile = load_plan(ROOT / "params.yaml")
+    locked = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"])
+    assert sorted(planned_stages(benchmark, profile)) == sorted(locked)
 
 
 def test_use_profile_sets_the_profile_line_and_refuses_a_file_without_one(tmp_path):
@@ -53,7 +53,7 @@ def test_use_profile_sets_the_profile_line_and_refuses_a_file_without_one(tmp_pa
 
 def test_missing_stage_and_variant_records_are_named(tmp_path):
     benchmark, profile = load_plan(ROOT / "params.yaml", PROFILE)
-    for stage in planned_stages(benchmark)[1:]:  # the first stage left no record
+    for stage in planned_stages(benchmark, profile)[1:]:  # the first stage left no record
         (tmp_path / profile.layout.usage(stage)).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / profile.layout.usage(stage)).write_text(json.dumps({"seconds": 1.0, "peak_rss_gib": 2.0}))
     for experiment in benchmark.experiments:
@@ -65,7 +65,7 @@ def test_missing_stage_and_variant_records_are_named(tmp_path):
         (tmp_path / profile.layout.experiment_resources(experiment)).write_text(json.dumps(records))
     stages, missing_stages = stage_records(tmp_path, benchmark, profile)
     variants, missing_variants = variant_records(tmp_path, benchmark, profile)
-    assert missing_stages == ["stage fetch@mvtec"] and len(stages) == len(planned_stages(benchmark)) - 1
+    assert missing_stages == ["stage fetch@mvtec"] and len(stages) == len(planned_stages(benchmark, profile)) - 1
     assert missing_variants == ["variant table10/MLP Router"]
     assert len(variants) == sum(len(experiment_runs(benchmark, profile, e)) for e in benchmark.experiments)
 

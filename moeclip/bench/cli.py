@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moeclip.bench.data_cli import data_app
+from moeclip.bench.stages.cli import CONFIG_OPTION, PROFILE_OPTION, stage_app
 from moeclip.errors import MoeclipError
 
 app = typer.Typer(help="MoECLIP zero-shot anomaly detection benchmark.", no_args_is_help=True,
@@ -32,8 +32,6 @@ def main() -> None:
     """MoECLIP zero-shot anomaly detection benchmark."""
 
 
-CONFIG_OPTION = typer.Option(Path("params.yaml"), "--config", help="the params file")
-PROFILE_OPTION = typer.Option(None, help="profile of the params file (default: its `profile:` entry)")
 
 
 @app.command()
@@ -46,9 +44,9 @@ def params(
 ) -> None:
     """Count parameters of MoECLIP on a backbone: total, trainable, backbone, added (no weights needed)."""
     from moeclip.backbone import default_moe_layers
+    from moeclip.bench.params import load_profile
     from moeclip.config import ModelConfig
     from moeclip.model import count_parameters
-    from moeclip.bench.params import load_profile
 
     settings = load_profile(config, profile).model.model_dump()
     counted = ModelConfig.model_validate({**settings, "backbone": backbone, "image_size": image_size, "weights": None,
@@ -160,8 +158,8 @@ def demo(
     and that training helps; they are not the paper's results. `dvc repro` runs the full benchmark.
     """
     from moeclip.bench.experiments import load_plan
-    from moeclip.runtime import pin_runtime
     from moeclip.bench.workflows import evaluate_checkpoint, prepare_profile_data, train_profile, untrained_checkpoint
+    from moeclip.runtime import pin_runtime
 
     benchmark, settings = load_plan(config, profile)
     pin_runtime(settings.runtime.threads, settings.runtime.deterministic)
@@ -188,73 +186,31 @@ def report(
     profile: str | None = PROFILE_OPTION,
 ) -> None:
     """Render every table (Markdown + LaTeX, ours beside the paper's) and figure from the pipeline's metrics."""
-    from moeclip.bench.pipeline import report as render
+    from moeclip.bench.stages.report import run as render
 
     typer.echo(f"tables and figures in {render(config, profile)}")
 
 
-stage_app = typer.Typer(help="The pipeline stages that dvc.yaml runs (one unit of work each).",
-                        no_args_is_help=True)
+@app.command("dvc-yaml")
+def dvc_yaml(
+    config: Path = CONFIG_OPTION,
+    out: Path = typer.Option(Path("dvc.yaml"), help="the file to write"),
+    check: bool = typer.Option(False, help="only say whether OUT is current (exit status 1 if not)"),
+) -> None:
+    """Render dvc.yaml from the stage declarations (moeclip/bench/stages/) and the params file's plan."""
+    from moeclip.atomic import write_text_atomically
+    from moeclip.bench.dvcfile import render
+    from moeclip.bench.experiments import load_plan
+
+    text = render(load_plan(config)[0])
+    if check:
+        if not out.is_file() or out.read_text() != text:
+            typer.echo(f"{out} is not what the stage declarations render: run `moeclip dvc-yaml`", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{out} is current")
+        return
+    write_text_atomically(out, text)
+    typer.echo(f"wrote {out}")
+
+
 app.add_typer(stage_app, name="stage")
-
-
-def _run_stage(name: str, config: Path, profile: str | None, work: Callable[[], Path]) -> None:
-    """Run one stage; print its output, then its wall time and peak memory (also kept in runs/<profile>/usage/)."""
-    from moeclip.bench.pipeline import record_usage
-    from moeclip.resources import measured
-
-    with measured() as usage:
-        output = work()
-    typer.echo(str(output))
-    typer.echo(usage[0].stage_line(name), err=True)
-    record_usage(config, profile, name, usage[0])
-
-
-@stage_app.command("fetch")
-def stage_fetch(dataset: str, config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
-    """Download (or synthesise, for the demo) one dataset."""
-    from moeclip.bench import pipeline
-
-    _run_stage(f"fetch@{dataset}", config, profile, lambda: pipeline.fetch(config, dataset, profile))
-
-
-@stage_app.command("prepare")
-def stage_prepare(dataset: str, config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
-    """Validate one dataset into its manifest."""
-    from moeclip.bench import pipeline
-
-    _run_stage(f"prepare@{dataset}", config, profile, lambda: pipeline.prepare(config, dataset, profile))
-
-
-@stage_app.command("train")
-def stage_train(auxiliary: str, config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
-    """Train the profile's model on one auxiliary dataset of the `main` plan."""
-    from moeclip.bench import pipeline
-
-    _run_stage(f"train@{auxiliary}", config, profile, lambda: pipeline.train(config, auxiliary, profile))
-
-
-@stage_app.command("evaluate")
-def stage_evaluate(auxiliary: str, target: str, config: Path = CONFIG_OPTION,
-                   profile: str | None = PROFILE_OPTION) -> None:
-    """Evaluate a main training zero-shot on one target dataset."""
-    from moeclip.bench import pipeline
-
-    _run_stage(f"evaluate-{auxiliary}@{target}", config, profile,
-               lambda: pipeline.evaluate(config, auxiliary, target, profile))
-
-
-@stage_app.command("experiment")
-def stage_experiment(name: str, config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
-    """Run every variant of one experiment (a paper table or figure)."""
-    from moeclip.bench import pipeline
-
-    _run_stage(f"experiment@{name}", config, profile, lambda: pipeline.run_experiment(config, name, profile))
-
-
-@stage_app.command("analysis")
-def stage_analysis(config: Path = CONFIG_OPTION, profile: str | None = PROFILE_OPTION) -> None:
-    """Expert utilisation, inter-expert similarity and routed-patch statistics of the main model."""
-    from moeclip.bench import pipeline
-
-    _run_stage("analysis", config, profile, lambda: pipeline.analyse(config, profile))

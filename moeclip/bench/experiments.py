@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from moeclip.config import ModelConfig, TrainConfig
 from moeclip.bench.params import ParamsError, Profile, profile_from_params, read_params, validation_problems
+from moeclip.config import ModelConfig, TrainConfig
 
 # Model fields that only act at test time: changing them needs no new training.
 TEST_TIME_FIELDS = ("router_noise", "blur_industrial", "blur_medical")
@@ -153,6 +153,13 @@ def experiment_runs(benchmark: Benchmark, profile: Profile, experiment: str) -> 
     default_train_on = (benchmark.main.auxiliary,)
     return [resolve_variant(profile, name, variant, default_train_on, f"experiment '{experiment}' variant '{name}'")
             for name, variant in selected_variants(benchmark, profile, experiment).items()]
+
+
+def experiment_datasets(benchmark: Benchmark, profile: Profile, experiment: str) -> set[str]:
+    """The datasets an experiment reads: its test sets and the training sets of its trained variants."""
+    return {*benchmark.experiments[experiment].datasets,
+            *(dataset for run in experiment_runs(benchmark, profile, experiment) if run.trained
+              for dataset in run.train_on)}
 
 
 def load_plan(path: Path, profile_name: str | None = None) -> tuple[Benchmark, Profile]:

@@ -1,7 +1,8 @@
 """Where a profile's data, runs and reports live: every path the stages read and write, in one object.
 
-dvc.yaml names the same paths with `${profile}` (tests/test_layout.py compares them), the Prefect
-flow's cache keys read them, and the report finds the stages' outputs through them.
+The stage declarations (moeclip/bench/stages/) say with them what each stage reads and writes,
+for dvc.yaml (rendered with `${profile}` in the paths) and the Prefect flow; the report finds the
+stages' outputs through them.
 """
 from __future__ import annotations
 
@@ -28,13 +29,19 @@ class RunLayout:
     def raw(self, dataset: str) -> Path:
         return self.data / "raw" / dataset
 
+    def manifests(self) -> Path:
+        return self.data / "manifests"
+
     def manifest(self, dataset: str) -> Path:
-        return self.data / "manifests" / f"{dataset}.parquet"
+        return self.manifests() / f"{dataset}.parquet"
 
     # -- runs/<profile> --------------------------------------------------------------------------
+    def trainings(self) -> Path:
+        return self.runs / "train"
+
     def training(self, auxiliary: str) -> Path:
         """The folder of a main training (checkpoint, loss curve)."""
-        return self.runs / "train" / auxiliary
+        return self.trainings() / auxiliary
 
     def checkpoint(self, auxiliary: str) -> Path:
         return checkpoint_in(self.training(auxiliary))
@@ -51,9 +58,13 @@ class RunLayout:
         """Every stage's results, small files the report reads."""
         return self.runs / "metrics"
 
+    def main_metrics(self) -> Path:
+        """The main evaluations' metric files."""
+        return self.metrics() / "evaluate"
+
     def evaluation_metrics(self, auxiliary: str, target: str) -> Path:
         """DVC metrics file of a main evaluation: {metric: value x100} of the stage metrics."""
-        return self.metrics() / "evaluate" / auxiliary / f"{target}.json"
+        return self.main_metrics() / auxiliary / f"{target}.json"
 
     def experiment(self, experiment: str) -> Path:
         """An experiment's variants: trainings, kept evaluations."""

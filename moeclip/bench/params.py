@@ -12,9 +12,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from moeclip.bench.layout import RunLayout
 from moeclip.config import ModelConfig, TrainConfig
 from moeclip.errors import MoeclipError
-from moeclip.bench.layout import RunLayout
 
 
 class ParamsError(MoeclipError):

@@ -24,10 +24,10 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from moeclip.bench.params import TrackingConfig
 from moeclip.data.manifest import manifest_sha256
 from moeclip.errors import MoeclipError
 from moeclip.figures import save_figure
-from moeclip.bench.params import TrackingConfig
 
 try:
     from mlflow.entities import Metric, Param, RunStatus, RunTag

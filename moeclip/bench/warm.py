@@ -28,10 +28,8 @@ from pathlib import Path
 
 IDLE_SECONDS = 30.0
 STARTUP_SECONDS = 300.0  # longer than any import takes, even beside a busy neighbour
-# What every heavy stage imports (MLflow's SQL store included); the server pays for them once.
-PRELOAD = ("moeclip.bench.cli", "moeclip.bench.pipeline", "moeclip.bench.workflows", "moeclip.training", "moeclip.evaluation",
-           "moeclip.bench.tracking", "moeclip.analysis", "moeclip.cost", "moeclip.bench.reports.render",
-           "mlflow.store.tracking.sqlalchemy_store")
+# Besides every stage's module: MLflow's SQL store, imported on first use. The server pays for them once.
+PRELOAD = ("mlflow.store.tracking.sqlalchemy_store",)
 # Set per stage by DVC, or by the shell: they do not change what an import does.
 VOLATILE_ENV = ("DVC_STAGE", "PWD", "OLDPWD", "_", "SHLVL")
 # What a user's Ctrl-C or a scheduler's stop sends the client: passed on to the child that does the work.
@@ -179,10 +177,10 @@ def _run_child(connection: socket.socket) -> None:
     import torch
 
     torch.random.default_generator.manual_seed(torch.initial_seed())  # as a fresh process starts
-    from moeclip.bench.cli import run
+    from moeclip.bench.launch import run_here
 
     try:
-        run()
+        run_here(request["argv"])
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
@@ -197,17 +195,28 @@ def _run_child(connection: socket.socket) -> None:
     os._exit(code)
 
 
+def _forget_package() -> None:
+    """Drop the package's own modules (torch, MLflow and the rest stay imported): each child imports again
+    what its stage uses (0.1 s), so the package files a stage records as its code are its own."""
+    for name in [name for name in sys.modules if name == "moeclip" or name.startswith("moeclip.")]:
+        del sys.modules[name]
+
+
 def serve(path: Path, import_path: list[str]) -> None:
-    """Import `PRELOAD` (from the client's `import_path`), then fork a child per connection until idle."""
+    """Import every stage's module and `PRELOAD` (from the client's `import_path`), then fork a child per
+    connection until idle."""
     import importlib
 
     sys.path[:] = import_path
     try:
-        for name in PRELOAD:
+        from moeclip.bench.stages import STAGES
+
+        for name in (*(stage.module for stage in STAGES), *PRELOAD):
             importlib.import_module(name)
         from sqlalchemy.orm import configure_mappers
 
         configure_mappers()  # MLflow's ORM classes, set up on first use otherwise (0.6 s in every stage)
+        _forget_package()
         listener = _listen(path)
     finally:
         _starting_marker(path).unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """The jobs a profile runs, logged to MLflow: prepare its data, train, evaluate a checkpoint, predict.
 
-The command line calls them directly and the pipeline's stages (moeclip/bench/pipeline.py) call them
+The command line calls them directly and the pipeline's stages (moeclip/bench/stages/) call them
 with the paths and settings of a stage, so each job has exactly one implementation. Torch, the model
 and MLflow are imported inside the functions that need them, so the data stages start fast.
 """
@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 
 from moeclip.atomic import atomic_path, write_text_atomically
-from moeclip.config import Domain, ModelConfig, TrainConfig
-from moeclip.errors import MoeclipError
 from moeclip.bench.layout import checkpoint_in
 from moeclip.bench.params import Profile, TrackingConfig
+from moeclip.config import Domain, ModelConfig, TrainConfig
+from moeclip.errors import MoeclipError
 from moeclip.runtime import resolve_device
 
 if TYPE_CHECKING:
@@ -145,9 +145,9 @@ def evaluate_checkpoint(checkpoint: Path, manifests: Mapping[str, Path], out_dir
     `test_time` overrides inference-only model fields (see `load_model`). Returns the
     per-dataset summary (means over classes, x100).
     """
+    from moeclip.bench.tracking import start_run
     from moeclip.checkpoint import load_model
     from moeclip.evaluation import evaluate_frame, summarize
-    from moeclip.bench.tracking import start_run
 
     device = resolve_device(device)
     frame = read_manifests(manifests)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from moeclip.data.layouts import LAYOUTS, Sample, parse_layout
 from moeclip.data.manifest import COLUMNS, DOMAINS, write_manifest
-from moeclip.data.registry import DATASETS, DatasetSpec, DataError
+from moeclip.data.registry import DATASETS, DataError, DatasetSpec
 
 
 @dataclass(frozen=True)

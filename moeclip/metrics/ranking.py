@@ -17,16 +17,17 @@ import numpy as np
 from moeclip.metrics._runs import (
     BLOCK,
     ArrayLike,
-    RunStore,
     Runs,
-    as_array,
+    RunStore,
     aligned_counts,
+    as_array,
     block_bounds,
     require_both_classes,
     same_dtype,
     split_tallies,
     validate,
 )
+
 
 def ranking_metrics(scores: ArrayLike, labels: ArrayLike) -> dict[str, float]:
     """AUROC, AP and F1-max of 1-D scores against 0/1 labels, from a single sort per class."""

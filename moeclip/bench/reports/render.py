@@ -17,13 +17,20 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from moeclip.atomic import write_text_atomically
-from moeclip.errors import MoeclipError
 from moeclip.bench.experiments import Benchmark, experiment_runs
-from moeclip.figures import save_figure
 from moeclip.bench.params import Profile
 from moeclip.bench.reports.paper import load_paper_results, paper_table
-from moeclip.bench.reports.tables import (Comparison, MethodTable, fmt, method_latex, method_markdown, variant_latex,
-                                    variant_markdown)
+from moeclip.bench.reports.tables import (
+    Comparison,
+    MethodTable,
+    fmt,
+    method_latex,
+    method_markdown,
+    variant_latex,
+    variant_markdown,
+)
+from moeclip.errors import MoeclipError
+from moeclip.figures import save_figure
 
 TABLE1_METRICS = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap"]
 Values = dict[str, dict[str, float | None]]  # dataset -> metric -> value
@@ -129,8 +136,20 @@ def experiment_figures(benchmark: Benchmark) -> list[str]:
     return [key for key in benchmark.experiments if key.startswith("fig")]
 
 
+SIMILARITY_FIGURE, UTILISATION_FIGURE = "fig5_expert_similarity.png", "fig9_expert_utilisation.png"
+
+
+def figure_files(benchmark: Benchmark) -> list[str]:
+    """The report's figures: one per sweep experiment of params.yaml, then the analysis figures."""
+    return [*(sweep_file(key, benchmark.experiments[key].title) for key in experiment_figures(benchmark)),
+            SIMILARITY_FIGURE, UTILISATION_FIGURE]
+
+
 def sweep_file(key: str, title: str) -> str:
-    """A sweep figure's file name from its key and title ('fig6', 'Number of experts K' -> fig6_number_of_experts_k.png)."""
+    """A sweep figure's file name from its key and title.
+
+    ('fig6', 'Number of experts K') -> fig6_number_of_experts_k.png
+    """
     return f"{key}_{re.sub(r'[^a-z0-9]+', '_', title.lower()).strip('_')}.png"
 
 
@@ -225,7 +244,8 @@ def _write_text(path: Path, text: str) -> None:
 
 def _banner(profile: Profile) -> str:
     if profile.train.max_steps is not None:
-        return (f"> Profile `{profile.name}`: a **smoke run**: {profile.model.backbone} at {profile.model.image_size} px "
+        return (f"> Profile `{profile.name}`: a **smoke run**: {profile.model.backbone} at "
+                f"{profile.model.image_size} px "
                 f"with {'random' if profile.model.weights is None else profile.model.weights} weights, at most "
                 f"{profile.train.max_steps} optimiser step(s) per training, "
                 f"{'synthetic' if profile.data.synthetic else 'real'} data. It proves that every stage and variant "
@@ -260,9 +280,8 @@ def render_reports(benchmark: Benchmark, profile: Profile) -> Path:
                sweep_figure(frame, f"Fig. {key.removeprefix('fig')}: {benchmark.experiments[key].title}")
                for key, frame in sweeps.items()}
     similarity = _read_json(profile.layout.analysis() / "similarity.json")
-    figures["fig5_expert_similarity.png"] = similarity_figure(similarity["matrix"], similarity["layer"],
-                                                              similarity["dataset"])
-    figures["fig9_expert_utilisation.png"] = utilisation_figure(
+    figures[SIMILARITY_FIGURE] = similarity_figure(similarity["matrix"], similarity["layer"], similarity["dataset"])
+    figures[UTILISATION_FIGURE] = utilisation_figure(
         pd.read_csv(_stage_output(profile.layout.analysis() / "utilisation.csv")))
     sections += ["## Figures", ""]
     for name, figure in figures.items():

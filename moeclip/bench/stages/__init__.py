@@ -1,0 +1,153 @@
+"""The pipeline's stages, each declared once: its arguments, what it reads and writes, its params, its code.
+
+A stage is one module of this package with a `run(params, *arguments, profile_name)` function; its
+code is everything that module imports (at its top, so a lazy import deeper down cannot escape the
+list). Everything else derives from the declarations below:
+  - dvc.yaml, rendered by `moeclip dvc-yaml` (moeclip/bench/dvcfile.py): deps, params, outs, metrics;
+  - `moeclip stage <name> ...` (stages/cli.py);
+  - the Prefect flow's tasks, their order (a call waits for the calls that write what it reads) and
+    their cache keys (pipelines/).
+Paths come from the profile's RunLayout; `fan_out` says which part of the plan a stage runs once for.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import import_module
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from moeclip.bench.experiments import Benchmark
+    from moeclip.bench.layout import RunLayout
+
+PACKAGE = "moeclip"
+# Package data read by a module (not imported, so not seen in sys.modules): the module's code includes it.
+PACKAGE_DATA = {"moeclip/backbone.py": ("moeclip/configs/MoECLIP-Tiny-ViT.json",),
+                "moeclip/bench/reports/paper.py": ("moeclip/bench/reports/paper_results.yaml",)}
+FanOut = Literal["datasets", "trainings", "evaluations", "experiments"]
+
+
+@dataclass(frozen=True)
+class Output:
+    """A path a stage writes, with how DVC keeps it."""
+
+    path: Path
+    persist: bool = False  # kept when the stage re-runs (the stage itself decides what to redo)
+    cache: bool = True     # false: kept in git or too small to cache
+    metric: bool = False   # shown by `dvc metrics show`
+    why: str = ""          # dvc.yaml's `desc` of the output
+
+
+Reads = Callable[["RunLayout", "Benchmark", Mapping[str, str]], list[Path]]
+Writes = Callable[["RunLayout", "Benchmark", Mapping[str, str]], list[Output]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    summary: str
+    arguments: tuple[str, ...]
+    fan_out: FanOut | None
+    reads: Reads
+    writes: Writes
+    params: tuple[str, ...]  # params.yaml keys; {profile} and {<argument>} are filled in
+
+    @property
+    def module(self) -> str:
+        return f"{__name__}.{self.name}"
+
+    def function(self) -> Callable[..., Path]:
+        """The stage's `run` (imports the stage's module)."""
+        return import_module(self.module).run
+
+    def label(self, args: Mapping[str, str]) -> str:
+        """The name of one call, as DVC names it: 'fetch@visa', 'evaluate-visa@mvtec', 'analysis'."""
+        if self.fan_out == "evaluations":
+            return f"{self.name}-{args['auxiliary']}@{args['target']}"
+        return f"{self.name}@{args[self.arguments[0]]}" if self.arguments else self.name
+
+    def paths(self, layout: RunLayout, plan: Benchmark, args: Mapping[str, str]) -> tuple[list[Path], list[Path]]:
+        """(paths read, paths written) by one call."""
+        return self.reads(layout, plan, args), [output.path for output in self.writes(layout, plan, args)]
+
+    def params_keys(self, profile: str, args: Mapping[str, str]) -> list[str]:
+        return [key.format(profile=profile, **args) for key in self.params]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("fetch", "Download (or synthesise, for a synthetic profile) one dataset.", ("dataset",), "datasets",
+          reads=lambda layout, plan, a: [],
+          writes=lambda layout, plan, a: [Output(layout.raw(a["dataset"]), persist=True,
+                                                 why="a re-run (e.g. after a data-section edit) must not delete a "
+                                                     "dataset downloaded by hand; the stage checks what is there")],
+          params=("profiles.{profile}.data",)),
+    Stage("prepare", "Validate one dataset into its manifest.", ("dataset",), "datasets",
+          reads=lambda layout, plan, a: [layout.raw(a["dataset"])],
+          writes=lambda layout, plan, a: [Output(layout.manifest(a["dataset"]))],
+          params=()),
+    Stage("train", "Train the profile's model on one auxiliary dataset of the main plan.", ("auxiliary",),
+          "trainings",
+          reads=lambda layout, plan, a: [layout.manifest(a["auxiliary"])],
+          writes=lambda layout, plan, a: [Output(layout.training(a["auxiliary"]), persist=True,
+                                                 why="an interrupted training resumes from its checkpoint; a changed "
+                                                     "configuration is trained afresh")],
+          params=("profiles.{profile}.model", "profiles.{profile}.train", "profiles.{profile}.runtime")),
+    Stage("evaluate", "Evaluate a main training zero-shot on one target dataset.", ("auxiliary", "target"),
+          "evaluations",
+          reads=lambda layout, plan, a: [layout.training(a["auxiliary"]), layout.manifest(a["target"])],
+          writes=lambda layout, plan, a: [
+              Output(layout.evaluation(a["auxiliary"], a["target"])),
+              Output(layout.evaluation_metrics(a["auxiliary"], a["target"]), cache=False, metric=True)],
+          params=("profiles.{profile}.runtime",)),
+    Stage("experiment", "Run every variant of one experiment (a paper table or figure).", ("experiment",),
+          "experiments",
+          # Any main training and main result may be a variant's (the default rows reuse them).
+          reads=lambda layout, plan, a: [layout.trainings(), layout.main_metrics(), layout.manifests()],
+          writes=lambda layout, plan, a: [
+              Output(layout.experiment(a["experiment"]), persist=True,
+                     why="variants whose configuration did not change keep their training"),
+              Output(layout.experiment_resources(a["experiment"]), cache=False, why="parameter counts, time, memory"),
+              Output(layout.experiment_metrics(a["experiment"]), cache=False,
+                     why="variants x datasets x metrics: too wide for `dvc metrics show`; the report tabulates them")],
+          params=("experiments.{experiment}", "profiles.{profile}")),
+    Stage("analysis", "Expert utilisation, inter-expert similarity and routed-patch statistics of the main model.",
+          (), None,
+          reads=lambda layout, plan, a: [layout.training(plan.main.auxiliary), layout.manifests()],
+          writes=lambda layout, plan, a: [Output(layout.analysis())],
+          params=("profiles.{profile}.analysis", "profiles.{profile}.runtime")),
+    Stage("report", "Render every table and figure from the stages' metric files.", (), None,
+          reads=lambda layout, plan, a: [layout.metrics(), layout.resources(), layout.analysis()],
+          writes=lambda layout, plan, a: [Output(layout.reports, cache=False,
+                                                 why="small tables and figures, read on GitHub: kept in git")],
+          params=("experiments",)),
+)
+BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def get_stage(name: str) -> Stage:
+    if name not in BY_NAME:
+        raise ValueError(f"no stage '{name}' (stages: {', '.join(BY_NAME)})")
+    return BY_NAME[name]
+
+
+# -- the code a stage ran ----------------------------------------------------------------------
+_worker_code: set[str] = set()
+
+
+def imported_code() -> list[str]:
+    """The package files this process (and the worker processes it collected from) has loaded:
+    imported modules and the package data they read, as paths relative to the package's folder."""
+    files = set(_worker_code)
+    if PACKAGE in sys.modules:
+        root = Path(sys.modules[PACKAGE].__file__).resolve().parents[1]
+        for name, module in list(sys.modules.items()):
+            if (name == PACKAGE or name.startswith(PACKAGE + ".")) and getattr(module, "__file__", None):
+                files.add(Path(module.__file__).resolve().relative_to(root).as_posix())
+    return sorted(files | {data for file in files for data in PACKAGE_DATA.get(file, ())})
+
+
+def add_worker_code(files: list[str]) -> None:
+    """Count what a worker process of this stage loaded as the stage's code."""
+    _worker_code.update(files)

@@ -1,0 +1,45 @@
+"""Trainings the stages share: a run's checkpoint kept, resumed or retrained, and the main trainings' checkpoints."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from moeclip.bench.experiments import Run, main_run
+from moeclip.bench.params import Profile
+from moeclip.bench.workflows import train_model
+from moeclip.checkpoint import OutdatedCheckpointError, read_checkpoint
+from moeclip.errors import MoeclipError
+
+
+def checkpoint_state(checkpoint: Path, run: Run) -> str:
+    """'complete', 'partial' (resumable), 'stale' (another configuration or format) or 'missing'."""
+    if not checkpoint.is_file():
+        return "missing"
+    try:
+        payload = read_checkpoint(checkpoint)
+    except OutdatedCheckpointError:
+        return "stale"
+    if payload.get("model_config") != run.model.model_dump(mode="json") or \
+            payload.get("train_config") != run.train.model_dump(mode="json"):
+        return "stale"
+    return "complete" if payload.get("progress", {}).get("complete") else "partial"
+
+
+def ensure_trained(profile: Profile, run: Run, checkpoint: Path, run_name: str,
+                   tags: Mapping[str, str] | None = None) -> Path:
+    """The run's `checkpoint`: kept if complete, resumed if interrupted, retrained if stale."""
+    state = checkpoint_state(checkpoint, run)
+    if state == "complete":
+        return checkpoint
+    if state == "stale":
+        checkpoint.unlink()
+    return train_model(profile, run.model, run.train, run.train_on, checkpoint, run_name, tags)
+
+
+def main_checkpoint(profile: Profile, auxiliary: str) -> Path:
+    """The finished checkpoint of a main training, or one line saying which stage to run first."""
+    checkpoint = profile.layout.checkpoint(auxiliary)
+    if checkpoint_state(checkpoint, main_run(profile, auxiliary)) != "complete":
+        raise MoeclipError(f"'{checkpoint}' is missing or unfinished: run `dvc repro train@{auxiliary}` "
+                           f"(or `moeclip stage train {auxiliary}`) first")
+    return checkpoint
