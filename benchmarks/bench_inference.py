@@ -30,7 +30,7 @@ from benchmarks.common import (
 )
 from moeclip.model import MoECLIP
 from moeclip.model.execution import Execution, executing
-from moeclip.model.scoring import finalize_class_scores
+from moeclip.model.scoring import per_class_protocol_scores
 
 
 def predictor(model: MoECLIP, how: Execution, images: torch.Tensor) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
@@ -62,7 +62,7 @@ def main() -> None:
         normalised = {}
         for name, call in calls.items():
             outputs, memory = measured_alone(models, name, call, device)
-            normalised[name] = finalize_class_scores(*outputs, "industrial")
+            normalised[name] = per_class_protocol_scores(*outputs, "industrial")
             rows.append({"mode": name, "batch": batch, "images_per_s": batch / seconds[name],
                          "latency_ms": seconds[name] * 1e3, "peak_memory_mib": memory})
         rows[-1].update(

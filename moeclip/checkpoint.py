@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from moeclip.atomic import atomic_path
+from moeclip.calibration import Calibration
 from moeclip.config import ModelConfig
 from moeclip.errors import MoeclipError
 from moeclip.model import MoECLIP, build_model
@@ -31,12 +32,28 @@ class OutdatedCheckpointError(CheckpointError):
 
 def save_checkpoint(path: Path, model: MoECLIP, build_seed: int | None, **state: Any) -> None:
     """Write the added modules' weights, the model config and `state` (optimizer, scheduler, RNG, ...)."""
-    payload = {"format": FORMAT_VERSION, "model_config": model.config.model_dump(mode="json"),
-               "build_seed": build_seed, "weights": model.trainable_state_dict(), **state}
+    _write(path, {"format": FORMAT_VERSION, "model_config": model.config.model_dump(mode="json"),
+                  "build_seed": build_seed, "weights": model.trainable_state_dict(), **state})
+
+
+def _write(path: Path, payload: dict[str, Any]) -> None:
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
         # Through a file object the archive's inner folder is always "archive"; given a path, torch
         # names it after the (random) temporary file, and equal checkpoints would differ in bytes.
         torch.save(payload, handle)
+
+
+def store_calibration(path: Path, calibration: Calibration) -> None:
+    """Keep the model's calibration (moeclip/calibration.py) in its checkpoint."""
+    _write(path, {**read_checkpoint(path), "calibration": calibration.as_dict()})
+
+
+def read_calibration(path: Path, payload: Mapping[str, Any]) -> Calibration:
+    """The calibration kept in a checkpoint's payload, or one line saying how to add it."""
+    if "calibration" not in payload:
+        raise CheckpointError(f"checkpoint '{path}' has no calibration, so its scores have no fixed scale: run "
+                              f"`moeclip calibrate {path} --manifest <the auxiliary dataset's manifest>`")
+    return Calibration(**payload["calibration"])
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

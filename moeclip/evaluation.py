@@ -23,7 +23,7 @@ from moeclip.data.dataset import loader_options
 from moeclip.metrics import pixel_metrics, ranking_metrics
 from moeclip.model import MoECLIP
 from moeclip.model.execution import Execution, executing, model_execution
-from moeclip.model.scoring import finalize_class_scores
+from moeclip.model.scoring import per_class_protocol_scores
 from moeclip.model.text import prompt_descriptions
 
 
@@ -49,7 +49,8 @@ METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro", 
 
 def _predict_class(model: MoECLIP, batches: Iterable[dict[str, Any]], domain: Domain, device: torch.device,
                    execution: Execution) -> dict[str, torch.Tensor]:
-    """One class's test maps and S_A (on `device`), its labels and masks (on the CPU), and the final scores."""
+    """One class's raw test maps and S_A (on `device`, before any normalisation), its labels and masks (on the
+    CPU)."""
     collected: dict[str, list[torch.Tensor]] = {"maps": [], "scores": [], "labels": [], "masks": [], "has_mask": []}
     for batch in batches:
         with executing(model, execution, device.type):
@@ -60,9 +61,7 @@ def _predict_class(model: MoECLIP, batches: Iterable[dict[str, Any]], domain: Do
         collected["labels"].append(batch["label"])
         collected["masks"].append(batch["mask"][:, 0] > 0.5)
         collected["has_mask"].append(torch.as_tensor(batch["has_mask"]))
-    outputs = {key: torch.cat(values) for key, values in collected.items()}
-    outputs["maps"], outputs["final_scores"] = finalize_class_scores(outputs["maps"], outputs["scores"], domain)
-    return outputs
+    return {key: torch.cat(values) for key, values in collected.items()}
 
 
 def _class_metrics(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -103,13 +102,13 @@ def _examples(outputs: dict[str, torch.Tensor], group: pd.DataFrame, count: int)
                     outputs["masks"][i].numpy(), outputs["maps"][i].cpu().numpy()) for i in chosen]
 
 
-def evaluate_frame(model: MoECLIP, frame: pd.DataFrame, batch_size: int, device: str | torch.device = "cpu",
-                   num_workers: int | None = None, examples_per_class: int = 0,
-                   execution: Execution | None = None, seed: int = 0) -> Evaluation:
-    """One row per (dataset, class): counts and every metric the class can have (fractions, not x100).
+def raw_class_outputs(model: MoECLIP, frame: pd.DataFrame, batch_size: int, device: str | torch.device = "cpu",
+                      num_workers: int | None = None, execution: Execution | None = None,
+                      seed: int = 0) -> Iterator[tuple[pd.DataFrame, dict[str, torch.Tensor]]]:
+    """Per (dataset, class), in that order: its rows of `frame` and their raw maps, S_A, labels and masks.
 
     Test-time randomness (Table 11's router noise) draws from torch's RNG seeded with `seed`
-    inside this call only, so an evaluation gives the same numbers every time it runs.
+    inside this generator only, so a pass gives the same outputs every time it runs.
 
     One DataLoader streams all classes (no batch spans two), so its workers keep decoding
     across class boundaries; `num_workers` None picks them for `device` (see `loader_options`).
@@ -124,15 +123,28 @@ def evaluate_frame(model: MoECLIP, frame: pd.DataFrame, batch_size: int, device:
     loader = DataLoader(dataset, batch_sampler=_class_batches([len(g) for _, g in groups], batch_size),
                         **loader_options(device, num_workers))
     batches = iter(loader)
-    rows, examples = [], []
     with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for (dataset_name, class_name), group in tqdm(groups, desc="classes", unit="class"):
+        for _, group in tqdm(groups, desc="classes", unit="class"):
             class_batches = itertools.islice(batches, math.ceil(len(group) / batch_size))
-            outputs = _predict_class(model, class_batches, group["domain"].iloc[0], device, execution)
-            rows.append({"dataset": dataset_name, "class_name": class_name, "n_images": len(group),
-                         "n_anomalous": int(group["label"].sum()), **_class_metrics(outputs)})
-            examples += _examples(outputs, group, examples_per_class)
+            yield group, _predict_class(model, class_batches, group["domain"].iloc[0], device, execution)
+
+
+def evaluate_frame(model: MoECLIP, frame: pd.DataFrame, batch_size: int, device: str | torch.device = "cpu",
+                   num_workers: int | None = None, examples_per_class: int = 0,
+                   execution: Execution | None = None, seed: int = 0) -> Evaluation:
+    """One row per (dataset, class): counts and every metric the class can have (fractions, not x100).
+
+    Per class, the protocol's normalisation over the class's test images (`per_class_protocol_scores`)
+    comes before the metrics; see `raw_class_outputs` for the pass itself.
+    """
+    rows, examples = [], []
+    for group, outputs in raw_class_outputs(model, frame, batch_size, device, num_workers, execution, seed):
+        outputs["maps"], outputs["final_scores"] = per_class_protocol_scores(outputs["maps"], outputs["scores"],
+                                                                         group["domain"].iloc[0])
+        rows.append({"dataset": group["dataset"].iloc[0], "class_name": group["class_name"].iloc[0],
+                     "n_images": len(group), "n_anomalous": int(group["label"].sum()), **_class_metrics(outputs)})
+        examples += _examples(outputs, group, examples_per_class)
     per_class = pd.DataFrame(rows, columns=["dataset", "class_name", "n_images", "n_anomalous", *METRICS])
     return Evaluation(per_class, examples)
 

@@ -88,12 +88,14 @@ def save_figure(fig: Figure, path: Path | str) -> Path:
     return path
 
 
-def overlay_png(image: np.ndarray, amap: np.ndarray, path: Path | str) -> Path:
-    """Only the overlay, image-sized and without axes: what `predict` writes for users' own images."""
+def prediction_figure(image: np.ndarray, amap: np.ndarray, title: str) -> Figure:
+    """A user's image with its calibrated map on the fixed [0, 1] scale, a colour bar and `title` (the score):
+    a normal image stays cold, whatever else was scored with it."""
     _check_shapes(image, amap)
     height, width = amap.shape
-    dpi = 100
-    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
-    _draw_overlay(ax, image, amap)
-    return save_figure(fig, path)
+    fig = Figure(figsize=(6.0 * width / max(height, width) + 1.2, 6.0 * height / max(height, width) + 0.6))
+    ax = fig.add_axes((0.02, 0.02, 0.78, 0.88))
+    overlay = _draw_overlay(ax, image, amap)
+    fig.colorbar(overlay, ax=ax, fraction=0.046, label="anomaly (calibrated)")
+    ax.set_title(title)
+    return fig

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from moeclip.errors import MoeclipError
+
 
 def pin_runtime(threads: int | None, deterministic: bool) -> None:
     """Fix torch's CPU thread count (None keeps torch's default) and, if asked, its kernel choice."""
@@ -23,7 +25,15 @@ def pin_runtime(threads: int | None, deterministic: bool) -> None:
 
 
 def resolve_device(device: str) -> str:
-    """'auto' as the device this machine has: cuda when available, else cpu; other names unchanged."""
+    """'auto' as the device this machine has: cuda when available, else cpu; other names unchanged, but a
+    CUDA device that is not there is one clear error instead of a traceback from deep inside torch."""
     import torch
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0) if device.partition(":")[2].isdigit() else 0
+        if index >= torch.cuda.device_count():
+            raise MoeclipError(f"device '{device}': torch sees {torch.cuda.device_count()} CUDA GPU(s) on this "
+                               f"machine (use --device cpu or auto)")
+    return device

@@ -209,3 +209,41 @@ def test_google_drive_ids_go_through_gdown(tmp_path: Path, dataset_source: Path,
     assert (dest / "screw" / "test" / "crack" / "000.png").is_file()
     assert calls[0]["id"] == "FILEID123" and calls[0]["resume"] is True
     assert [p.name for p in (tmp_path / "raw").iterdir()] == ["drive"]
+
+
+def test_a_single_class_archive_of_your_own_keeps_its_class(tmp_path: Path, dataset_source: Path) -> None:
+    """`bottle/test/good/...` alone in an archive is the class folder, not a wrapper to strip."""
+    archive = _pack(dataset_source / "bottle", tmp_path / "bottle.zip", top="bottle")
+    raw = tmp_path / "raw"
+    result = runner.invoke(app, ["data", "fetch", "parts", "--archive", str(archive), "--dest", str(raw)])
+    assert result.exit_code == 0, result.output
+    assert (raw / "parts" / "bottle" / "test" / "good" / "000.png").is_file()
+    out = tmp_path / "parts.parquet"
+    result = runner.invoke(app, ["data", "prepare", "parts", "--layout", "mvtec", "--root", str(raw / "parts"),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert set(read_manifest(out)["class_name"]) == {"bottle"}
+    wrapped = _pack(dataset_source, tmp_path / "wrapped.tar.gz", top="release")  # a wrapper is still stripped
+    assert fetch_dataset("mine", raw, archive=wrapped) == raw / "mine"
+    assert sorted(p.name for p in (raw / "mine").iterdir()) == ["bottle", "screw"]
+
+
+@pytest.mark.parametrize("layout", ["mvtec", "folders"])
+def test_a_tree_that_starts_with_a_split_folder_is_refused_by_name(tmp_path: Path, dataset_source: Path,
+                                                                   layout: str) -> None:
+    archive = _pack(dataset_source / "bottle" / "test", tmp_path / "split.zip", top="test")
+    raw = fetch_dataset("parts", tmp_path / "raw", archive=archive)
+    assert (raw / "test" / "good" / "000.png").is_file()  # kept: stripping it would leave good/ and crack/
+    result = runner.invoke(app, ["data", "prepare", "parts", "--layout", layout, "--root", str(raw),
+                                 "--out", str(tmp_path / "parts.parquet")])
+    assert result.exit_code == 1 and not (tmp_path / "parts.parquet").exists()
+    assert "starts with a split folder" in result.output and "<class name>" in result.output
+
+
+def test_the_layout_option_lists_every_layout_with_its_folders() -> None:
+    from moeclip.data.layouts import LAYOUTS
+
+    help_text = " ".join(runner.invoke(app, ["data", "prepare", "--help"], terminal_width=400).output.split())
+    for name in LAYOUTS:
+        assert f"{name} = " in help_text
+    assert "<class>/good/*" in help_text and "<class>/test/good/*" in help_text

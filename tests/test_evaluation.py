@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from moeclip import build_model
 from moeclip.data.dataset import ManifestDataset
-from moeclip.model.scoring import finalize_class_scores
+from moeclip.model.scoring import per_class_protocol_scores
 from moeclip.evaluation import evaluate_frame, summarize
 from tiny_models import tiny_config
 
@@ -91,7 +91,7 @@ def test_pixel_auroc_equals_sklearn_on_the_normalised_class_maps(tmp_path):
     masks = torch.stack([dataset[i]["mask"][0] > 0.5 for i in range(len(dataset))])
     with torch.no_grad():
         maps, scores = model.eval().predict(batch, ["bottle"] * len(dataset), "industrial")
-    maps, _ = finalize_class_scores(maps, scores, "industrial")
+    maps, _ = per_class_protocol_scores(maps, scores, "industrial")
     expected = roc_auc_score(masks.flatten().numpy(), maps.flatten().numpy())
     assert per_class.loc[0, "pixel_auroc"] == pytest.approx(expected, abs=1e-9)
 

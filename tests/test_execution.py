@@ -22,7 +22,7 @@ from moeclip.data.synthetic import generate_demo_datasets
 from moeclip.evaluation import METRICS, evaluate_frame
 from moeclip.model import MoECLIP, Router
 from moeclip.model.execution import REFERENCE, Execution, compile_backbone, executing, fast_execution
-from moeclip.model.scoring import finalize_class_scores
+from moeclip.model.scoring import per_class_protocol_scores
 from tiny_models import tiny_config
 
 BF16 = Execution(bf16=True)
@@ -65,8 +65,8 @@ def test_float32_fast_path_equals_the_reference(outputs, seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_bf16_fast_path_differs_from_the_reference_by_rounding_only(outputs, seed):
-    fast = finalize_class_scores(*outputs[seed, "bf16"], "industrial")
-    reference = finalize_class_scores(*outputs[seed, "reference"], "industrial")
+    fast = per_class_protocol_scores(*outputs[seed, "bf16"], "industrial")
+    reference = per_class_protocol_scores(*outputs[seed, "reference"], "industrial")
     map_error = (fast[0] - reference[0]).abs()
     assert map_error.max() <= 0.03 and map_error.mean() <= 0.002
     assert (fast[1] - reference[1]).abs().max() <= 0.01

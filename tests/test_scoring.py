@@ -6,7 +6,7 @@ import torch
 
 from moeclip.config import BlurConfig
 from moeclip.model import patch_average
-from moeclip.model.scoring import (anomaly_map, finalize_class_scores, image_embedding, image_score,
+from moeclip.model.scoring import (anomaly_map, per_class_protocol_scores, image_embedding, image_score,
                                    image_similarities, similarity_logits, training_maps)
 from tiny_models import paper_config
 
@@ -134,18 +134,18 @@ def test_image_similarities_are_cosines_or_plain_dot_products():
 def test_finalize_normalises_only_what_leaves_the_unit_interval_and_mixes_by_domain():
     maps = torch.tensor([[[0.0, 2.0]], [[4.0, 1.0]], [[3.0, 3.0]]])  # (N=3, 1, 2): leaves [0, 1], min 0, max 4
     scores = torch.tensor([0.2, 0.6, 0.4])  # inside [0, 1]: kept as they are (the release's rule)
-    norm_maps, industrial = finalize_class_scores(maps, scores, "industrial")
+    norm_maps, industrial = per_class_protocol_scores(maps, scores, "industrial")
     torch.testing.assert_close(norm_maps, maps / 4)
     torch.testing.assert_close(industrial, 0.5 * torch.tensor([0.5, 1.0, 0.75]) + 0.5 * scores)
-    _, medical = finalize_class_scores(maps, scores, "medical")
+    _, medical = per_class_protocol_scores(maps, scores, "medical")
     torch.testing.assert_close(medical, torch.tensor([0.5, 1.0, 0.75]))
     inside = torch.tensor([[[0.1, 0.3]], [[0.2, 0.9]]])
-    kept, final = finalize_class_scores(inside, torch.tensor([-0.5, 0.5]), "industrial")
+    kept, final = per_class_protocol_scores(inside, torch.tensor([-0.5, 0.5]), "industrial")
     torch.testing.assert_close(kept, inside)  # maps inside [0, 1] are not stretched
     torch.testing.assert_close(final, 0.5 * torch.tensor([0.3, 0.9]) + 0.5 * torch.tensor([0.0, 1.0]))
 
 
-def test_finalize_class_scores_handles_constant_inputs():
-    maps, scores = finalize_class_scores(torch.full((2, 3, 3), 7.0), torch.ones(2), "industrial")
+def test_per_class_protocol_scores_handles_constant_inputs():
+    maps, scores = per_class_protocol_scores(torch.full((2, 3, 3), 7.0), torch.ones(2), "industrial")
     assert torch.count_nonzero(maps) == 0  # outside [0, 1] and constant: zeros
     torch.testing.assert_close(scores, torch.full((2,), 0.5))  # S_A of 1 kept: 0.5 * 0 + 0.5 * 1

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from moeclip.data.manifest import manifest_sha256
-from moeclip.figures import anomaly_map_figure, overlay_png, save_figure
+from moeclip.figures import anomaly_map_figure, save_figure
 from moeclip.bench.tracking import (
     MAX_PARAM_VALUE_LENGTH,
     RunLogger,
@@ -231,12 +231,3 @@ def test_save_figure_writes_png_atomically(tmp_path: Path) -> None:
     path = save_figure(anomaly_map_figure(image, amap > 0.5, amap, "t"), tmp_path / "sub" / "f.png")
     assert path.stat().st_size > 0 and path.read_bytes().startswith(b"\x89PNG")
     assert [p.name for p in path.parent.iterdir()] == ["f.png"]  # no temp file left behind
-
-
-def test_overlay_png_is_image_sized(tmp_path: Path) -> None:
-    from PIL import Image
-
-    image, amap = _image_and_map()
-    path = overlay_png(image, amap, tmp_path / "overlay.png")
-    with Image.open(path) as written:
-        assert written.size == (40, 32)

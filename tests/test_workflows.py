@@ -1,18 +1,15 @@
-"""The CLI's stage commands on the offline demo profile: demo, train (with resume), evaluate, predict."""
+"""The CLI's commands on the offline demo profile: demo, train (with resume), evaluate (predict: test_inference.py)."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from PIL import Image
 from typer.testing import CliRunner
 
 from moeclip.bench.cli import app
 from moeclip.bench.params import ParamsError, load_profile
-from tiny_models import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,26 +82,6 @@ def test_evaluate_logs_where_the_profile_says_unless_told_otherwise(quick_params
     for out in ("first", "second"):  # the batch size changes memory and speed, not the numbers
         assert json.loads((tmp_path / out / "summary.json").read_text()) == \
             json.loads((tmp_path / "first" / "summary.json").read_text())
-
-
-def test_predict_writes_overlays_and_scores(tmp_path):
-    from moeclip.bench.workflows import untrained_checkpoint
-
-    checkpoint = untrained_checkpoint(tiny_config(), 0, tmp_path / "model.pt")
-    rng = np.random.default_rng(0)
-    images = []
-    for index in range(2):
-        path = tmp_path / f"part{index}.png"
-        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
-        images.append(str(path))
-    result = CliRunner().invoke(app, ["predict", *images, "--checkpoint", str(checkpoint), "--class-name", "metal nut",
-                                      "--out", str(tmp_path / "out"), "--device", "cpu"])
-    assert result.exit_code == 0, result.output
-    scores = json.loads((tmp_path / "out" / "scores.json").read_text())
-    assert set(scores) == set(images)
-    assert all(0 <= s["final_score"] <= 1 and 0 <= s["image_score_raw"] <= 1 for s in scores.values())
-    overlay = Image.open(tmp_path / "out" / "part0_anomaly_map.png")
-    assert overlay.size == (50, 40)
 
 
 def test_unknown_profile_and_missing_manifests_are_clear_errors(quick_params):

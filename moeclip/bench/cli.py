@@ -129,22 +129,40 @@ def evaluate(
 
 @app.command()
 def predict(
-    images: list[Path] = typer.Argument(..., help="image files of one kind of object or scan"),
-    checkpoint: Path = typer.Option(...),
-    class_name: str = typer.Option(..., help="what the images show, used in the prompts (e.g. 'metal nut')"),
-    domain: str = typer.Option("industrial", help="industrial or medical (blur and score rule)"),
-    out: Path = typer.Option(Path("predictions")),
-    device: str = typer.Option("auto"),
+    inputs: list[str] = typer.Argument(..., help="image files, folders (searched recursively) or glob patterns "
+                                                 "('parts/**/*.png'), all of one kind of object or scan",
+                                       show_default=False),
+    checkpoint: Path = typer.Option(..., help="a calibrated checkpoint: runs/<profile>/train/<dataset>/checkpoint.pt "
+                                              "or one of `moeclip train`"),
+    class_name: str = typer.Option(..., help="what the images show, e.g. 'metal nut' (in the prompts)"),
+    description: str | None = typer.Option(None, help="the prompts' words for it (default: the class name)"),
+    domain: str = typer.Option("industrial", help="industrial or medical: the blur and the score rule"),
+    out: Path = typer.Option(Path("predictions"), help="folder for overlays, masks, results.csv/.json"),
+    batch_size: int = typer.Option(8, min=1, help="images per forward pass"),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1, auto"),
+    masks: bool = typer.Option(False, "--masks", help="also write each map thresholded, as a black/white PNG"),
 ) -> None:
-    """Anomaly-map overlays (PNG) and image scores (scores.json) for your own images."""
-    from moeclip.bench.workflows import predict_images
+    """Anomaly scores, labels and map overlays for your own images, each scored alone on the checkpoint's
+    calibrated 0-1 scale (see README, "Your own images")."""
+    from moeclip.inference import run_prediction
 
-    if domain not in ("industrial", "medical"):
-        raise typer.BadParameter("domain must be industrial or medical")
-    results = predict_images(checkpoint, images, class_name, domain, out, device)
-    for path, scores in results.items():
-        typer.echo(f"{path}: score {scores['final_score']:.3f} (raw S_A {scores['image_score_raw']:.3f})")
-    typer.echo(f"overlays and scores.json in {out}")
+    results = run_prediction(inputs, checkpoint, description or class_name, domain, out, batch_size, device, masks)
+    anomalous = int((results["label"] == "anomalous").sum())
+    typer.echo(f"{len(results)} images, {anomalous} anomalous; overlays and results.csv in {out}")
+
+
+@app.command()
+def calibrate(
+    checkpoint: Path = typer.Argument(..., help="the checkpoint to calibrate (changed in place)"),
+    manifest: list[Path] = typer.Option(..., help="manifest(s) of the data it was trained on; repeat for several"),
+    device: str = typer.Option("auto", help="cpu, cuda, auto"),
+    batch_size: int = typer.Option(8, min=1, help="images per forward pass"),
+) -> None:
+    """Store in a checkpoint the fixed scale of its scores (the pipeline's trainings have it already)."""
+    from moeclip.bench.workflows import calibrate_checkpoint
+
+    calibrate_checkpoint(checkpoint, {path.stem: path for path in manifest}, device, batch_size)
+    typer.echo(f"calibrated {checkpoint}")
 
 
 @app.command()

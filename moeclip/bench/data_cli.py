@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moeclip.data.fetch import fetch_dataset
+from moeclip.data.layouts import layout_shapes
 from moeclip.data.prepare import prepare_dataset
 from moeclip.data.registry import DATASETS, DataError
 
@@ -46,7 +47,8 @@ def prepare(
     name: str = typer.Argument(..., help="Registry name, layout name, or your own name with --layout."),
     root: Path = typer.Option(..., help="The extracted dataset folder."),
     out: Path = typer.Option(..., help="Manifest file to write (.parquet)."),
-    layout: str | None = typer.Option(None, help="Folder layout; defaults to the registry's."),
+    layout: str | None = typer.Option(None, help="Folder layout; defaults to the registry's. Layouts: " + " | ".join(
+        f"{name} = {shape.rstrip('.')}" for name, shape in layout_shapes().items())),
     domain: str | None = typer.Option(None, help="industrial or medical (custom data; default industrial)."),
     split: list[str] = typer.Option(["test"], help="Splits to keep; repeat for several."),
 ) -> None:

@@ -1,4 +1,4 @@
-"""The jobs a profile runs, logged to MLflow: prepare its data, train, evaluate a checkpoint, predict.
+"""The jobs a profile runs, logged to MLflow: prepare its data, train and calibrate, evaluate a checkpoint.
 
 The command line calls them directly and the pipeline's stages (moeclip/bench/stages/) call them
 with the paths and settings of a stage, so each job has exactly one implementation. Torch, the model
@@ -17,7 +17,7 @@ import pandas as pd
 from moeclip.atomic import atomic_path, write_text_atomically
 from moeclip.bench.layout import checkpoint_in
 from moeclip.bench.params import Profile, TrackingConfig
-from moeclip.config import Domain, ModelConfig, TrainConfig
+from moeclip.config import ModelConfig, TrainConfig
 from moeclip.errors import MoeclipError
 from moeclip.runtime import resolve_device
 
@@ -96,10 +96,25 @@ def train_model(profile: Profile, model: ModelConfig, settings: TrainConfig, tra
 def train_profile(profile: Profile, train_on: Sequence[str], out_dir: Path | None = None,
                   max_steps: int | None = None) -> Path:
     """Train the profile's model on its auxiliary dataset(s) into `out_dir` (default: the main training's
-    folder, `runs/<profile>/train/<datasets>`); returns the checkpoint."""
+    folder, `runs/<profile>/train/<datasets>`) and calibrate it on them; returns the checkpoint."""
     name = "+".join(train_on)
-    return train_model(profile, profile.model, profile.train, train_on,
-                       checkpoint_in(out_dir or profile.layout.training(name)), f"train/{name}", max_steps=max_steps)
+    checkpoint = train_model(profile, profile.model, profile.train, train_on,
+                             checkpoint_in(out_dir or profile.layout.training(name)), f"train/{name}",
+                             max_steps=max_steps)
+    return calibrate_checkpoint(checkpoint, {d: profile.layout.manifest(d) for d in train_on}, profile.device,
+                                profile.runtime.eval_batch_size)
+
+
+def calibrate_checkpoint(checkpoint: Path, manifests: Mapping[str, Path], device: str, batch_size: int) -> Path:
+    """Store in `checkpoint` the calibration (moeclip/calibration.py) of its model on `manifests`, the data it
+    was trained on: the fixed scale of the scores `moeclip predict` gives."""
+    from moeclip.calibration import calibrate
+    from moeclip.checkpoint import load_model, store_calibration
+
+    device = resolve_device(device)
+    model, _ = load_model(checkpoint, device)
+    store_calibration(checkpoint, calibrate(model, read_manifests(manifests), batch_size, device))
+    return checkpoint
 
 
 def untrained_checkpoint(model: ModelConfig, seed: int, path: Path) -> Path:
@@ -163,41 +178,3 @@ def evaluate_checkpoint(checkpoint: Path, manifests: Mapping[str, Path], out_dir
         run.log_metrics_table(evaluation.per_class, summary)
         _log_figures(run, evaluation)
     return summary
-
-
-def predict_images(checkpoint: Path, images: Sequence[Path], description: str, domain: Domain, out_dir: Path,
-                   device: str = "auto") -> dict[str, dict[str, float]]:
-    """Anomaly maps (PNG overlays) and scores for a user's own images of one class.
-
-    Scores follow the test protocol over the given images (min-max over the set, then the
-    domain's rule); with a single image only the raw scores are meaningful.
-    """
-    import torch
-
-    from moeclip.checkpoint import load_model
-    from moeclip.data.transforms import read_image
-    from moeclip.figures import overlay_png
-    from moeclip.model.scoring import finalize_class_scores, min_max
-
-    device = resolve_device(device)
-    model, _ = load_model(checkpoint, device)
-    frame = pd.DataFrame({"image_path": [str(Path(p).resolve()) for p in images], "mask_path": None, "label": 0,
-                          "class_name": description, "description": description, "dataset": "own",
-                          "domain": domain})
-    dataset = model.inputs(frame)
-    batch = torch.stack([dataset[i]["image"] for i in range(len(dataset))]).to(device)
-    with torch.inference_mode():
-        raw_maps, raw_scores = model.predict(batch, [description] * len(dataset), domain)
-    maps, final = finalize_class_scores(raw_maps.float().cpu(), raw_scores.float().cpu(), domain)
-    out_dir = Path(out_dir)
-    results = {}
-    for index, path in enumerate(images):
-        original = np.asarray(read_image(Path(path)).convert("RGB"))
-        one_map = raw_maps[index].float().cpu()
-        display = torch.nn.functional.interpolate(min_max(one_map)[None, None], size=original.shape[:2],
-                                                  mode="bilinear", align_corners=True)[0, 0].numpy()
-        overlay_png(original, display, out_dir / f"{Path(path).stem}_anomaly_map.png")
-        results[str(path)] = {"image_score_raw": float(raw_scores[index]), "map_max_raw": float(one_map.max()),
-                              "final_score": float(final[index]), "map_max_normalised": float(maps[index].max())}
-    write_text_atomically(out_dir / "scores.json", json.dumps(results, indent=2))
-    return results

@@ -123,17 +123,31 @@ def _extract_zip(archive: Path, target: Path, bar: tqdm) -> None:
             bar.update(info.compress_size)
 
 
-def _single_top(folder: Path) -> Path:
-    """The one top-level folder of an extracted archive (dropping macOS `__MACOSX`), else `folder`."""
+# Folders that make their parent a class folder (MVTec's `<class>/test/good/...`) or are a split themselves.
+CLASS_TREE_FOLDERS = frozenset({"test", "train", "ground_truth"})
+
+
+def _single_top(folder: Path, keep_class_folder: bool) -> Path:
+    """The one top-level folder of an extracted archive (dropping macOS `__MACOSX`), else `folder`.
+
+    With `keep_class_folder` (a user's own data), a lone class folder (`bottle/test/good/...`) or split
+    folder (`test/...`) is kept, not stripped as a wrapper: the class keeps its name.
+    """
     shutil.rmtree(folder / "__MACOSX", ignore_errors=True)
     entries = list(folder.iterdir())
-    if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
-        return entries[0]
-    return folder
+    if len(entries) != 1 or not entries[0].is_dir() or entries[0].is_symlink():
+        return folder
+    top = entries[0]
+    if keep_class_folder and (top.name.lower() in CLASS_TREE_FOLDERS or
+                              any((top / name).is_dir() for name in CLASS_TREE_FOLDERS)):
+        return folder
+    return top
 
 
-def build_atomically(dest: Path, fill: Callable[[Path], None], strip_single_top: bool = False) -> Path:
-    """Let `fill` populate a temp folder next to `dest`, then rename it to `dest`.
+def build_atomically(dest: Path, fill: Callable[[Path], None],
+                     installed: Callable[[Path], Path] = lambda temp: temp) -> Path:
+    """Let `fill` populate a temp folder next to `dest`, then rename `installed(temp)` (by default the temp
+    folder itself) to `dest`.
 
     On any failure the temp folder is removed, so `dest` either appears complete or not at all.
     """
@@ -143,7 +157,7 @@ def build_atomically(dest: Path, fill: Callable[[Path], None], strip_single_top:
     temp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
     try:
         fill(temp)
-        source = _single_top(temp) if strip_single_top else temp
+        source = installed(temp)
         if source == temp and not any(temp.iterdir()):
             raise DataError(f"{dest}: nothing to install (empty archive or folder)")
         os.rename(source, dest)
@@ -152,8 +166,9 @@ def build_atomically(dest: Path, fill: Callable[[Path], None], strip_single_top:
     return dest
 
 
-def extract_archive(archive: Path, dest: Path) -> Path:
-    """Safely extract a zip/tar archive to `dest` (which must not exist), stripping a single top folder."""
+def extract_archive(archive: Path, dest: Path, keep_class_folder: bool = False) -> Path:
+    """Safely extract a zip/tar archive to `dest` (which must not exist), stripping a single top folder (unless
+    `keep_class_folder` and it is a class or split folder, see `_single_top`)."""
     kind = archive_kind(archive)
     extract = _extract_zip if kind == "zip" else _extract_tar
 
@@ -166,4 +181,4 @@ def extract_archive(archive: Path, dest: Path) -> Path:
             except OSError as exc:
                 raise DataError(f"{archive}: extraction failed ({exc})") from None
 
-    return build_atomically(dest, fill, strip_single_top=True)
+    return build_atomically(dest, fill, lambda temp: _single_top(temp, keep_class_folder))

@@ -136,7 +136,7 @@ def _local_path(url: str) -> Path | None:
     return Path(url)
 
 
-def _install_local(source: Path, dest: Path, sha256: str | None, link: bool) -> Path:
+def _install_local(source: Path, dest: Path, sha256: str | None, link: bool, own: bool) -> Path:
     """Install a user's archive (extracted) or folder (copied or symlinked); the source is never changed."""
     if not source.exists():
         raise DataError(f"{source}: no such file or folder")
@@ -150,7 +150,7 @@ def _install_local(source: Path, dest: Path, sha256: str | None, link: bool) -> 
         return build_atomically(dest, lambda temp: _copy_tree(source, temp))
     if sha256:
         verify_sha256(source, sha256)
-    return extract_archive(source, dest)
+    return extract_archive(source, dest, keep_class_folder=own)
 
 
 def _copy_tree(source: Path, temp: Path) -> None:
@@ -160,7 +160,7 @@ def _copy_tree(source: Path, temp: Path) -> None:
         raise DataError(f"{source}: could not copy the folder ({exc})") from None
 
 
-def _install_remote(name: str, url: str, dest: Path, sha256: str | None) -> Path:
+def _install_remote(name: str, url: str, dest: Path, sha256: str | None, own: bool) -> Path:
     """Download, verify, extract; the complete download is deleted afterwards, whatever happens."""
     tag = hashlib.sha1(url.encode()).hexdigest()[:10]
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def _install_remote(name: str, url: str, dest: Path, sha256: str | None) -> Path
     try:
         if sha256:
             verify_sha256(archive, sha256)
-        return extract_archive(archive, dest)
+        return extract_archive(archive, dest, keep_class_folder=own)
     except DataError as exc:
         raise DataError(f"{exc} (downloaded from {url}; the download was deleted)") from None
     finally:
@@ -206,14 +206,15 @@ def fetch_dataset(
             return dest
         raise DataError(f"{dest}: already exists; remove it to fetch {name} again")
     spec = DATASETS.get(name)
+    own = spec is None  # a user's own data: a lone class folder in its archive is the class, not a wrapper
     if explicit is None:
         dropped = _dropped_archive(name, dest_root)
         if dropped is not None:
-            return _install_local(dropped, dest, sha256, link)
+            return _install_local(dropped, dest, sha256, link, own)
         if spec is None or spec.source.url is None:
             raise _no_source_error(name, dest_root)
-        return _install_remote(name, spec.source.url, dest, sha256 or spec.source.sha256)
+        return _install_remote(name, spec.source.url, dest, sha256 or spec.source.sha256, own)
     local = Path(archive) if archive is not None else _local_path(str(url))
     if local is not None:
-        return _install_local(local, dest, sha256, link)
-    return _install_remote(name, str(url), dest, sha256)
+        return _install_local(local, dest, sha256, link, own)
+    return _install_remote(name, str(url), dest, sha256, own)

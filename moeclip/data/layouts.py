@@ -217,7 +217,7 @@ def parse_visa(root: Path) -> LayoutResult:
 
 
 def parse_folders(root: Path) -> LayoutResult:
-    """Custom layout for users' own data, one folder per class:
+    """Your own data: `<class>/good/*` normal, `<class>/<defect>/*` anomalous, masks `<class>/masks/<stem>.*`.
 
         <root>/<class>/good/*           normal images
         <root>/<class>/<any other>/*    anomalous images (folder name = defect type)
@@ -250,6 +250,11 @@ LAYOUTS: dict[str, Callable[[Path], LayoutResult]] = {
     "endo": parse_endo,
     "folders": parse_folders,
 }
+
+
+def layout_shapes() -> dict[str, str]:
+    """Each layout's folder shape: the first paragraph of its parser's docstring, on one line."""
+    return {name: " ".join((parse.__doc__ or "").strip().split("\n\n")[0].split()) for name, parse in LAYOUTS.items()}
 
 
 def parse_layout(layout: str, root: Path) -> LayoutResult:

@@ -81,6 +81,9 @@ def validate_samples(samples: Sequence[Sample], masks_required: bool, workers: i
         return list(tqdm(results, total=len(samples), desc="validate", unit="img"))
 
 
+CLASS_FOLDER_LAYOUTS = ("mvtec", "folders")  # layouts whose class is the name of a folder
+
+
 def _resolve_target(name_or_layout: str, root: Path, layout: str | None) -> tuple[DatasetSpec | None, str, str]:
     """(registry spec or None, dataset name, layout name) for a registry name, a layout name or a custom name."""
     if name_or_layout in DATASETS:
@@ -94,6 +97,16 @@ def _resolve_target(name_or_layout: str, root: Path, layout: str | None) -> tupl
             f"({', '.join(LAYOUTS)}); for your own data pass a layout, e.g. --layout folders"
         )
     return None, name_or_layout, layout
+
+
+def _check_class_folders(root: Path, layout: str, classes: set[str | None]) -> None:
+    """A user's class-tree data must name its classes by folder: a tree that starts with a split folder
+    would make the class 'test' (layout folders) or the dataset's own name (layout mvtec)."""
+    split_folders = {"test", "train", "ground_truth"}
+    if layout in CLASS_FOLDER_LAYOUTS and (None in classes or classes & split_folders):
+        raise DataError(f"{root}: the tree starts with a split folder ({', '.join(sorted(split_folders))}) instead "
+                        f"of class folders: move it into <root>/<class name>/ (e.g. {root}/bottle/test/good/...) "
+                        f"so the class keeps its name")
 
 
 def _class_of(sample: Sample, spec: DatasetSpec | None, root: Path) -> str:
@@ -203,6 +216,8 @@ def prepare_dataset(
     samples = [s for s in parsed.samples if s.split in splits]
     if not samples:
         raise DataError(f"{root}: no images found for layout {layout!r} in splits {list(splits)}")
+    if spec is None:
+        _check_class_folders(root, layout, {s.class_name for s in samples})
     masks_required = spec.pixel_metrics if spec is not None else any(s.mask for s in samples)
     checks = validate_samples(samples, masks_required, workers)
     frame = _build_frame(samples, checks, spec, dataset, domain, root)

@@ -83,9 +83,10 @@ def into_unit_range(values: torch.Tensor) -> torch.Tensor:
     return min_max(values) if bool(values.min() < 0) or bool(values.max() > 1) else values
 
 
-def finalize_class_scores(maps: torch.Tensor, scores: torch.Tensor,
+def per_class_protocol_scores(maps: torch.Tensor, scores: torch.Tensor,
                           domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
-    """The benchmark protocol's per-class post-processing over all N test images of one class.
+    """The benchmark protocol's per-class normalisation over all N test images of one class (evaluation only:
+    an image's values depend on the others; moeclip/calibration.py scores images alone).
 
     The (N, H, W) maps and, separately, the (N,) S_A are brought into [0, 1] by the release's
     rule (`into_unit_range`; the paper is silent): summed maps are min-max normalised, S_A

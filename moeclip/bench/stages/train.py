@@ -6,11 +6,13 @@ from pathlib import Path
 import pandas as pd
 
 import moeclip.bench.tracking  # noqa: F401 - imported by the training job when it runs: the stage's code
+import moeclip.calibration  # noqa: F401
 import moeclip.training  # noqa: F401
 from moeclip.atomic import atomic_path
 from moeclip.bench.experiments import main_run
 from moeclip.bench.stages.common import computing_plan
 from moeclip.bench.stages.trained import ensure_trained
+from moeclip.bench.workflows import calibrate_checkpoint
 from moeclip.checkpoint import read_checkpoint
 from moeclip.errors import MoeclipError
 
@@ -22,6 +24,9 @@ def run(params: Path, auxiliary: str, profile_name: str | None = None) -> Path:
                            f"(main.targets: {', '.join(benchmark.main.targets)})")
     checkpoint = ensure_trained(profile, main_run(profile, auxiliary), profile.layout.checkpoint(auxiliary),
                                 f"train/{auxiliary}", {"auxiliary": auxiliary})
+    if "calibration" not in read_checkpoint(checkpoint):  # the fixed scale of `moeclip predict`'s scores
+        calibrate_checkpoint(checkpoint, {auxiliary: profile.layout.manifest(auxiliary)}, profile.device,
+                             profile.runtime.eval_batch_size)
     with atomic_path(profile.layout.losses(auxiliary)) as temporary:  # the loss curves `dvc plots` draws
         pd.DataFrame(read_checkpoint(checkpoint)["history"]).to_csv(temporary, index=False)
     return checkpoint
