@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[benchmark,dev]'
+	$(BIN)/python -m pip install -q -e '.[benchmark,export,dev]'
 	touch $(STAMP)
 
 .PHONY: setup demo test smoke-paper

@@ -49,7 +49,7 @@ def test_the_tools_are_an_extra_and_make_installs_it():
     names = {requirement.split("=")[0].split(">")[0] for requirement in project["dependencies"]}
     assert not names & set(APPLICATION_TOOLS)
     assert {r.split("=")[0] for r in project["optional-dependencies"]["benchmark"]} == set(APPLICATION_TOOLS)
-    assert "'.[benchmark,dev]'" in (ROOT / "Makefile").read_text()
+    assert "'.[benchmark,export,dev]'" in (ROOT / "Makefile").read_text()
 
 
 def _imports(path: Path, top_level_only: bool) -> set[str]:

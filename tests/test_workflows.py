@@ -37,7 +37,7 @@ def test_demo_runs_prepare_train_and_evaluate_with_mlflow(quick_params, tmp_path
     client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
     experiment = client.get_experiment_by_name("zsad-demo")
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.data.tags["stage"] for r in runs) == ["evaluate", "evaluate", "train"]
+    assert sorted(r.data.tags["stage"] for r in runs) == ["calibrate", "evaluate", "evaluate", "train"]
     evaluation = next(r for r in runs if r.info.run_name == "eval-trained")
     written_ms = (tmp_path / "runs/demo/before-after/eval-trained/summary.json").stat().st_mtime * 1000
     assert evaluation.info.start_time <= written_ms <= evaluation.info.end_time  # the run spans the evaluation

@@ -152,17 +152,40 @@ def predict(
 
 
 @app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="a calibrated checkpoint"),
+    class_name: str = typer.Option(..., help="the kind of object the exported model detects anomalies on"),
+    domain: str = typer.Option("industrial", help="industrial or medical: the blur and the score rule"),
+    export_format: str = typer.Option("onnx", "--format", help="onnx (the only one: see moeclip/export.py)"),
+    out: Path = typer.Option(Path("moeclip.onnx"), help="the file to write"),
+) -> None:
+    """The inference path (images -> calibrated maps and scores, one class) as a standalone ONNX model."""
+    from moeclip.export import export_onnx
+
+    if export_format != "onnx":
+        raise typer.BadParameter(f"--format {export_format!r}: only onnx is supported")
+    if domain not in ("industrial", "medical"):
+        raise typer.BadParameter("--domain must be industrial or medical")
+    typer.echo(f"wrote {export_onnx(checkpoint, class_name, domain, out)}")
+
+
+@app.command()
 def calibrate(
     checkpoint: Path = typer.Argument(..., help="the checkpoint to calibrate (changed in place)"),
     manifest: list[Path] = typer.Option(..., help="manifest(s) of the data it was trained on; repeat for several"),
-    device: str = typer.Option("auto", help="cpu, cuda, auto"),
-    batch_size: int = typer.Option(8, min=1, help="images per forward pass"),
+    config: Path = CONFIG_OPTION,
+    profile: str | None = PROFILE_OPTION,
+    device: str | None = typer.Option(None, help="cpu, cuda, auto (default: the profile's)"),
 ) -> None:
-    """Store in a checkpoint the fixed scale of its scores (the pipeline's trainings have it already)."""
+    """Store in a checkpoint the fixed scale of its scores and log it to MLflow as a servable model (trainings
+    of the pipeline and of `moeclip train` have both already)."""
     from moeclip.bench.workflows import calibrate_checkpoint
 
-    calibrate_checkpoint(checkpoint, {path.stem: path for path in manifest}, device, batch_size)
-    typer.echo(f"calibrated {checkpoint}")
+    settings = _profile(config, profile)
+    uri = calibrate_checkpoint(checkpoint, {path.stem: path for path in manifest}, settings.tracking,
+                               device or settings.device, settings.runtime.eval_batch_size,
+                               f"model/{checkpoint.parent.name}")
+    typer.echo(f"calibrated {checkpoint}; serve it with: mlflow models serve -m {uri} --env-manager local")
 
 
 @app.command()

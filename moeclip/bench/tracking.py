@@ -139,9 +139,10 @@ def _write_tables(folder: Path, per_class: pd.DataFrame, summary: pd.DataFrame |
 class RunLogger:
     """Logs into one open MLflow run; obtained from `start_run`."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, tracking_uri: str) -> None:
         self.client = client
         self.run_id = run_id
+        self.tracking_uri = tracking_uri
         self._pending_losses: list[Metric] = []
 
     def log_params(self, params: Mapping) -> None:
@@ -187,6 +188,18 @@ class RunLogger:
         """Copy a local file into the run's artifacts, under `artifact_path` if given."""
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_python_model(self, python_model: object, artifacts: Mapping[str, Path], requirements: list[str],
+                         name: str = "model") -> str:
+        """A pyfunc model (an `mlflow.pyfunc.PythonModel` and its files) in this run; returns its
+        `runs:/<run id>/<name>` URI, what `mlflow models serve -m` takes."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pyfunc.log_model(name=name, python_model=python_model, pip_requirements=requirements,
+                                    artifacts={key: str(path) for key, path in artifacts.items()})
+        return f"runs:/{self.run_id}/{name}"
+
     def log_figure(self, fig: Figure, name: str) -> None:
         """The figure as `figures/<name>.png` (the figure is closed afterwards)."""
         filename = name if name.endswith(".png") else f"{name}.png"
@@ -231,10 +244,10 @@ def start_run(experiment: str, run_name: str, tracking_uri: str | None, params: 
     `tracking_uri` None means `$MLFLOW_TRACKING_URI`, else `tracking_uri_default()`.
     `artifact_location` is used only when the experiment is created here."""
     _quiet_mlflow()
-    client = MlflowClient(tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                          or tracking_uri_default())
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri_default()
+    client = MlflowClient(tracking_uri=uri)
     run = client.create_run(_experiment_id(client, experiment, artifact_location), run_name=run_name)
-    logger = RunLogger(client, run.info.run_id)
+    logger = RunLogger(client, run.info.run_id, uri)
     error: BaseException | None = None
     try:
         commit = git_commit()

@@ -101,20 +101,30 @@ def train_profile(profile: Profile, train_on: Sequence[str], out_dir: Path | Non
     checkpoint = train_model(profile, profile.model, profile.train, train_on,
                              checkpoint_in(out_dir or profile.layout.training(name)), f"train/{name}",
                              max_steps=max_steps)
-    return calibrate_checkpoint(checkpoint, {d: profile.layout.manifest(d) for d in train_on}, profile.device,
-                                profile.runtime.eval_batch_size)
+    calibrate_checkpoint(checkpoint, {d: profile.layout.manifest(d) for d in train_on}, profile.tracking,
+                         profile.device, profile.runtime.eval_batch_size, f"model/{name}")
+    return checkpoint
 
 
-def calibrate_checkpoint(checkpoint: Path, manifests: Mapping[str, Path], device: str, batch_size: int) -> Path:
+def calibrate_checkpoint(checkpoint: Path, manifests: Mapping[str, Path], tracking: TrackingConfig, device: str,
+                         batch_size: int, run_name: str) -> str:
     """Store in `checkpoint` the calibration (moeclip/calibration.py) of its model on `manifests`, the data it
-    was trained on: the fixed scale of the scores `moeclip predict` gives."""
+    was trained on (the fixed scale of `moeclip predict`'s scores), and log the calibrated model to MLflow
+    as a pyfunc model for `mlflow models serve`; returns that model's `runs:/` URI."""
+    from moeclip.bench.serving import log_served_model
+    from moeclip.bench.tracking import start_run
     from moeclip.calibration import calibrate
     from moeclip.checkpoint import load_model, store_calibration
 
     device = resolve_device(device)
     model, _ = load_model(checkpoint, device)
-    store_calibration(checkpoint, calibrate(model, read_manifests(manifests), batch_size, device))
-    return checkpoint
+    calibration = calibrate(model, read_manifests(manifests), batch_size, device)
+    store_calibration(checkpoint, calibration)
+    with start_run(tracking.experiment, run_name, tracking.uri, params={"checkpoint": str(checkpoint)},
+                   tags={"stage": "calibrate"}) as run:
+        run.log_params({"calibration": calibration.as_dict()})
+        run.log_manifest_hashes(manifests)
+        return log_served_model(run, checkpoint)
 
 
 def untrained_checkpoint(model: ModelConfig, seed: int, path: Path) -> Path:

@@ -187,8 +187,12 @@ class MoECLIP(nn.Module):
     def predict(self, images: torch.Tensor, descriptions: Sequence[str],
                 domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
         """Test-time anomaly maps (B, H, W) and image scores S_A (B,), before per-class normalisation."""
+        return self.predict_with_anchors(images, self.anchors_per_sample(descriptions), domain)
+
+    def predict_with_anchors(self, images: torch.Tensor, anchors: torch.Tensor,
+                             domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
+        """`predict` with the (B, 2, D) text anchors given: the image path alone, as an exported model runs it."""
         vision = self.encode_image(images, dense=self.dense_inference)
-        anchors = self.anchors_per_sample(descriptions)
         maps = anomaly_map(self.logits(vision, anchors), vision.grid, images.shape[-1], self.config.blur_for(domain))
         return maps, image_score(image_similarities(vision.image_embedding, anchors, self.config.image_score))
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
-import moeclip.bench.tracking  # noqa: F401 - imported by the training job when it runs: the stage's code
+import moeclip.bench.serving  # noqa: F401 - imported by the training and calibration jobs: the stage's code
+import moeclip.bench.tracking  # noqa: F401
 import moeclip.calibration  # noqa: F401
 import moeclip.training  # noqa: F401
 from moeclip.atomic import atomic_path
@@ -25,8 +26,8 @@ def run(params: Path, auxiliary: str, profile_name: str | None = None) -> Path:
     checkpoint = ensure_trained(profile, main_run(profile, auxiliary), profile.layout.checkpoint(auxiliary),
                                 f"train/{auxiliary}", {"auxiliary": auxiliary})
     if "calibration" not in read_checkpoint(checkpoint):  # the fixed scale of `moeclip predict`'s scores
-        calibrate_checkpoint(checkpoint, {auxiliary: profile.layout.manifest(auxiliary)}, profile.device,
-                             profile.runtime.eval_batch_size)
+        calibrate_checkpoint(checkpoint, {auxiliary: profile.layout.manifest(auxiliary)}, profile.tracking,
+                             profile.device, profile.runtime.eval_batch_size, f"model/{auxiliary}")
     with atomic_path(profile.layout.losses(auxiliary)) as temporary:  # the loss curves `dvc plots` draws
         pd.DataFrame(read_checkpoint(checkpoint)["history"]).to_csv(temporary, index=False)
     return checkpoint
