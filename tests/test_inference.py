@@ -199,3 +199,25 @@ def test_each_mistake_is_one_line_before_anything_is_written(calibrated, tmp_pat
     code, lines = _cli(arguments, monkeypatch, capsys)
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not out.exists()
+
+
+def test_an_uncalibrated_checkpoint_is_calibrated_by_command_and_logged_as_a_servable_model(calibrated, tmp_path,
+                                                                                          monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from moeclip.bench.cli import app
+
+    calibrated_checkpoint, frame = calibrated
+    manifest = calibrated_checkpoint.parent / "visa.parquet"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    checkpoint = tmp_path / "model" / "checkpoint.pt"
+    save_checkpoint(checkpoint, randomised(tiny_config()), 0)
+    result = CliRunner().invoke(app, ["calibrate", str(checkpoint), "--manifest", str(manifest),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert read_calibration(checkpoint, read_checkpoint(checkpoint)).images == len(frame)
+    model_uri = result.output.split("-m ")[1].split()[0]
+    run = MlflowClient("sqlite:///mlflow.db").get_run(model_uri.split("/")[1])
+    assert run.info.run_name == "model/model" and run.data.params["calibration.images"] == str(len(frame))

@@ -112,7 +112,7 @@ def test_an_experiment_gives_the_same_bytes_with_one_or_two_workers_and_reused_m
     names = [run.info.run_name for run in client.search_runs([e.experiment_id for e in client.search_experiments()])]
     assert len(names) == len(set(names))  # a variant's training and evaluation are told apart
     assert {"train/table9/1", "evaluate/table9/1", "train/table9/3", "evaluate/table9/3",
-            "evaluate/table9/1, 3, 5", "train/visa", "evaluate/visa/mvtec"} == set(names)
+            "evaluate/table9/1, 3, 5", "train/visa", "model/visa", "evaluate/visa/mvtec"} == set(names)
 
 
 def _threads_and_pid(_: int) -> tuple[int, int]:

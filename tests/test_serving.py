@@ -51,7 +51,9 @@ def test_the_served_model_scores_a_posted_image_as_predict_does(tmp_path: Path) 
     expected = run_prediction([image], checkpoint, "candle", "industrial", tmp_path / "out", device="cpu")
 
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
+    # As the README says to run it: the environment's bin folder on PATH (MLflow starts `uvicorn` from there).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     mlflow = str(Path(sys.executable).parent / "mlflow")
     server = start_group([mlflow, "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1",
                           "-p", str(port)], tmp_path, env, tmp_path / "serve.log")

@@ -185,7 +185,8 @@ def calibrate(
     uri = calibrate_checkpoint(checkpoint, {path.stem: path for path in manifest}, settings.tracking,
                                device or settings.device, settings.runtime.eval_batch_size,
                                f"model/{checkpoint.parent.name}")
-    typer.echo(f"calibrated {checkpoint}; serve it with: mlflow models serve -m {uri} --env-manager local")
+    typer.echo(f"calibrated {checkpoint}; serve it with: MLFLOW_TRACKING_URI={settings.tracking.uri} "
+               f"mlflow models serve -m {uri} --env-manager local")
 
 
 @app.command()
