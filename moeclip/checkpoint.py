@@ -43,9 +43,14 @@ def _write(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, handle)
 
 
+def annotate_checkpoint(path: Path, **fields: Any) -> None:
+    """Add `fields` to a checkpoint's payload (rewritten atomically)."""
+    _write(path, {**read_checkpoint(path), **fields})
+
+
 def store_calibration(path: Path, calibration: Calibration) -> None:
     """Keep the model's calibration (moeclip/calibration.py) in its checkpoint."""
-    _write(path, {**read_checkpoint(path), "calibration": calibration.as_dict()})
+    annotate_checkpoint(path, calibration=calibration.as_dict())
 
 
 def read_calibration(path: Path, payload: Mapping[str, Any]) -> Calibration:

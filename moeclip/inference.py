@@ -9,6 +9,7 @@ without calibration) is one error line naming it, before the model is built.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -147,17 +148,23 @@ def write_prediction(prediction: Prediction, calibration: Calibration, out: Path
 
 
 def run_prediction(inputs: Sequence[str | Path], checkpoint: Path, description: str, domain: Domain, out: Path,
-                   batch_size: int = 8, device: str = "auto", masks: bool = False) -> pd.DataFrame:
+                   batch_size: int = 8, device: str = "auto", masks: bool = False,
+                   threshold: float | None = None) -> pd.DataFrame:
     """Score a user's images with a calibrated checkpoint: overlays (and masks) under `out`, with
-    results.csv and results.json (one row per image); returns the results."""
+    results.csv and results.json (one row per image); returns the results. `threshold` replaces the
+    checkpoint's F1-best image threshold for the labels."""
     if domain not in ("industrial", "medical"):
         raise DataError(f"--domain {domain!r}: expected industrial or medical")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise DataError(f"--threshold {threshold}: scores lie in [0, 1]")
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: is a file, not a folder")
     paths = collect_images(inputs)
     device = resolve_device(device)
     check_images(paths)
     calibration = read_calibration(checkpoint, read_checkpoint(checkpoint))
+    if threshold is not None:
+        calibration = dataclasses.replace(calibration, image_threshold=threshold)
     if masks and calibration.pixel_threshold is None:
         raise DataError(f"--masks: checkpoint '{checkpoint}' was calibrated on data without masks, so it has no "
                         f"pixel threshold")

@@ -160,6 +160,10 @@ def test_predict_writes_overlays_masks_and_a_results_table(calibrated, tmp_path)
                                    "map_max", "anomalous_area", "overlay", "mask"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["calibration"]["image_threshold"] == threshold and len(saved["images"]) == 3
+    strict = run_prediction([str(tmp_path / "in")], checkpoint, "candle", "industrial", tmp_path / "strict",
+                            device="cpu", threshold=1.0)
+    assert list(strict["score"]) == list(results["score"])
+    assert list(strict["label"]) == ["anomalous" if s >= 1.0 else "normal" for s in strict["score"]]
 
 
 def _cli(arguments: list[str], monkeypatch, capsys) -> tuple[int, list[str]]:
@@ -177,6 +181,7 @@ def _cli(arguments: list[str], monkeypatch, capsys) -> tuple[int, list[str]]:
     ("device", "device 'cuda:64': torch sees"),
     ("out", "is a file, not a folder"),
     ("uncalibrated", "has no calibration"),
+    ("threshold", "--threshold 1.5: scores lie in [0, 1]"),
 ])
 def test_each_mistake_is_one_line_before_anything_is_written(calibrated, tmp_path, monkeypatch, capsys, mistake,
                                                             message):
@@ -193,7 +198,8 @@ def test_each_mistake_is_one_line_before_anything_is_written(calibrated, tmp_pat
     inputs = {"missing": [str(tmp_path / "missing.png")], "pattern": [str(tmp_path / "*.tif")],
               "folder": [str(tmp_path / "empty")], "truncated": [str(good), str(broken)]}.get(mistake, [str(good)])
     options = {"device": ["--device", "cuda:64"], "out": ["--out", str(tmp_path / "taken")],
-               "uncalibrated": ["--checkpoint", str(uncalibrated)]}.get(mistake, [])
+               "uncalibrated": ["--checkpoint", str(uncalibrated)],
+               "threshold": ["--threshold", "1.5"]}.get(mistake, [])
     arguments = ["predict", *inputs, "--checkpoint", str(checkpoint), "--class-name", "candle", "--out", str(out),
                  "--device", "cpu", *options]
     code, lines = _cli(arguments, monkeypatch, capsys)

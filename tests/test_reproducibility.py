@@ -188,8 +188,8 @@ def test_a_warm_stage_reports_errors_and_exit_status_like_a_fresh_process(tmp_pa
 
 def test_kept_evaluations_follow_the_evaluation_code(tmp_path):
     """A variant's kept results are keyed by the code that computed them, so an edit there re-evaluates."""
-    from moeclip.bench.stages.common import code_digest
-    from moeclip.bench.stages.experiment import EVALUATION_CODE, PACKAGE
+    from moeclip.bench.stages.common import PACKAGE_FOLDER, code_digest
+    from moeclip.bench.stages.experiment import EVALUATION_CODE
 
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/auc.py").write_text("AUC = 1\n")
@@ -202,4 +202,29 @@ def test_kept_evaluations_follow_the_evaluation_code(tmp_path):
     # Every such path is a dependency of the experiment stages, so DVC re-runs them after an edit there.
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["experiment"]["do"]["deps"]
     assert {f"moeclip/{path}" for path in EVALUATION_CODE} <= set(deps)
-    assert all((PACKAGE / path).exists() for path in EVALUATION_CODE)
+    assert all((PACKAGE_FOLDER / path).exists() for path in EVALUATION_CODE)
+
+
+def test_a_finished_training_made_with_other_training_code_is_trained_again(tmp_path):
+    """Its checkpoint records the digest of the code that decides its weights; another digest makes it stale."""
+    from moeclip.bench.experiments import load_plan, main_run
+    from moeclip.bench.stages.common import PACKAGE_FOLDER
+    from moeclip.bench.stages.trained import TRAINING_CODE, checkpoint_state, training_code
+    from moeclip.checkpoint import annotate_checkpoint, save_checkpoint
+    from moeclip.model import build_model
+
+    _, profile = load_plan(ROOT / "params.yaml")
+    run = main_run(profile, "visa")
+    checkpoint = tmp_path / "checkpoint.pt"
+    save_checkpoint(checkpoint, build_model(run.model, seed=0), 0, train_config=run.train.model_dump(mode="json"),
+                    progress={"complete": False})
+    assert checkpoint_state(checkpoint, run) == "partial"  # resumed, whatever the code
+    annotate_checkpoint(checkpoint, progress={"complete": True})
+    assert checkpoint_state(checkpoint, run) == "stale"  # finished, but by unknown code
+    annotate_checkpoint(checkpoint, training_code=training_code())
+    assert checkpoint_state(checkpoint, run) == "complete"
+    annotate_checkpoint(checkpoint, training_code="0" * 16)
+    assert checkpoint_state(checkpoint, run) == "stale"
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]["deps"]
+    assert {f"moeclip/{path}" for path in TRAINING_CODE} <= set(deps)  # and DVC re-runs the stage after an edit
+    assert all((PACKAGE_FOLDER / path).exists() for path in TRAINING_CODE)

@@ -141,12 +141,15 @@ def predict(
     batch_size: int = typer.Option(8, min=1, help="images per forward pass"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1, auto"),
     masks: bool = typer.Option(False, "--masks", help="also write each map thresholded, as a black/white PNG"),
+    threshold: float | None = typer.Option(None, help="label images at or above this score anomalous "
+                                                      "(default: the checkpoint's F1-best threshold)"),
 ) -> None:
     """Anomaly scores, labels and map overlays for your own images, each scored alone on the checkpoint's
     calibrated 0-1 scale (see README, "Your own images")."""
     from moeclip.inference import run_prediction
 
-    results = run_prediction(inputs, checkpoint, description or class_name, domain, out, batch_size, device, masks)
+    results = run_prediction(inputs, checkpoint, description or class_name, domain, out, batch_size, device, masks,
+                             threshold)
     anomalous = int((results["label"] == "anomalous").sum())
     typer.echo(f"{len(results)} images, {anomalous} anomalous; overlays and results.csv in {out}")
 

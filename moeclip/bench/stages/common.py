@@ -45,11 +45,17 @@ def record_usage(params: Path, profile_name: str | None, label: str, usage: Usag
     write_json(profile.layout.usage(label), {**usage.as_dict(), "code": code})
 
 
+PACKAGE_FOLDER = Path(__file__).resolve().parents[2]  # moeclip/
+
+
 def code_digest(root: Path, paths: tuple[str, ...] | list[str]) -> str:
-    """A digest of the files at `paths` under `root` (folders: their Python files, recursively): names and contents."""
+    """A digest of the files at `paths` under `root` (folders: all their files, recursively, bytecode caches
+    aside): names and contents."""
     hashed = hashlib.sha256()
     for path in paths:
-        files = sorted((root / path).rglob("*.py")) if (root / path).is_dir() else [root / path]
+        folder = root / path
+        files = sorted(file for file in folder.rglob("*") if file.is_file() and "__pycache__" not in file.parts) \
+            if folder.is_dir() else [folder]
         for file in files:
             hashed.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
     return hashed.hexdigest()[:16]

@@ -1,9 +1,8 @@
 """Stage `experiment@<name>`: train (or reuse) and evaluate every variant of one experiment; its metrics file.
 
-The stage is idempotent: it re-trains only variants whose configuration changed and re-evaluates
-only what a changed checkpoint, setting or evaluation code affects, so a re-run after an
-interruption or a params edit redoes just the missing work. (A change to training code alone does
-not retrain a finished training: see the README.)
+The stage is idempotent: it re-trains only variants whose configuration or training code changed and
+re-evaluates only what a changed checkpoint, setting or evaluation code affects, so a re-run after an
+interruption or an edit redoes just the missing work.
 """
 from __future__ import annotations
 
@@ -23,7 +22,8 @@ from moeclip.bench.experiments import Benchmark, Run, experiment_runs, main_run
 from moeclip.bench.layout import checkpoint_in
 from moeclip.bench.params import Profile, RuntimeConfig
 from moeclip.bench.stages import add_worker_code, imported_code
-from moeclip.bench.stages.common import code_digest, computing_plan, digest, summary_values, write_json
+from moeclip.bench.stages.common import (PACKAGE_FOLDER, code_digest, computing_plan, digest, summary_values,
+                                        write_json)
 from moeclip.bench.stages.trained import ensure_trained, main_checkpoint
 from moeclip.bench.workflows import evaluate_checkpoint, untrained_checkpoint
 from moeclip.config import ModelConfig
@@ -34,7 +34,6 @@ from moeclip.model import count_parameters
 from moeclip.resources import measured
 from moeclip.runtime import pin_runtime
 
-PACKAGE = Path(__file__).resolve().parents[2]  # the moeclip package
 # The code an experiment variant's evaluation results depend on: a change to any of them re-evaluates
 # kept variants (a change elsewhere in the stage's code re-runs the stage, which keeps them).
 EVALUATION_CODE = ("model", "evaluation.py", "metrics", "cost.py", "checkpoint.py", "data/dataset.py",
@@ -43,7 +42,7 @@ EVALUATION_CODE = ("model", "evaluation.py", "metrics", "cost.py", "checkpoint.p
 
 @functools.cache
 def _evaluation_code() -> str:
-    return code_digest(PACKAGE, EVALUATION_CODE)
+    return code_digest(PACKAGE_FOLDER, EVALUATION_CODE)
 
 
 def variant_slug(name: str) -> str:

@@ -1,18 +1,29 @@
 """Trainings the stages share: a run's checkpoint kept, resumed or retrained, and the main trainings' checkpoints."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
 from moeclip.bench.experiments import Run, main_run
 from moeclip.bench.params import Profile
+from moeclip.bench.stages.common import PACKAGE_FOLDER, code_digest
 from moeclip.bench.workflows import train_model
-from moeclip.checkpoint import OutdatedCheckpointError, read_checkpoint
+from moeclip.checkpoint import OutdatedCheckpointError, annotate_checkpoint, read_checkpoint
 from moeclip.errors import MoeclipError
+
+# The code that decides a training's weights: a finished training made with other code is trained again.
+TRAINING_CODE = ("model", "training.py", "losses.py", "backbone.py", "config.py", "configs", "data/dataset.py",
+                 "data/transforms.py")
+
+
+@functools.cache
+def training_code() -> str:
+    return code_digest(PACKAGE_FOLDER, TRAINING_CODE)
 
 
 def checkpoint_state(checkpoint: Path, run: Run) -> str:
-    """'complete', 'partial' (resumable), 'stale' (another configuration or format) or 'missing'."""
+    """'complete', 'partial' (resumable), 'stale' (another configuration, format or training code) or 'missing'."""
     if not checkpoint.is_file():
         return "missing"
     try:
@@ -22,7 +33,9 @@ def checkpoint_state(checkpoint: Path, run: Run) -> str:
     if payload.get("model_config") != run.model.model_dump(mode="json") or \
             payload.get("train_config") != run.train.model_dump(mode="json"):
         return "stale"
-    return "complete" if payload.get("progress", {}).get("complete") else "partial"
+    if not payload.get("progress", {}).get("complete"):
+        return "partial"
+    return "complete" if payload.get("training_code") == training_code() else "stale"
 
 
 def ensure_trained(profile: Profile, run: Run, checkpoint: Path, run_name: str,
@@ -33,7 +46,9 @@ def ensure_trained(profile: Profile, run: Run, checkpoint: Path, run_name: str,
         return checkpoint
     if state == "stale":
         checkpoint.unlink()
-    return train_model(profile, run.model, run.train, run.train_on, checkpoint, run_name, tags)
+    trained = train_model(profile, run.model, run.train, run.train_on, checkpoint, run_name, tags)
+    annotate_checkpoint(trained, training_code=training_code())
+    return trained
 
 
 def main_checkpoint(profile: Profile, auxiliary: str) -> Path:
