@@ -60,6 +60,7 @@ def test_calibrated_scores_follow_the_stored_ranges_and_the_domains_rule():
     assert RANGES.scores(maps, scores, "industrial").tolist() == pytest.approx([0.5, 1.0, 0.0])
     assert RANGES.scores(maps, scores, "medical").tolist() == pytest.approx([0.5, 1.0, 0.0])
     assert RANGES.scores(maps, torch.tensor([0.2, 0.2, 0.6]), "industrial").tolist() == pytest.approx([0.25, 0.5, 0.5])
+    assert RANGES.scores(maps, torch.tensor([0.2, 0.2, 0.6]), "medical").tolist() == pytest.approx([0.5, 1.0, 0.0])
     assert RANGES.maps(torch.tensor([-1.0, 2.5, 12.0])).tolist() == pytest.approx([0.0, 0.25, 1.0])
 
 

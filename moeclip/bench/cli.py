@@ -10,8 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moeclip.bench.data_cli import data_app
-from moeclip.bench.stages.cli import CONFIG_OPTION, PROFILE_OPTION, stage_app
-from moeclip.errors import MoeclipError
+from moeclip.bench.stages.cli import CONFIG_OPTION, PROFILE_OPTION, reporting_user_errors, stage_app
 
 app = typer.Typer(help="MoECLIP zero-shot anomaly detection benchmark.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -20,11 +19,7 @@ app.add_typer(data_app, name="data")
 
 def run() -> None:
     """Console entry point: user-fixable errors become one message and exit status 2."""
-    try:
-        app()
-    except MoeclipError as err:
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
-        raise SystemExit(2) from None
+    reporting_user_errors(app)
 
 
 @app.callback()

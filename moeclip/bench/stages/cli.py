@@ -6,6 +6,7 @@ Kept apart from the main command line so that a stage imports only its own code 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -53,10 +54,16 @@ for _stage in STAGES:
     stage_app.command(_stage.name)(_command(_stage))
 
 
-def run(argv: list[str]) -> None:
-    """`moeclip stage <argv>`: user-fixable errors become one message and exit status 2."""
+def reporting_user_errors(command: Callable[[], object]) -> None:
+    """Run a command line; a user-fixable error (MoeclipError) becomes one line on stderr and exit status 2,
+    without a traceback."""
     try:
-        stage_app(args=argv, prog_name="moeclip stage")
+        command()
     except MoeclipError as err:
         typer.echo(f"error: {err}", err=True)
         raise SystemExit(2) from None
+
+
+def run(argv: list[str]) -> None:
+    """`moeclip stage <argv>`."""
+    reporting_user_errors(lambda: stage_app(args=argv, prog_name="moeclip stage"))
