@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from moeclip.bench.cli import run as cli_run
@@ -218,7 +219,11 @@ def test_an_uncalibrated_checkpoint_is_calibrated_by_command_and_logged_as_a_ser
     calibrated_checkpoint, frame = calibrated
     manifest = calibrated_checkpoint.parent / "visa.parquet"
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    # An absolute store: MLflow keeps one store per URI in a process, so a relative one would leak into other tests.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["profiles"]["demo"]["tracking"]["uri"] = uri
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     checkpoint = tmp_path / "model" / "checkpoint.pt"
     save_checkpoint(checkpoint, randomised(tiny_config()), 0)
     result = CliRunner().invoke(app, ["calibrate", str(checkpoint), "--manifest", str(manifest),
@@ -226,5 +231,5 @@ def test_an_uncalibrated_checkpoint_is_calibrated_by_command_and_logged_as_a_ser
     assert result.exit_code == 0, result.output
     assert read_calibration(checkpoint, read_checkpoint(checkpoint)).images == len(frame)
     model_uri = result.output.split("-m ")[1].split()[0]
-    run = MlflowClient("sqlite:///mlflow.db").get_run(model_uri.split("/")[1])
+    run = MlflowClient(uri).get_run(model_uri.split("/")[1])
     assert run.info.run_name == "model/model" and run.data.params["calibration.images"] == str(len(frame))

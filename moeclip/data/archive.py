@@ -94,6 +94,11 @@ def _check_member(archive: Path, name: str, link: str | None = None, hardlink: b
         raise DataError(f"{archive}: unsafe member {name!r}: {problem}; nothing was extracted")
 
 
+# tarfile's "data" filter (refusing what escapes the target, dropping special permission bits) exists from
+# Python 3.11.4; older 3.11 releases (Debian 12 ships 3.11.2) extract without it, after the checks below.
+_TAR_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
 def _extract_tar(archive: Path, target: Path, bar: tqdm) -> None:
     # Stream mode reads the (compressed) file once; each member is checked before it is written.
     with open(archive, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
@@ -102,7 +107,7 @@ def _extract_tar(archive: Path, target: Path, bar: tqdm) -> None:
                 raise DataError(f"{archive}: unsafe member {member.name!r}: special file; nothing was extracted")
             link = member.linkname if (member.issym() or member.islnk()) else None
             _check_member(archive, member.name, link, member.islnk())
-            tar.extract(member, target, filter="data")
+            tar.extract(member, target, **_TAR_FILTER)
             bar.update(raw.tell() - bar.n)
 
 
