@@ -97,6 +97,17 @@ class Prediction:
     score: float
     anomalous: bool
 
+    @property
+    def label(self) -> str:
+        return "anomalous" if self.anomalous else "normal"
+
+    def statistics(self, pixel_threshold: float | None) -> dict[str, object]:
+        """The numbers a results row reports (`moeclip predict`'s tables, the served model's answers)."""
+        area = None if pixel_threshold is None else float((self.calibrated_map >= pixel_threshold).float().mean())
+        return {"score": self.score, "label": self.label, "image_score_raw": self.raw_score,
+                "map_max_raw": float(self.raw_map.max()), "map_mean_raw": float(self.raw_map.mean()),
+                "map_max": float(self.calibrated_map.max()), "anomalous_area": area}
+
 
 def predict_images(model: MoECLIP, calibration: Calibration, paths: Sequence[Path], description: str,
                    domain: Domain, batch_size: int, device: str | torch.device) -> Iterator[Prediction]:
@@ -129,22 +140,17 @@ def write_prediction(prediction: Prediction, calibration: Calibration, out: Path
     """The overlay (and the mask) of one prediction under `out`; its row of the results table."""
     image = np.asarray(read_image(prediction.path).convert("RGB"))
     amap = _at_image_size(prediction.calibrated_map, image.shape[:2])
-    label = "anomalous" if prediction.anomalous else "normal"
     overlay = out / f"{name}_anomaly_map.png"
-    save_figure(prediction_figure(image, amap, f"{prediction.path.name}: score {prediction.score:.3f} ({label})"),
-                overlay)
+    title = f"{prediction.path.name}: score {prediction.score:.3f} ({prediction.label})"
+    save_figure(prediction_figure(image, amap, title), overlay)
     threshold = calibration.pixel_threshold
     mask = None
     if masks and threshold is not None:
         mask = out / f"{name}_mask.png"
         with atomic_path(mask) as temporary:
             Image.fromarray(((amap >= threshold) * 255).astype(np.uint8)).save(temporary, format="PNG")
-    return {"path": str(prediction.path), "score": prediction.score, "label": label,
-            "image_score_raw": prediction.raw_score, "map_max_raw": float(prediction.raw_map.max()),
-            "map_mean_raw": float(prediction.raw_map.mean()), "map_max": float(prediction.calibrated_map.max()),
-            "anomalous_area": None if threshold is None else float((prediction.calibrated_map >= threshold).float()
-                                                                   .mean()),
-            "overlay": str(overlay), "mask": None if mask is None else str(mask)}
+    return {"path": str(prediction.path), **prediction.statistics(threshold), "overlay": str(overlay),
+            "mask": None if mask is None else str(mask)}
 
 
 def run_prediction(inputs: Sequence[str | Path], checkpoint: Path, description: str, domain: Domain, out: Path,

@@ -70,6 +70,6 @@ def test_the_served_model_scores_a_posted_image_as_predict_does(tmp_path: Path) 
         stop_group(server, 30)
     [row] = answer["predictions"]
     assert row["score"] == pytest.approx(expected["score"][0], abs=1e-6)
-    assert row["label"] == expected["label"][0]
+    assert row["label"] == expected["label"][0] and row["map_max"] == pytest.approx(expected["map_max"][0], abs=1e-6)
     with Image.open(io.BytesIO(base64.b64decode(row["map_png"]))) as served_map:
         assert served_map.size == (64, 64) and served_map.mode == "L"

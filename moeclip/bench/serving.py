@@ -5,9 +5,10 @@ Request (`POST /invocations`, JSON `dataframe_split` or `dataframe_records`), on
   image       the image file's bytes (PNG, JPEG, ...) in base64
   class_name  what it shows, used in the prompts (e.g. "metal nut")
   domain      optional, industrial (default) or medical
-Response, one row per image: score and label on the checkpoint's calibrated scale (moeclip/calibration.py),
-image_score_raw (S_A), map_max_raw, map_max, and map_png: the calibrated anomaly map at the model's
-input size as a base64 8-bit grey PNG (0 = 0.0, 255 = 1.0).
+Response, one row per image: the columns of `moeclip predict`'s results (score and label on the checkpoint's
+calibrated scale, moeclip/calibration.py; image_score_raw, map_max_raw, map_mean_raw, map_max,
+anomalous_area), and map_png: the calibrated anomaly map at the model's input size as a base64 8-bit grey
+PNG (0 = 0.0, 255 = 1.0).
 """
 from __future__ import annotations
 
@@ -63,11 +64,7 @@ class MoECLIPService(mlflow.pyfunc.PythonModel):
                 chosen = [paths[index] for index in group.index]
                 for index, prediction in zip(group.index, predict_images(self.model, self.calibration, chosen,
                                                                          class_name, domain, 8, self.device)):
-                    rows[index] = {"score": prediction.score,
-                                   "label": "anomalous" if prediction.anomalous else "normal",
-                                   "image_score_raw": prediction.raw_score,
-                                   "map_max_raw": float(prediction.raw_map.max()),
-                                   "map_max": float(prediction.calibrated_map.max()),
+                    rows[index] = {**prediction.statistics(self.calibration.pixel_threshold),
                                    "map_png": _png_base64(prediction.calibrated_map.numpy())}
         return pd.DataFrame([rows[index] for index in frame.index])
 

@@ -25,9 +25,10 @@ def run(params: Path, auxiliary: str, profile_name: str | None = None) -> Path:
                            f"(main.targets: {', '.join(benchmark.main.targets)})")
     checkpoint = ensure_trained(profile, main_run(profile, auxiliary), profile.layout.checkpoint(auxiliary),
                                 f"train/{auxiliary}", {"auxiliary": auxiliary})
-    if "calibration" not in read_checkpoint(checkpoint):  # the fixed scale of `moeclip predict`'s scores
+    payload = read_checkpoint(checkpoint)
+    if "calibration" not in payload:  # the fixed scale of `moeclip predict`'s scores (the history stays)
         calibrate_checkpoint(checkpoint, {auxiliary: profile.layout.manifest(auxiliary)}, profile.tracking,
                              profile.device, profile.runtime.eval_batch_size, f"model/{auxiliary}")
     with atomic_path(profile.layout.losses(auxiliary)) as temporary:  # the loss curves `dvc plots` draws
-        pd.DataFrame(read_checkpoint(checkpoint)["history"]).to_csv(temporary, index=False)
+        pd.DataFrame(payload["history"]).to_csv(temporary, index=False)
     return checkpoint
