@@ -1,4 +1,4 @@
-"""Checkpoints: only the modules MoECLIP adds, plus what a resumed run needs, written atomically.
+"""Checkpoints: only the modules a method adds to CLIP, plus what a resumed run needs, written atomically.
 
 The frozen backbone is not stored: it is rebuilt from `model.weights` (or, for random
 weights, from the build seed), so a ViT-L checkpoint is ~20 MB instead of ~1.7 GB.
@@ -13,9 +13,9 @@ import torch
 
 from moeclip.atomic import atomic_path
 from moeclip.calibration import Calibration
-from moeclip.config import ModelConfig
 from moeclip.errors import MoeclipError
-from moeclip.model import MoECLIP, build_model
+from moeclip.methods.base import ZeroShotMethod
+from moeclip.methods.registry import UnknownMethodError, build_method, method_config
 
 # 2: the image score follows `model.image_score` and per-class normalisation the release's rule.
 # Format 1 computed S_A by neither formula, so its results cannot be reproduced: it is refused.
@@ -30,9 +30,9 @@ class OutdatedCheckpointError(CheckpointError):
     """A checkpoint of an earlier format, which this version cannot evaluate the way it was trained."""
 
 
-def save_checkpoint(path: Path, model: MoECLIP, build_seed: int | None, **state: Any) -> None:
-    """Write the added modules' weights, the model config and `state` (optimizer, scheduler, RNG, ...)."""
-    _write(path, {"format": FORMAT_VERSION, "model_config": model.config.model_dump(mode="json"),
+def save_checkpoint(path: Path, model: ZeroShotMethod, build_seed: int | None, **state: Any) -> None:
+    """Write the method's name, its added modules' weights, its config and `state` (optimizer, scheduler, RNG, ...)."""
+    _write(path, {"format": FORMAT_VERSION, "method": model.name, "model_config": model.config.model_dump(mode="json"),
                   "build_seed": build_seed, "weights": model.trainable_state_dict(), **state})
 
 
@@ -80,15 +80,18 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def load_model(path: Path, device: str | torch.device = "cpu",
-               test_time: Mapping[str, Any] | None = None) -> tuple[MoECLIP, dict[str, Any]]:
-    """Rebuild the model a checkpoint was trained with and load its weights; returns (model in eval mode, payload).
+               test_time: Mapping[str, Any] | None = None) -> tuple[ZeroShotMethod, dict[str, Any]]:
+    """Rebuild the method a checkpoint was trained with and load its weights; returns (model in eval mode, payload).
 
     `test_time` overrides model fields that act only at inference (router noise, blur), so one
     training serves every test-time variant of an experiment.
     """
     payload = read_checkpoint(path)
-    config = ModelConfig.model_validate({**payload["model_config"], **(test_time or {})})
-    model = build_model(config, seed=payload["build_seed"])
+    try:  # checkpoints written before the baselines existed hold MoECLIP
+        config = method_config(payload.get("method", "moeclip"), {**payload["model_config"], **(test_time or {})})
+    except UnknownMethodError as err:
+        raise CheckpointError(f"checkpoint '{path}': {err}") from None
+    model = build_method(config, seed=payload["build_seed"])
     missing, unexpected = model.load_state_dict(payload["weights"], strict=False)
     missing = [k for k in missing if not k.startswith("clip.")]
     if missing or unexpected:

@@ -49,17 +49,24 @@ class MoESettings:
     router_noise: float
 
 
-class ModelConfig(BaseModel):
-    """Everything that defines a MoECLIP network (not its training)."""
+class BackboneConfig(BaseModel):
+    """How a method's frozen CLIP is loaded (moeclip/backbone.py) and computed: what every method's config has."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Backbone (SPEC 1)
-    backbone: str
+    backbone: str = Field(description="open_clip model name")
     image_size: int = Field(ge=16)
     weights: str | None = Field(
-        description="'openai' (open_clip tag), a local checkpoint path, or null for random init")
-    quick_gelu: bool = Field(description="OpenAI CLIP weights were trained with QuickGELU")
+        description="an open_clip pretrained tag ('openai', 'laion400m_e31'), a local checkpoint path, or null for "
+                    "random init")
+    quick_gelu: bool = Field(description="QuickGELU activations (OpenAI CLIP was trained with them)")
+    precision: Literal["fp32", "bf16"] = Field(
+        description="fp32 as the papers and releases compute; bf16 = autocast of the frozen blocks' and the "
+                    "added layers' matmuls (text, scores, maps and losses stay fp32)")
+
+
+class ModelConfig(BackboneConfig):
+    """Everything that defines a MoECLIP network (not its training); the backbone fields are SPEC 1's."""
 
     # MoE adapter (SPEC 2); layers are 1-indexed transformer blocks
     moe_layers: tuple[int, ...]
@@ -101,10 +108,6 @@ class ModelConfig(BaseModel):
                     "release verbatim (its BTAD texts and its MVTec capsule typo)")
     logit_scale: float
 
-    # Numerics (training and test alike)
-    precision: Literal["fp32", "bf16"] = Field(
-        description="fp32 as the paper and the release compute; bf16 = autocast of the frozen blocks', "
-                    "experts' and projections' matmuls (router, scores, losses stay fp32)")
     # Test-time post-processing (SPEC 6)
     blur_industrial: BlurConfig
     blur_medical: BlurConfig

@@ -1,8 +1,9 @@
 """Zero-shot evaluation of a model on a manifest (SPEC 6 post-processing, SPEC 8 metrics).
 
-Per class: test maps and image scores, min-max normalisation over the class, the
-domain's image-score rule, then image and pixel AUROC / AP / F1-max (and AUPRO) where
-the class can have them. Dataset figures are means over classes, x100.
+Per class: test maps and image scores, the method's per-class rule (MoECLIP: min-max
+normalisation over the class and the domain's image-score rule; the baselines: their own
+image score), then image and pixel AUROC / AP / F1-max (and AUPRO) where the class can
+have them. Dataset figures are means over classes, x100.
 """
 from __future__ import annotations
 
@@ -21,10 +22,8 @@ from tqdm.auto import tqdm
 from moeclip.config import Domain
 from moeclip.data.dataset import loader_options
 from moeclip.metrics import pixel_metrics, ranking_metrics
-from moeclip.model import MoECLIP
+from moeclip.methods.base import ZeroShotMethod
 from moeclip.model.execution import Execution, executing, model_execution
-from moeclip.model.scoring import per_class_protocol_scores
-from moeclip.model.text import prompt_descriptions
 
 
 @dataclass
@@ -47,15 +46,15 @@ class Evaluation:
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro", "image_f1_max", "pixel_f1_max")
 
 
-def _predict_class(model: MoECLIP, batches: Iterable[dict[str, Any]], domain: Domain, device: torch.device,
+def _predict_class(model: ZeroShotMethod, batches: Iterable[dict[str, Any]], domain: Domain, device: torch.device,
                    execution: Execution) -> dict[str, torch.Tensor]:
-    """One class's raw test maps and S_A (on `device`, before any normalisation), its labels and masks (on the
+    """One class's raw test maps and image scores (on `device`, before any normalisation), its labels and masks (on the
     CPU)."""
     collected: dict[str, list[torch.Tensor]] = {"maps": [], "scores": [], "labels": [], "masks": [], "has_mask": []}
     for batch in batches:
         with executing(model, execution, device.type):
             maps, scores = model.predict(batch["image"].to(device, non_blocking=True),
-                                         prompt_descriptions(batch, model.config), domain)
+                                         model.prompt_texts(batch), domain)
         collected["maps"].append(maps.float())
         collected["scores"].append(scores.float())
         collected["labels"].append(batch["label"])
@@ -102,7 +101,7 @@ def _examples(outputs: dict[str, torch.Tensor], group: pd.DataFrame, count: int)
                     outputs["masks"][i].numpy(), outputs["maps"][i].cpu().numpy()) for i in chosen]
 
 
-def raw_class_outputs(model: MoECLIP, frame: pd.DataFrame, batch_size: int, device: str | torch.device = "cpu",
+def raw_class_outputs(model: ZeroShotMethod, frame: pd.DataFrame, batch_size: int, device: str | torch.device = "cpu",
                       num_workers: int | None = None, execution: Execution | None = None,
                       seed: int = 0) -> Iterator[tuple[pd.DataFrame, dict[str, torch.Tensor]]]:
     """Per (dataset, class), in that order: its rows of `frame` and their raw maps, S_A, labels and masks.
@@ -130,17 +129,17 @@ def raw_class_outputs(model: MoECLIP, frame: pd.DataFrame, batch_size: int, devi
             yield group, _predict_class(model, class_batches, group["domain"].iloc[0], device, execution)
 
 
-def evaluate_frame(model: MoECLIP, frame: pd.DataFrame, batch_size: int, device: str | torch.device = "cpu",
+def evaluate_frame(model: ZeroShotMethod, frame: pd.DataFrame, batch_size: int, device: str | torch.device = "cpu",
                    num_workers: int | None = None, examples_per_class: int = 0,
                    execution: Execution | None = None, seed: int = 0) -> Evaluation:
     """One row per (dataset, class): counts and every metric the class can have (fractions, not x100).
 
-    Per class, the protocol's normalisation over the class's test images (`per_class_protocol_scores`)
-    comes before the metrics; see `raw_class_outputs` for the pass itself.
+    Per class, the method's rule over the class's test images (`protocol_scores`) comes before the metrics;
+    see `raw_class_outputs` for the pass itself.
     """
     rows, examples = [], []
     for group, outputs in raw_class_outputs(model, frame, batch_size, device, num_workers, execution, seed):
-        outputs["maps"], outputs["final_scores"] = per_class_protocol_scores(outputs["maps"], outputs["scores"],
+        outputs["maps"], outputs["final_scores"] = model.protocol_scores(outputs["maps"], outputs["scores"],
                                                                          group["domain"].iloc[0])
         rows.append({"dataset": group["dataset"].iloc[0], "class_name": group["class_name"].iloc[0],
                      "n_images": len(group), "n_anomalous": int(group["label"].sum()), **_class_metrics(outputs)})

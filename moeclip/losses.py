@@ -105,6 +105,18 @@ def focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0) -> t
     return _focal_per_map(probs, mask, gamma).mean()
 
 
+def clamped_focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0,
+                       clamp: float = 1e-5) -> torch.Tensor:
+    """April-GAN's and AnomalyCLIP's focal loss (BASELINES.md 2e): the one-hot target clamped to
+    [clamp, 1 - clamp], p_t = sum_c target_c p_c + clamp, mean over all pixels of -(1 - p_t)^gamma log p_t.
+
+    `probs` is (B, 2, H, W) = [normal, anomalous] probabilities; `mask` is (B, H, W) in {0, 1}.
+    """
+    anomalous = mask.float().clamp(clamp, 1 - clamp)
+    p_true = (1 - anomalous) * probs[:, 0] + anomalous * probs[:, 1] + clamp
+    return (-(1 - p_true).pow(gamma) * p_true.log()).mean()
+
+
 def dice_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "paper") -> torch.Tensor:
     """Eq. B.4 per image, averaged over the batch (see `_dice` for `kind`); (B, ...) inputs."""
     return _dice(pred, target, tuple(range(1, pred.dim())), kind).mean()

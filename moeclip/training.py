@@ -1,4 +1,4 @@
-"""Training MoECLIP on an auxiliary dataset (SPEC 7), resumable to the same result.
+"""Training a method on an auxiliary dataset (MoECLIP: SPEC 7), resumable to the same result.
 
 Everything random is a function of the seed: the model's initialisation, each epoch's
 shuffle (seed, epoch), each item's augmentation (seed, epoch, index) and the dropout
@@ -19,24 +19,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from moeclip.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from moeclip.config import ModelConfig, TrainConfig
-from moeclip.data.dataset import loader_options
-from moeclip.losses import (
-    balance_loss,
-    classification_loss,
-    etf_loss,
-    expert_contrastive_loss,
-    expert_cosine_loss,
-    segmentation_loss,
-)
-from moeclip.model import MoECLIP, build_model
-from moeclip.model.execution import Execution, executing, model_execution
-from moeclip.model.text import prompt_descriptions
+from pydantic import BaseModel
 
-CONSTRAINTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "etf": etf_loss, "cosine": expert_cosine_loss, "contrastive": expert_contrastive_loss,
-}
+from moeclip.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from moeclip.config import TrainConfig
+from moeclip.data.dataset import loader_options
+from moeclip.methods.base import Targets, ZeroShotMethod
+from moeclip.methods.registry import build_method
+from moeclip.model.execution import Execution, executing, model_execution
+
 LossLogger = Callable[[int, Mapping[str, float]], None]
 
 
@@ -47,34 +38,23 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def compute_losses(model: MoECLIP, batch: Mapping[str, Any], config: TrainConfig, device: torch.device,
+def compute_losses(model: ZeroShotMethod, batch: Mapping[str, Any], config: TrainConfig, device: torch.device,
                    execution: Execution = Execution()) -> dict[str, torch.Tensor]:
-    """L = L_seg + L_ac + lambda_etf * L_constraint + lambda_bal * L_bal (Eq. 16) for one batch.
+    """The method's training losses for one batch (for MoECLIP Eq. 16).
 
     The forward runs as `execution` says; the losses are computed in float32 outside it,
     without a host synchronisation.
     """
     images = batch["image"].to(device, non_blocking=True)
-    masks = batch["mask"][:, 0].to(device, non_blocking=True)
-    labels = batch["label"].to(device, non_blocking=True)
-    known = torch.as_tensor(batch["has_mask"]).to(device, non_blocking=True)
+    targets = Targets(masks=batch["mask"][:, 0].to(device, non_blocking=True),
+                      labels=batch["label"].to(device, non_blocking=True),
+                      known=torch.as_tensor(batch["has_mask"]).to(device, non_blocking=True))
     with executing(model, execution, device.type):
-        maps, similarities, vision = model.training_outputs(images, prompt_descriptions(batch, model.config))
-    zero = images.new_zeros((), dtype=torch.float32)
-    seg = segmentation_loss(maps, masks, config.focal_gamma, known, config.dice)
-    ac = classification_loss(similarities, labels, config.classification_loss)
-    outputs = [aux.expert_outputs for aux in vision.moe.values() if aux.expert_outputs is not None]
-    constraint = sum((CONSTRAINTS[config.expert_constraint](o) for o in outputs), zero)
-    balance = zero if config.release_compat else sum(
-        (balance_loss(aux.routing.probs, config.balance_unbiased) for aux in vision.moe.values()), zero)
-    total = seg + ac + config.lambda_etf * constraint + config.lambda_bal * balance
-    return {"loss": total, "segmentation_loss": seg, "classification_loss": ac, "expert_constraint_loss": constraint,
-            "balance_loss": balance}
+        outputs = model.training_outputs(images, model.prompt_texts(batch))
+    return model.training_losses(outputs, targets, config)
 
 
-
-
-def build_optimizer(model: MoECLIP, config: TrainConfig,
+def build_optimizer(model: ZeroShotMethod, config: TrainConfig,
                     device: torch.device) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.MultiStepLR]:
     """Adam over the trainable parameters and the MultiStepLR schedule (SPEC 7).
 
@@ -87,7 +67,7 @@ def build_optimizer(model: MoECLIP, config: TrainConfig,
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
 
 
-def train_step(model: MoECLIP, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+def train_step(model: ZeroShotMethod, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                batch: Mapping[str, Any], config: TrainConfig, device: torch.device,
                execution: Execution) -> dict[str, float]:
     """One optimisation step; the losses come back as floats through a single host synchronisation."""
@@ -108,13 +88,13 @@ def _epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[li
 class Trainer:
     """Owns the model, optimiser, scheduler and progress of one training run, kept in `checkpoint`."""
 
-    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, frame: pd.DataFrame, checkpoint: Path,
+    def __init__(self, model_config: BaseModel, train_config: TrainConfig, frame: pd.DataFrame, checkpoint: Path,
                  device: str | torch.device = "cpu") -> None:
         self.model_config, self.config = model_config, train_config
         self.device = torch.device(device)
         self.checkpoint = Path(checkpoint)
         torch.manual_seed(train_config.seed)
-        self.model = build_model(model_config, seed=train_config.seed).to(self.device)
+        self.model = build_method(model_config, seed=train_config.seed).to(self.device)
         self.dataset = self.model.inputs(frame, train=train_config.augment, seed=train_config.seed)
         self.optimizer, self.scheduler = build_optimizer(self.model, train_config, self.device)
         self.execution = model_execution(model_config)
@@ -197,7 +177,7 @@ class Trainer:
         return TrainResult(self.checkpoint, progress["global_step"], self.history)
 
 
-def train(model_config: ModelConfig, train_config: TrainConfig, frame: pd.DataFrame, checkpoint: Path,
+def train(model_config: BaseModel, train_config: TrainConfig, frame: pd.DataFrame, checkpoint: Path,
           device: str | torch.device = "cpu", max_steps: int | None = None,
           log: LossLogger | None = None) -> TrainResult:
     """Train into `checkpoint` (resuming from it when it exists) and return the final checkpoint."""

@@ -45,7 +45,8 @@ def _frame(tmp_path: Path) -> pd.DataFrame:
 
 
 class OracleModel(torch.nn.Module):
-    """Predicts the ground-truth mask as the map (plus a small per-image offset) and the label as S_A."""
+    """Predicts the ground-truth mask as the map (plus a small per-image offset) and the label as S_A, and scores
+    classes by MoECLIP's protocol rule."""
 
     def __init__(self, frame: pd.DataFrame) -> None:
         super().__init__()
@@ -60,6 +61,12 @@ class OracleModel(torch.nn.Module):
 
     def inputs(self, frame, **options):
         return ManifestDataset(frame, SIZE, **options)
+
+    def prompt_texts(self, batch):
+        return list(batch["class_name"])
+
+    def protocol_scores(self, maps, scores, domain):
+        return per_class_protocol_scores(maps, scores, domain)
 
     def predict(self, images, descriptions, domain):
         paths, self.paths = self.paths[:len(images)], self.paths[len(images):]
@@ -96,3 +103,24 @@ def test_pixel_auroc_equals_sklearn_on_the_normalised_class_maps(tmp_path):
     assert per_class.loc[0, "pixel_auroc"] == pytest.approx(expected, abs=1e-9)
 
 
+
+
+def test_a_baseline_is_scored_by_its_own_image_score_without_the_moeclip_fusion(tmp_path):
+    """The evaluator asks the method for its per-class rule: WinCLIP's image AUROC is that of S alone."""
+    from moeclip.methods.winclip import WinCLIP, WinCLIPConfig
+
+    frame = _frame(tmp_path)
+    frame = frame[frame["dataset"] == "mvtec"]
+    config = WinCLIPConfig(backbone="MoECLIP-Tiny-ViT", image_size=64, weights=None, quick_gelu=False,
+                           precision="fp32", class_text="folder", window_sizes=(2, 3), include_image_scale=True,
+                           temperature=0.07)
+    model = WinCLIP.build(config, seed=1).eval()  # a seed whose maps' maxima reorder the images
+    per_class = evaluate_frame(model, frame, batch_size=3).per_class
+    dataset = ManifestDataset(frame, 64)
+    batch = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    with torch.no_grad():
+        maps, scores = model.predict(batch, ["bottle"] * len(dataset), "industrial")
+    labels = frame["label"].to_numpy()
+    assert per_class.loc[0, "image_auroc"] == pytest.approx(roc_auc_score(labels, scores.numpy()), abs=1e-9) == 0.25
+    fused = 0.5 * maps.flatten(1).amax(1) + 0.5 * scores  # MoECLIP's rule ranks these images differently
+    assert roc_auc_score(labels, fused.numpy()) == 0.0

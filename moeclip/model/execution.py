@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moeclip.config import ModelConfig
+from pydantic import BaseModel
+from torch import nn
+
 from moeclip.model.network import MoECLIP
 
 
@@ -48,16 +50,19 @@ def fast_execution(device: str | torch.device) -> Execution:
     return Execution(bf16=torch.device(device).type == "cuda")
 
 
-def model_execution(config: ModelConfig) -> Execution:
-    """How training and evaluation compute a model: the fast path at the precision its config names."""
+def model_execution(config: BaseModel) -> Execution:
+    """How training and evaluation compute a method: the fast path at the precision its config names."""
     return Execution(bf16=config.precision == "bf16")
 
 
 @contextlib.contextmanager
-def executing(model: MoECLIP, how: Execution, device_type: str) -> Iterator[None]:
-    """Run `model` the way `how` says inside this block (autocast, expert dispatch, attention kernels)."""
-    previous = model.dense_inference, torch.backends.mha.get_fastpath_enabled()
-    model.dense_inference = not how.sparse_experts
+def executing(model: nn.Module, how: Execution, device_type: str) -> Iterator[None]:
+    """Run `model` the way `how` says inside this block (autocast, attention kernels, and MoECLIP's expert
+    dispatch; the other methods have no experts)."""
+    experts = isinstance(model, MoECLIP)
+    previous = experts and model.dense_inference, torch.backends.mha.get_fastpath_enabled()
+    if experts:
+        model.dense_inference = not how.sparse_experts
     if how.fused_attention and device_type == "cpu":
         torch.backends.mha.set_fastpath_enabled(False)
     attention = contextlib.nullcontext() if how.fused_attention else sdpa_kernel([SDPBackend.MATH])
@@ -65,7 +70,8 @@ def executing(model: MoECLIP, how: Execution, device_type: str) -> Iterator[None
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=how.bf16), attention:
             yield
     finally:
-        model.dense_inference = previous[0]
+        if experts:
+            model.dense_inference = previous[0]
         torch.backends.mha.set_fastpath_enabled(previous[1])
 
 

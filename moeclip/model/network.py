@@ -1,18 +1,23 @@
 """The MoECLIP network: frozen open_clip ViT + MoE adapters + PAA + heads + text anchors."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeclip.backbone import load_clip, tokenizer_for
-from moeclip.config import Domain, ModelConfig
-from moeclip.data.dataset import ManifestDataset
+from moeclip.config import Domain, ModelConfig, TrainConfig
+from moeclip.losses import (
+    balance_loss,
+    classification_loss,
+    etf_loss,
+    expert_contrastive_loss,
+    expert_cosine_loss,
+    segmentation_loss,
+)
+from moeclip.methods.base import Targets, ZeroShotMethod
 from moeclip.model.heads import DepthwiseImageAdapter, SegmentationProjections
 from moeclip.model.moe import MoEAdapter, MoEAux
 from moeclip.model.paa import patch_average
@@ -22,10 +27,15 @@ from moeclip.model.scoring import (
     image_embedding,
     image_score,
     image_similarities,
+    per_class_protocol_scores,
     similarity_logits,
     training_maps,
 )
-from moeclip.model.text import TextAnchors
+from moeclip.model.text import TextAnchors, prompt_descriptions
+
+CONSTRAINTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "etf": etf_loss, "cosine": expert_cosine_loss, "contrastive": expert_contrastive_loss,
+}
 
 
 @dataclass
@@ -38,13 +48,14 @@ class VisionOutput:
     grid: tuple[int, int]
 
 
-class MoECLIP(nn.Module):
-    """MoECLIP as in SPEC.md sections 1-6; `config` selects every ablation variant."""
+class MoECLIP(ZeroShotMethod):
+    """MoECLIP as in SPEC.md sections 1-7; `config` selects every ablation variant."""
+
+    name = "moeclip"
+    config_class = ModelConfig
 
     def __init__(self, config: ModelConfig, clip: nn.Module, tokenizer) -> None:
-        super().__init__()
-        self.config = config
-        self.clip = clip.requires_grad_(False).eval()
+        super().__init__(config, clip)
         visual = clip.visual
         if not getattr(visual.transformer, "batch_first", True):
             raise ValueError("open_clip transformer must be batch-first")
@@ -66,30 +77,30 @@ class MoECLIP(nn.Module):
         # Evaluate all K experts in `predict` (the reference computation) instead of only the top-k.
         self.dense_inference = False
 
-    # -- modes and parameters -------------------------------------------------------------
-    def train(self, mode: bool = True) -> "MoECLIP":
-        super().train(mode)
-        self.clip.eval()  # the frozen backbone never uses dropout or patch dropout
-        return self
+    # -- the method's protocol (moeclip/methods/base.py) -------------------------------------------
+    def prompt_texts(self, batch: Mapping[str, Sequence[str]]) -> list[str]:
+        """Class descriptions or names, as `use_class_descriptions` and `description_set` say."""
+        return prompt_descriptions(batch, self.config)
 
-    def added_modules(self) -> dict[str, nn.Module]:
-        """The modules MoECLIP adds to CLIP (what a checkpoint must hold)."""
-        return {name: module for name, module in self.named_children() if name != "clip"}
+    def protocol_scores(self, maps: torch.Tensor, scores: torch.Tensor,
+                        domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
+        """The release's per-class normalisation and the domain's fusion of map maximum and S_A (SPEC 6)."""
+        return per_class_protocol_scores(maps, scores, domain)
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """State of the added modules only (the frozen backbone comes from its own weights)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
-
-    def inputs(self, frame: pd.DataFrame, **options: Any) -> ManifestDataset:
-        """A manifest's images (and masks) as this network takes them: resized to the size it was built for
-        and CLIP-normalised (SPEC 1); `options` (train, seed, ...) as `ManifestDataset` takes them."""
-        return ManifestDataset(frame, self.config.image_size, **options)
-
-    def parameter_counts(self) -> dict[str, int]:
-        backbone = sum(p.numel() for p in self.clip.parameters())
-        added = sum(p.numel() for m in self.added_modules().values() for p in m.parameters())
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return {"total": backbone + added, "trainable": trainable, "backbone": backbone, "added": added}
+    def training_losses(self, outputs: tuple[torch.Tensor, torch.Tensor, VisionOutput], targets: Targets,
+                        config: TrainConfig) -> dict[str, torch.Tensor]:
+        """L = L_seg + L_ac + lambda_etf * L_constraint + lambda_bal * L_bal (Eq. 16), in float32."""
+        maps, similarities, vision = outputs
+        zero = maps.new_zeros((), dtype=torch.float32)
+        seg = segmentation_loss(maps, targets.masks, config.focal_gamma, targets.known, config.dice)
+        ac = classification_loss(similarities, targets.labels, config.classification_loss)
+        expert_outputs = [aux.expert_outputs for aux in vision.moe.values() if aux.expert_outputs is not None]
+        constraint = sum((CONSTRAINTS[config.expert_constraint](o) for o in expert_outputs), zero)
+        balance = zero if config.release_compat else sum(
+            (balance_loss(aux.routing.probs, config.balance_unbiased) for aux in vision.moe.values()), zero)
+        total = seg + ac + config.lambda_etf * constraint + config.lambda_bal * balance
+        return {"loss": total, "segmentation_loss": seg, "classification_loss": ac,
+                "expert_constraint_loss": constraint, "balance_loss": balance}
 
     # -- vision -------------------------------------------------------------------------------
     def _blocks(self, images: torch.Tensor, dense: bool | None) -> tuple[dict[int, torch.Tensor], dict[int, MoEAux]]:
@@ -198,25 +209,11 @@ class MoECLIP(nn.Module):
 
 
 def build_model(config: ModelConfig | dict, seed: int | None = None) -> MoECLIP:
-    """Build MoECLIP from a config (or the params.yaml `model` mapping).
-
-    `seed` fixes every random initialisation (a random-weight backbone, FOFS, the heads)
-    without touching the caller's RNG state.
-    """
-    config = config if isinstance(config, ModelConfig) else ModelConfig.model_validate(config)
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        clip = load_clip(config.backbone, config.image_size, config.weights, config.quick_gelu)
-        return MoECLIP(config, clip, tokenizer_for(config.backbone))
+    """Build MoECLIP from a config (or the params.yaml `model` mapping); see `ZeroShotMethod.build`."""
+    return MoECLIP.build(config if isinstance(config, ModelConfig) else ModelConfig.model_validate(config), seed)
 
 
 def count_parameters(config: ModelConfig) -> dict[str, int]:
-    """`MoECLIP.parameter_counts` of a configuration without building its weights.
-
-    The model is laid out on the meta device: no tensor is allocated or initialised, so a
-    ViT-L counts in a fraction of a second instead of seconds (the smoke run counts 79 variants).
-    """
-    with torch.device("meta"):
-        clip = load_clip(config.backbone, config.image_size, None, config.quick_gelu, device="meta")
-        return MoECLIP(config, clip, tokenizer_for(config.backbone)).parameter_counts()
+    """`MoECLIP.parameter_counts` of a configuration without building its weights (the smoke run counts 79
+    variants)."""
+    return MoECLIP.count_parameters(config)

@@ -1,0 +1,1 @@
+"""Zero-shot anomaly-detection methods under one protocol (base.py); registry.py names them."""

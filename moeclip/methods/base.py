@@ -1,0 +1,125 @@
+"""What every zero-shot method implements, so that one trainer, evaluator and checkpoint format serve them all.
+
+A method is a frozen CLIP (`self.clip`) plus the modules it adds. The benchmark only ever calls:
+  - `inputs(frame, ...)`: the manifest's images at the method's input size, CLIP-normalised;
+  - `prompt_texts(batch)`: the text each sample's prompts are built around (a class name or description);
+  - `predict(images, texts, domain)`: raw test-time maps (B, H, W) at input size and image scores (B,),
+    including the method's own smoothing but no per-class normalisation;
+  - `protocol_scores(maps, scores, domain)`: that per-class normalisation and the final image score, over
+    all test images of one class (evaluation only);
+  - `training_outputs(images, texts)` then `training_losses(outputs, batch_targets, config)`: the forward
+    of one training step (run inside the method's execution context) and its losses in float32 (outside
+    it); a training-free method has `needs_training = False` and raises if asked.
+Checkpoints keep `trainable_state_dict()` (the added modules) and the config; the backbone is rebuilt.
+A method's config (a frozen pydantic model, every value from params.yaml) has at least `backbone`,
+`image_size`, `weights`, `quick_gelu` (how its CLIP is loaded, moeclip/backbone.py) and `precision`
+(fp32 or bf16 autocast, moeclip/model/execution.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import pandas as pd
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from moeclip.backbone import load_clip, tokenizer_for
+from moeclip.config import Domain, TrainConfig
+from moeclip.data.dataset import ManifestDataset
+
+ClassText = Literal["folder", "description"]
+
+
+@dataclass(frozen=True)
+class Targets:
+    """One training batch's ground truth on the device: (B, H, W) 0/1 masks, (B,) labels, (B,) mask-known flags."""
+
+    masks: torch.Tensor
+    labels: torch.Tensor
+    known: torch.Tensor
+
+
+def class_texts(batch: Mapping[str, Sequence[str]], kind: ClassText) -> list[str]:
+    """Each sample's class text: the raw folder name (`metal_nut`, as the official WinCLIP / April-GAN runs
+    prompt) or the registry's description (DATASETS.md)."""
+    return list(batch["class_name"] if kind == "folder" else batch["description"])
+
+
+class ZeroShotMethod(nn.Module):
+    """Base of every method: the frozen backbone, the added modules, and the calls the benchmark makes."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[BaseModel]]
+    needs_training: ClassVar[bool] = True
+
+    def __init__(self, config: BaseModel, clip: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.clip = clip.requires_grad_(False).eval()
+
+    @classmethod
+    def build(cls, config: BaseModel, seed: int | None = None) -> "ZeroShotMethod":
+        """The method with its CLIP loaded as `config` says; `seed` fixes every random initialisation (a
+        random-weight backbone, the added modules) without touching the caller's RNG state."""
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            clip = load_clip(config.backbone, config.image_size, config.weights, config.quick_gelu)
+            return cls(config, clip, tokenizer_for(config.backbone))
+
+    @classmethod
+    def count_parameters(cls, config: BaseModel) -> dict[str, int]:
+        """`parameter_counts` without building the weights: laid out on the meta device, nothing is allocated
+        or initialised, so a ViT-L counts in a fraction of a second."""
+        with torch.device("meta"):
+            clip = load_clip(config.backbone, config.image_size, None, config.quick_gelu, device="meta")
+            return cls(config, clip, tokenizer_for(config.backbone)).parameter_counts()
+
+    # -- modes, parameters, data ----------------------------------------------------------------
+    def train(self, mode: bool = True) -> "ZeroShotMethod":
+        super().train(mode)
+        self.clip.eval()  # the frozen backbone never uses dropout or patch dropout
+        return self
+
+    def added_modules(self) -> dict[str, nn.Module]:
+        """The modules the method adds to CLIP (what a checkpoint must hold)."""
+        return {name: module for name, module in self.named_children() if name != "clip"}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """State of the added modules only (the frozen backbone comes from its own weights)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
+
+    def parameter_counts(self) -> dict[str, int]:
+        backbone = sum(p.numel() for p in self.clip.parameters())
+        added = sum(p.numel() for m in self.added_modules().values() for p in m.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"total": backbone + added, "trainable": trainable, "backbone": backbone, "added": added}
+
+    def inputs(self, frame: pd.DataFrame, **options: Any) -> ManifestDataset:
+        """A manifest's images (and masks) resized to the method's input size and CLIP-normalised;
+        `options` (train, seed, ...) as `ManifestDataset` takes them."""
+        return ManifestDataset(frame, self.config.image_size, **options)
+
+    # -- what each method defines ---------------------------------------------------------------
+    def prompt_texts(self, batch: Mapping[str, Sequence[str]]) -> list[str]:
+        raise NotImplementedError
+
+    def predict(self, images: torch.Tensor, texts: Sequence[str],
+                domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def protocol_scores(self, maps: torch.Tensor, scores: torch.Tensor,
+                        domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per class, over its N test images: the maps and final image scores the metrics see. By default the
+        raw maps and the method's own image score (the baselines' protocol: S alone, no fusion with the map)."""
+        return maps.float(), scores.float()
+
+    def training_outputs(self, images: torch.Tensor, texts: Sequence[str]) -> Any:
+        raise NotImplementedError(f"{self.name} is training-free")
+
+    def training_losses(self, outputs: Any, targets: Targets, config: TrainConfig) -> dict[str, torch.Tensor]:
+        """{"loss": the total to minimise, other named terms to log}."""
+        raise NotImplementedError(f"{self.name} is training-free")
