@@ -5,8 +5,8 @@ sizes and modules with random weights, one class per dataset at the real sets' i
 one optimiser step per training) in a clone of the working tree, printing each stage's wall
 time and peak memory as it ends. The clone (`.smoke/clone`) is kept, so a second run is a
 no-op unless code or params changed. Then every stage and every experiment variant of the
-plan is checked for its record (parameter count, wall time, peak memory), and the records
-are printed; anything missing fails the run.
+plan is checked for its record (parameter count, wall time, peak memory), and each baseline for its
+parameter counts; the records are printed, and anything missing fails the run.
 
     .venv/bin/python -m benchmarks.smoke_paper [--folder .smoke] [--timeout 10800]
 """
@@ -69,6 +69,18 @@ def variant_records(clone: Path, benchmark: Benchmark, profile: Profile) -> tupl
     return pd.DataFrame(rows), missing
 
 
+def baseline_records(clone: Path, benchmark: Benchmark, profile: Profile) -> tuple[pd.DataFrame, list[str]]:
+    """Each baseline's parameter counts (M) at the profile's size, and the baselines without them."""
+    rows, missing = [], []
+    for method in benchmark.methods:
+        path = clone / profile.layout.baseline_resources(method)
+        if path.is_file():
+            rows.append({"method": method, **json.loads(path.read_text())})
+        else:
+            missing.append(f"baseline {method}")
+    return pd.DataFrame(rows), missing
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", type=Path, default=ROOT / ".smoke", help="where the clone is kept")
@@ -84,11 +96,14 @@ def main() -> None:
     benchmark, profile = load_plan(clone / "params.yaml", PROFILE)
     stages, missing_stages = stage_records(clone, benchmark, profile)
     variants, missing_variants = variant_records(clone, benchmark, profile)
+    baselines, missing_baselines = baseline_records(clone, benchmark, profile)
     print(f"\n{len(repro.stages)} stages ran in {repro.seconds:.0f} s\n")
     print(stages.to_markdown(index=False, floatfmt=".2f"), "\n")
     print(variants.to_markdown(index=False, floatfmt=".2f"), "\n")
+    print(baselines.to_markdown(index=False, floatfmt=".4f"), "\n")
     report = clone / profile.layout.reports / "README.md"
-    missing = missing_stages + missing_variants + ([] if report.is_file() else [f"report {report}"])
+    missing = (missing_stages + missing_variants + missing_baselines
+               + ([] if report.is_file() else [f"report {report}"]))
     if missing:
         sys.exit("missing: " + ", ".join(missing))
     print(f"every stage and all {len(variants)} variants complete; report: {report}")

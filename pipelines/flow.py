@@ -1,5 +1,5 @@
 """The `zsad-benchmark` Prefect flow: the declared stages (moeclip/bench/stages/) as tasks, fanned out per
-dataset, training and experiment.
+dataset, training, baseline and experiment.
 
 Each task is a stage's `run`, unchanged, so the flow and `dvc repro` produce the same files. A call
 waits for every call that writes a path it reads (what DVC derives from dvc.yaml), and its cache
@@ -51,8 +51,8 @@ def zsad_benchmark(params: str = "params.yaml", profile: str | None = None, data
     """Run the benchmark of `params` (paths relative to the working directory); returns each stage's output path.
 
     profile: default the params file's `profile:`. datasets: a subset of params.yaml's datasets
-    (default all); trainings, evaluations, experiments and the analysis that read a left-out
-    dataset are skipped. experiments: default all that the datasets allow, [] for none.
+    (default all); trainings, evaluations, baselines, experiments and the analysis that read a
+    left-out dataset are skipped. experiments: default all that the datasets allow, [] for none.
     report: render the tables and figures, possible only when nothing was left out.
     refresh: ignore cached results and run every stage again.
     """
@@ -60,8 +60,8 @@ def zsad_benchmark(params: str = "params.yaml", profile: str | None = None, data
     path = Path(params)
     benchmark, active = load_plan(path, profile)
     plan = plan_stages(benchmark, active, datasets, experiments)
-    logger.info("profile %s: %d datasets, %d trainings, %d evaluations, experiments %s, analysis %s",
-                active.name, len(plan.datasets), len(plan.trainings), len(plan.evaluations),
+    logger.info("profile %s: %d datasets, %d trainings, %d evaluations, baselines %s, experiments %s, analysis %s",
+                active.name, len(plan.datasets), len(plan.trainings), len(plan.evaluations), list(plan.methods),
                 list(plan.experiments), plan.analysis)
     if report and not plan.complete:
         logger.info("report skipped: it needs every dataset, experiment and the analysis, and this run left some out")

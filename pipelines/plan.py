@@ -23,6 +23,7 @@ class StagePlan:
     datasets: tuple[str, ...]                    # fetch and prepare
     trainings: tuple[str, ...]                   # main trainings, by auxiliary dataset
     evaluations: tuple[tuple[str, str], ...]     # (auxiliary, target)
+    methods: tuple[str, ...]                     # Table 1 baselines
     experiments: tuple[str, ...]
     analysis: bool
     complete: bool                               # nothing left out, so the report can be rendered
@@ -30,7 +31,8 @@ class StagePlan:
     def calls(self, report: bool) -> list[tuple[str, dict[str, str]]]:
         """(stage name, arguments) of every stage call, in the order of the stage declarations."""
         values = {"datasets": [(d,) for d in self.datasets], "trainings": [(a,) for a in self.trainings],
-                  "evaluations": list(self.evaluations), "experiments": [(e,) for e in self.experiments]}
+                  "evaluations": list(self.evaluations), "methods": [(m,) for m in self.methods],
+                  "experiments": [(e,) for e in self.experiments]}
         once = {"analysis": self.analysis, "report": report and self.complete}
         return [(stage.name, dict(zip(stage.arguments, call))) for stage in STAGES
                 for call in (values[stage.fan_out] if stage.fan_out else [()] if once[stage.name] else [])]
@@ -69,7 +71,8 @@ def _unknown(kind: str, asked: Iterable[str], known: Sequence[str]) -> None:
 
 def plan_stages(benchmark: Benchmark, profile: Profile, datasets: Sequence[str] | None = None,
                 experiments: Sequence[str] | None = None) -> StagePlan:
-    """The stages for `datasets` (default: all) and `experiments` (default: all that the datasets allow).
+    """The stages for `datasets` (default: all) and `experiments` (default: all that the datasets allow); the
+    baselines run when every dataset of Table 1's protocol is chosen.
 
     Experiments named explicitly must be runnable with the chosen datasets; otherwise this raises
     rather than silently dropping them.
@@ -88,6 +91,8 @@ def plan_stages(benchmark: Benchmark, profile: Profile, datasets: Sequence[str] 
             lacking = experiment_datasets(benchmark, profile, experiment) - set(chosen)
             if lacking:
                 raise ValueError(f"experiment '{experiment}' needs datasets left out of this run: {sorted(lacking)}")
+    table1 = {*benchmark.table1_trainings, *(t for targets in benchmark.table1_trainings.values() for t in targets)}
+    methods = tuple(benchmark.methods) if table1 <= set(chosen) else ()
     analysis = analysis_datasets(benchmark, profile) <= set(chosen)
     complete = chosen == benchmark.datasets and selected == tuple(benchmark.experiments) and analysis
-    return StagePlan(chosen, trainings, evaluations, selected, analysis, complete)
+    return StagePlan(chosen, trainings, evaluations, methods, selected, analysis, complete)

@@ -36,6 +36,10 @@ def test_dvc_stages_read_and_write_the_layouts_paths():
             {layout.experiment(experiment), layout.experiment_metrics(experiment),
              layout.experiment_resources(experiment)},
             {layout.manifests(), layout.main_metrics(), layout.trainings()})
+    for method in benchmark.methods:
+        expected[f"baseline@{method}"] = (
+            {layout.baseline(method), layout.baseline_metrics(method), layout.baseline_resources(method)},
+            {layout.manifests()})
     expected["analysis"] = ({layout.analysis()}, {layout.manifests(), layout.training(benchmark.main.auxiliary)})
     expected["report"] = ({layout.reports}, {layout.metrics(), layout.resources(), layout.analysis()})
     assert set(locked) == set(expected)

@@ -32,6 +32,8 @@ main:
     visa: [mvtec, btad, brainmri, headct]
     mvtec: [visa]
     brainmri: [headct]
+methods:
+  winclip: {label: WinCLIP, published: WinCLIP}
 profiles:
   tiny:
     analysis: {similarity_dataset: mvtec, statistics_dataset: brainmri}
@@ -52,7 +54,8 @@ def small_params(tmp_path: Path) -> Path:
     """SMALL_PARAMS with the demo profile's network and training (a profile must name every value)."""
     document = yaml.safe_load(SMALL_PARAMS)
     demo = yaml.safe_load((REPO / "params.yaml").read_text())["profiles"]["demo"]
-    document["profiles"]["tiny"].update(model=demo["model"], train=demo["train"])
+    document["profiles"]["tiny"].update(model=demo["model"], train=demo["train"],
+                                        methods={"winclip": demo["methods"]["winclip"]})
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
@@ -65,6 +68,7 @@ def test_a_dataset_subset_keeps_only_the_stages_it_can_feed(small_params: Path) 
     assert plan.trainings == ("visa", "mvtec")
     assert plan.evaluations == (("visa", "mvtec"), ("mvtec", "visa"))
     assert plan.experiments == ("industrial",)  # `medical` reads headct and trains on brainmri
+    assert plan.methods == ()  # a baseline runs Table 1's protocol: every auxiliary dataset and target
     assert not plan.analysis and not plan.complete
 
 
@@ -75,6 +79,7 @@ def test_the_full_plan_runs_everything_and_may_report(small_params: Path) -> Non
     assert plan.trainings == ("visa", "mvtec", "brainmri")
     assert len(plan.evaluations) == 6
     assert plan.experiments == ("industrial", "medical")
+    assert plan.methods == ("winclip",)
     assert plan.analysis and plan.complete
     assert not plan_stages(benchmark, profile, experiments=[]).complete
 
@@ -133,7 +138,9 @@ def test_a_call_waits_for_the_calls_that_write_what_it_reads(small_params: Path)
     prepares = [f"prepare@{d}" for d in plan.datasets]
     assert sorted(waits["experiment@medical"]) == sorted(prepares + trainings + evaluations)
     assert sorted(waits["analysis"]) == sorted(prepares + ["train@visa"])
-    assert sorted(waits["report"]) == sorted(evaluations + ["experiment@industrial", "experiment@medical", "analysis"])
+    assert sorted(waits["baseline@winclip"]) == sorted(prepares)
+    assert sorted(waits["report"]) == sorted(evaluations + ["baseline@winclip", "experiment@industrial",
+                                                            "experiment@medical", "analysis"])
     assert "report" not in waits_for(plan.calls(report=False), benchmark, profile)
 
 

@@ -14,7 +14,8 @@ import yaml
 from PIL import Image
 
 from benchmarks.bench_pipeline import stage_environment, wait_for_server
-from benchmarks.smoke_paper import PROFILE, planned_stages, stage_records, use_profile, variant_records
+from benchmarks.smoke_paper import (PROFILE, baseline_records, planned_stages, stage_records, use_profile,
+                                    variant_records)
 from moeclip.bench.experiments import experiment_runs, load_plan
 from moeclip.resources import USAGE_LINE
 
@@ -63,8 +64,13 @@ def test_missing_stage_and_variant_records_are_named(tmp_path):
             records["MLP Router"]["seconds"] = None  # measured without time
         (tmp_path / profile.layout.experiment_resources(experiment)).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / profile.layout.experiment_resources(experiment)).write_text(json.dumps(records))
+    for method in list(benchmark.methods)[1:]:  # the first baseline left no parameter counts
+        (tmp_path / profile.layout.baseline_resources(method)).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / profile.layout.baseline_resources(method)).write_text(json.dumps({"params_m": 429.0}))
     stages, missing_stages = stage_records(tmp_path, benchmark, profile)
     variants, missing_variants = variant_records(tmp_path, benchmark, profile)
+    baselines, missing_baselines = baseline_records(tmp_path, benchmark, profile)
+    assert missing_baselines == ["baseline winclip"] and list(baselines["method"]) == list(benchmark.methods)[1:]
     assert missing_stages == ["stage fetch@mvtec"] and len(stages) == len(planned_stages(benchmark, profile)) - 1
     assert missing_variants == ["variant table10/MLP Router"]
     assert len(variants) == sum(len(experiment_runs(benchmark, profile, e)) for e in benchmark.experiments)

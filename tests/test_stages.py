@@ -20,11 +20,12 @@ def test_dvc_yaml_is_what_the_stage_declarations_render():
 
 
 def test_every_stage_has_a_module_with_its_run_and_dvc_names_its_calls():
-    assert [stage.name for stage in STAGES] == ["fetch", "prepare", "train", "evaluate", "experiment", "analysis",
-                                                "report"]
+    assert [stage.name for stage in STAGES] == ["fetch", "prepare", "train", "evaluate", "baseline", "experiment",
+                                                "analysis", "report"]
     assert all(callable(stage.function()) for stage in STAGES)
     assert get_stage("fetch").label({"dataset": "visa"}) == "fetch@visa"
     assert get_stage("evaluate").label({"auxiliary": "visa", "target": "mvtec"}) == "evaluate-visa@mvtec"
+    assert get_stage("baseline").label({"method": "winclip"}) == "baseline@winclip"
     assert get_stage("analysis").label({}) == "analysis"
     with pytest.raises(ValueError, match="no stage 'nope'"):
         get_stage("nope")

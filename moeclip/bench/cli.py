@@ -31,26 +31,35 @@ def main() -> None:
 
 @app.command()
 def params(
-    backbone: str = typer.Option("ViT-L-14-336", help="open_clip model name"),
-    image_size: int = typer.Option(518, help="input size in pixels"),
+    backbone: str = typer.Option("ViT-L-14-336", help="open_clip model name (MoECLIP; a baseline uses its profile's)"),
+    image_size: int = typer.Option(518, help="input size in pixels (MoECLIP; a baseline uses its profile's)"),
+    method: str = typer.Option("moeclip", help="moeclip, or a baseline of params.yaml's `methods`"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     config: Path = CONFIG_OPTION,
     profile: str = typer.Option("paper", help="the profile whose model settings the count uses"),
 ) -> None:
-    """Count parameters of MoECLIP on a backbone: total, trainable, backbone, added (no weights needed)."""
-    from moeclip.backbone import default_moe_layers
-    from moeclip.bench.params import load_profile
-    from moeclip.config import ModelConfig
-    from moeclip.model import count_parameters
+    """Count parameters of a method: total, trainable, backbone, added (no weights needed)."""
+    if method == "moeclip":
+        from moeclip.backbone import default_moe_layers
+        from moeclip.bench.params import load_profile
+        from moeclip.config import ModelConfig
 
-    settings = load_profile(config, profile).model.model_dump()
-    counted = ModelConfig.model_validate({**settings, "backbone": backbone, "image_size": image_size, "weights": None,
-                                          "moe_layers": default_moe_layers(backbone)})
-    counts = count_parameters(counted)
+        settings = load_profile(config, profile).model.model_dump()
+        counted = ModelConfig.model_validate({**settings, "backbone": backbone, "image_size": image_size,
+                                              "weights": None, "moe_layers": default_moe_layers(backbone)})
+    else:
+        from moeclip.bench.baselines import method_runs
+        from moeclip.bench.experiments import load_plan
+
+        counted = method_runs(*load_plan(config, profile), method)[0].model
+        backbone, image_size = counted.backbone, counted.image_size
+    from moeclip.methods.registry import method_of
+
+    counts = method_of(counted).count_parameters(counted)
     if as_json:
         typer.echo(json.dumps(counts))
         return
-    table = Table(title=f"MoECLIP on {backbone} at {image_size}px")
+    table = Table(title=f"{method} on {backbone} at {image_size}px")
     table.add_column("part")
     table.add_column("parameters", justify="right")
     for name, value in counts.items():

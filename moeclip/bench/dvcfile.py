@@ -33,9 +33,10 @@ HEADER = """\
 # moeclip/bench/stages/ and params.yaml's plan: edit those, then render again (a test checks it).
 # Paths carry the active profile (params.yaml `profile:`), so profiles keep separate data, runs
 # and reports. Each stage's code dependencies are exactly the package files it imports.
-#   fetch@<dataset> -> prepare@<dataset> -> train@<aux> -> evaluate-<aux>@<target>
-#                                                        -> experiment@<table/figure> -> report
-#                                                        -> analysis ----------------/
+#   fetch@<dataset> -> prepare@<dataset> -> train@<aux> -> evaluate-<aux>@<target> ----> report
+#                                        -> baseline@<method> (trains, evaluates) ---/
+#                                        -> experiment@<table/figure> --------------/
+#                                        -> analysis -------------------------------/
 """
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the moeclip package
 
@@ -90,7 +91,7 @@ def _templates(stage: Stage, benchmark: Benchmark) -> list[tuple[str, dict[str, 
                  {"auxiliary": auxiliary, "target": "${item.target}"})
                 for auxiliary, targets in benchmark.main.targets.items() if targets]
     loops = {"datasets": ("${datasets}", "${item}"), "trainings": ("${main.targets}", "${key}"),
-             "experiments": ("${experiments}", "${key}")}
+             "methods": ("${methods}", "${key}"), "experiments": ("${experiments}", "${key}")}
     if stage.fan_out is None:
         return [(stage.name, {}, {})]
     over, value = loops[stage.fan_out]

@@ -68,24 +68,41 @@ class MainPlan(BaseModel):
         return self
 
 
+class MethodEntry(BaseModel):
+    """One of Table 1's other methods that the benchmark runs (its settings are per profile)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str = Field(description="its name in the report")
+    published: str = Field(description="the method whose published numbers stand beside ours: a Table 1 column "
+                                        "of the paper, or an entry of moeclip/bench/reports/other_results.yaml")
+
+
 class Benchmark(BaseModel):
-    """The whole params file, validated: datasets, main plan, profiles and experiments."""
+    """The whole params file, validated: datasets, main plan, methods, profiles and experiments."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     profile: str
     datasets: tuple[str, ...]
     main: MainPlan
+    methods: dict[str, MethodEntry]
     experiments: dict[str, Experiment]
+
+    @property
+    def table1_trainings(self) -> dict[str, tuple[str, ...]]:
+        """Table 1's protocol: each auxiliary dataset with the targets evaluated on it (Table 12's own rows aside)."""
+        return {auxiliary: targets for auxiliary, targets in self.main.targets.items() if targets}
 
 
 @dataclass(frozen=True)
 class Run:
-    """A fully resolved model to evaluate: what it is, what it was trained on, and how."""
+    """A fully resolved model to evaluate: what it is (MoECLIP's or another method's config), what it was
+    trained on, and how."""
 
     name: str
     paper_row: str
-    model: ModelConfig
+    model: BaseModel
     train: TrainConfig
     train_on: tuple[str, ...]
     trained: bool
@@ -110,7 +127,8 @@ def main_run(profile: Profile, auxiliary: str) -> Run:
     return Run(auxiliary, "MoECLIP", profile.model, profile.train, (auxiliary,), True)
 
 
-def _merged(base: ModelConfig | TrainConfig, overrides: dict[str, Any], where: str) -> Any:
+def with_overrides(base: ModelConfig | TrainConfig, overrides: dict[str, Any], where: str) -> Any:
+    """`base` with `overrides` applied, validated; errors name `where`."""
     try:
         return type(base).model_validate({**base.model_dump(), **overrides})
     except ValidationError as err:
@@ -124,8 +142,8 @@ def resolve_variant(profile: Profile, name: str, variant: Variant, default_train
     if overrides.get("vanilla") and "output_layers" not in overrides:
         # Plain CLIP has no MoE layers; its heads read the layers the profile's model would use.
         overrides["output_layers"] = list(profile.model.feature_layers)
-    model = _merged(profile.model, overrides, f"{where} model")
-    train = _merged(profile.train, variant.train, f"{where} train")
+    model = with_overrides(profile.model, overrides, f"{where} model")
+    train = with_overrides(profile.train, variant.train, f"{where} train")
     return Run(name, variant.paper_row or name, model, train, variant.train_on or default_train_on, variant.trained)
 
 

@@ -80,6 +80,18 @@ class RunLayout:
         """An experiment's results: {variant: {dataset: {metric: value x100}}} (too wide for DVC metrics)."""
         return self.metrics() / "experiments" / f"{experiment}.json"
 
+    def baseline(self, method: str) -> Path:
+        """A Table 1 baseline's trainings (one per auxiliary dataset) and evaluation tables."""
+        return self.runs / "baselines" / method
+
+    def baseline_metrics(self, method: str) -> Path:
+        """A baseline's results: {auxiliary: {target: {metric: value x100}}}."""
+        return self.metrics() / "baselines" / f"{method}.json"
+
+    def baseline_resources(self, method: str) -> Path:
+        """A baseline's parameter counts (M)."""
+        return self.resources() / "baselines" / f"{method}.json"
+
     def resources(self) -> Path:
         """What each experiment variant costs, beside the metrics."""
         return self.runs / "resources"

@@ -82,6 +82,18 @@ class ExperimentSelection(BaseModel):
     variants: dict[str, dict[str, Any]] | None = None
 
 
+class MethodSettings(BaseModel):
+    """How a profile runs one of params.yaml's `methods` (a Table 1 baseline): its model, and its training
+    (none for a training-free method), with per-auxiliary-dataset overrides where the authors trained so."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: dict[str, Any] = Field(description="the method's config fields (moeclip/methods/<method>.py), all of them")
+    train: TrainConfig | None = Field(description="null = training-free (evaluated as built)")
+    train_by_auxiliary: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="`train` overrides for one auxiliary dataset (April-GAN: 3 epochs on MVTec)")
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -97,6 +109,8 @@ class Profile(BaseModel):
     analysis: AnalysisConfig = AnalysisConfig()
     experiments: dict[str, ExperimentSelection] = Field(
         default_factory=dict, description="per-experiment reduced sweeps or profile-specific variants")
+    methods: dict[str, MethodSettings] = Field(
+        default_factory=dict, description="the Table 1 baselines' settings in this profile, by method name")
 
     @property
     def layout(self) -> RunLayout:

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel
 
 from moeclip.atomic import atomic_path, write_text_atomically
 from moeclip.bench.layout import checkpoint_in
 from moeclip.bench.params import Profile, TrackingConfig
-from moeclip.config import ModelConfig, TrainConfig
+from moeclip.config import TrainConfig
 from moeclip.errors import MoeclipError
 from moeclip.runtime import resolve_device
 
@@ -70,7 +71,7 @@ def read_manifests(manifests: Mapping[str, Path]) -> pd.DataFrame:
     return pd.concat([read_manifest(path) for path in manifests.values()], ignore_index=True)
 
 
-def train_model(profile: Profile, model: ModelConfig, settings: TrainConfig, train_on: Sequence[str],
+def train_model(profile: Profile, model: BaseModel, settings: TrainConfig, train_on: Sequence[str],
                 checkpoint: Path, run_name: str, tags: Mapping[str, str] | None = None,
                 max_steps: int | None = None) -> Path:
     """Train one configuration on the auxiliary dataset(s) into `checkpoint`, logging to MLflow; returns it.
@@ -127,12 +128,13 @@ def calibrate_checkpoint(checkpoint: Path, manifests: Mapping[str, Path], tracki
         return log_served_model(run, checkpoint)
 
 
-def untrained_checkpoint(model: ModelConfig, seed: int, path: Path) -> Path:
-    """A checkpoint of the freshly initialised model (the 'before training' baseline, or vanilla CLIP)."""
+def untrained_checkpoint(model: BaseModel, seed: int, path: Path) -> Path:
+    """A checkpoint of the freshly initialised method (the 'before training' baseline, vanilla CLIP, or a
+    training-free method such as WinCLIP)."""
     from moeclip.checkpoint import save_checkpoint
-    from moeclip.model import build_model
+    from moeclip.methods.registry import build_method
 
-    save_checkpoint(path, build_model(model, seed=seed), seed)
+    save_checkpoint(path, build_method(model, seed=seed), seed)
     return path
 
 

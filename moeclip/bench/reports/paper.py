@@ -13,6 +13,7 @@ import pandas as pd
 import yaml
 
 RESULTS_FILE = "paper_results.yaml"
+OTHER_RESULTS_FILE = "other_results.yaml"  # methods outside the paper's Table 1
 DEFAULT_LAYOUT = ("row", "dataset", "metric")
 TIDY_COLUMNS = ["table", "row", "dataset", "metric", "value"]
 
@@ -21,6 +22,11 @@ def load_paper_results() -> dict[str, Any]:
     """Parse the shipped YAML into a fresh dict (callers may mutate it)."""
     text = files(__package__).joinpath(RESULTS_FILE).read_text(encoding="utf-8")
     return yaml.safe_load(text)
+
+
+def load_other_results() -> dict[str, Any]:
+    """Published numbers of methods the paper's Table 1 does not print: {method: {source, results}}."""
+    return yaml.safe_load(files(__package__).joinpath(OTHER_RESULTS_FILE).read_text(encoding="utf-8"))
 
 
 def _table_key(name: str | int) -> str:

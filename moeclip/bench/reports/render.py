@@ -19,9 +19,11 @@ from matplotlib.figure import Figure
 from moeclip.atomic import write_text_atomically
 from moeclip.bench.experiments import Benchmark, experiment_runs
 from moeclip.bench.params import Profile
-from moeclip.bench.reports.paper import load_paper_results, paper_table
+from moeclip.bench.reports.paper import load_other_results, load_paper_results, paper_table
 from moeclip.bench.reports.tables import (
+    Cell,
     Comparison,
+    MethodColumn,
     MethodTable,
     fmt,
     method_latex,
@@ -79,26 +81,69 @@ def _dataset_names() -> dict[str, str]:
     return {slug: entry["name"] for slug, entry in load_paper_results()["datasets"].items()} | AVERAGE_NAMES
 
 
-def _ours_label(profile: Profile) -> str:
-    return f"MoECLIP (ours, {profile.name})"
+def _ours_label(label: str, profile: Profile) -> str:
+    return f"{label} (ours, {profile.name})"
+
+
+def _table1_sources(benchmark: Benchmark) -> dict[str, str]:
+    """Each Table 1 dataset's auxiliary dataset: the default one's targets, and the default itself from the
+    training that targets it (MVTec for VisA)."""
+    default = benchmark.main.auxiliary
+    sources = {target: default for target in benchmark.main.targets[default]}
+    return sources | {default: auxiliary for auxiliary, targets in benchmark.table1_trainings.items()
+                      if default in targets}
+
+
+def _baseline_columns(benchmark: Benchmark, profile: Profile, published: dict[str, dict[Cell, float | None]],
+                      cells: list[Cell]) -> list[MethodColumn]:
+    """The published methods' columns in the paper's order, each run baseline's right after its published one;
+    methods outside the paper's table (WMoE-CLIP) follow with the numbers their own paper published."""
+    sources = _table1_sources(benchmark)
+    ours = {}
+    for method, entry in benchmark.methods.items():
+        metrics = _read_json(profile.layout.baseline_metrics(method))
+        values = {target: metrics[auxiliary][target] for target, auxiliary in sources.items()}
+        ours[entry.published] = MethodColumn(_ours_label(entry.label, profile), _with_averages(values, cells), True)
+    other = load_other_results()
+    columns = []
+    for name in [*published, *(name for name in ours if name not in published)]:
+        if name in published:
+            columns.append(MethodColumn(name, published[name]))
+        else:
+            values = other[name]["results"]
+            columns.append(MethodColumn(f"{name} (published)", {cell: values.get(cell[0], {}).get(cell[1])
+                                                                for cell in cells}))
+        if name in ours:
+            columns.append(ours[name])
+    return columns
 
 
 def table1(benchmark: Benchmark, profile: Profile) -> MethodTable:
-    """Table 1 from the main evaluations: each dataset's number from the training the paper uses for it."""
+    """Table 1 from the main and the baselines' evaluations: each dataset's number from the training the paper
+    uses for it, each method's published numbers beside ours."""
     results = load_paper_results()["table1"]
-    default = benchmark.main.auxiliary
-    sources = {target: default for target in benchmark.main.targets[default]}
-    sources |= {default: auxiliary for auxiliary, targets in benchmark.main.targets.items() if default in targets}
     ours_values: Values = {target: _read_json(profile.layout.evaluation_metrics(auxiliary, target))
-                           for target, auxiliary in sources.items()}
+                           for target, auxiliary in _table1_sources(benchmark).items()}
     datasets = {metric: [*(results["image_datasets"] if metric.startswith("image") else results["pixel_datasets"]),
                          "average_image" if metric.startswith("image") else "average_pixel"]
                 for metric in TABLE1_METRICS}
     cells = [(d, m) for m in TABLE1_METRICS for d in datasets[m]]
     _, paper = _paper_cells("table1")
-    return MethodTable("Table 1: zero-shot anomaly detection across 14 datasets", TABLE1_METRICS, datasets,
-                       list(results["methods"]), paper, _with_averages(ours_values, cells), _ours_label(profile),
+    published = {name: paper[name] for name in results["methods"] if name != "MoECLIP"}
+    columns = [*_baseline_columns(benchmark, profile, published, cells),
+               MethodColumn("MoECLIP (paper)", paper["MoECLIP"]),
+               MethodColumn(_ours_label("MoECLIP", profile), _with_averages(ours_values, cells), True)]
+    return MethodTable("Table 1: zero-shot anomaly detection across 14 datasets", TABLE1_METRICS, datasets, columns,
                        _dataset_names(), ours_competes=not profile.data.synthetic)
+
+
+def baseline_parameters(benchmark: Benchmark, profile: Profile) -> str:
+    """The run baselines' parameter counts (M) as a Markdown table."""
+    lines = ["| method | parameters (M) | trainable (M) |", "|---|---:|---:|"]
+    for method, entry in benchmark.methods.items():
+        counts = _read_json(profile.layout.baseline_resources(method))
+        lines.append(f"| {entry.label} | {counts['params_m']:.2f} | {counts['trainable_m']:.4f} |")
+    return "\n".join(lines)
 
 
 def experiment_table(benchmark: Benchmark, profile: Profile, key: str) -> Comparison:
@@ -263,9 +308,10 @@ def render_reports(benchmark: Benchmark, profile: Profile) -> Path:
                 "Bold marks the best value of each column (ours and the paper's separately; in Table 1 the best "
                 "method per dataset, where synthetic-data numbers never count). Δ = ours - paper.", ""]
     first = table1(benchmark, profile)
-    _write_text(out / "table1.md", method_markdown(first))
+    first_markdown = method_markdown(first).rstrip("\n") + "\n\n" + baseline_parameters(benchmark, profile) + "\n"
+    _write_text(out / "table1.md", first_markdown)
     _write_text(out / "table1.tex", method_latex(first))
-    sections.append(method_markdown(first))
+    sections.append(first_markdown)
     comparisons = [experiment_table(benchmark, profile, key) for key in experiment_tables(benchmark)]
     comparisons.append(table14(profile))
     for comparison in comparisons:

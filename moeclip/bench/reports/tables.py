@@ -4,8 +4,9 @@ A `Comparison` holds one value of ours and one of the paper's per (row, column);
 turn it into Markdown and LaTeX. Two shapes cover every table of the paper:
 - variant tables (Tables 2, 5-14): rows are variants, each column (dataset, metric) shows
   ours | paper | difference, in groups of a few columns per sub-table to stay readable;
-- the method table (Table 1): one sub-table per metric, rows are datasets, columns are the six
-  baselines, the paper's MoECLIP, ours and the difference.
+- the method table (Table 1): one sub-table per metric, rows are datasets, columns are the
+  published methods with our run of each baseline beside its published numbers, the paper's
+  MoECLIP, ours and the difference.
 """
 from __future__ import annotations
 
@@ -134,29 +135,37 @@ def variant_latex(table: Comparison) -> str:
     return "\n".join(parts)
 
 
+@dataclass(frozen=True)
+class MethodColumn:
+    """One method's numbers in Table 1: published (`ours` False) or from our run."""
+
+    label: str
+    values: dict[Cell, float | None]
+    ours: bool = False
+
+
 @dataclass
 class MethodTable:
-    """Table 1: per metric, datasets as rows and methods (baselines, paper MoECLIP, ours) as columns."""
+    """Table 1: per metric, datasets as rows and methods as columns: each run baseline's published numbers beside
+    ours, the other published methods, then MoECLIP (paper) and ours, and ours minus the paper's MoECLIP."""
 
     title: str
     metrics: list[str]
     datasets: dict[str, list[str]]  # metric -> datasets (rows) in paper order
-    methods: list[str]  # paper methods, MoECLIP last
-    paper: dict[str, dict[Cell, float | None]]  # method -> cell -> value
-    ours: dict[Cell, float | None]
-    ours_label: str
+    columns: list[MethodColumn]  # the last two are MoECLIP (paper) and MoECLIP (ours)
     dataset_names: dict[str, str] = field(default_factory=dict)
     ours_competes: bool = True  # False for demo numbers: they must never look like the best method
 
     def best(self, values: list[float | None], metric: str) -> set[int]:
-        """Positions of the best method(s) of a row; ours (last) only when it competes."""
-        return best_index(values if self.ours_competes else values[:-1], metric)
+        """Positions of the best method(s) of a row; our runs only when they compete."""
+        return best_index([v if self.ours_competes or not column.ours else None
+                           for v, column in zip(values, self.columns)], metric)
 
     def rows(self, metric: str) -> list[tuple[str, list[float | None], float | None, float | None]]:
-        """(dataset, every method's value incl. ours last, ours, paper MoECLIP) per row of one metric."""
+        """(dataset, every column's value, our MoECLIP, the paper's MoECLIP) per row of one metric."""
         out = []
         for dataset in self.datasets[metric]:
-            values = [self.paper[m].get((dataset, metric)) for m in self.methods] + [self.ours.get((dataset, metric))]
+            values = [column.values.get((dataset, metric)) for column in self.columns]
             out.append((dataset, values, values[-1], values[-2]))
         return out
 
@@ -164,7 +173,7 @@ class MethodTable:
 def method_markdown(table: MethodTable) -> str:
     parts = [f"### {table.title}", ""]
     for metric in table.metrics:
-        header = ["dataset", *table.methods[:-1], f"{table.methods[-1]} (paper)", table.ours_label, "Δ"]
+        header = ["dataset", *(column.label for column in table.columns), "Δ"]
         parts += [f"**{METRIC_LABELS[metric]}**", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" + "---:|" * (len(header) - 1)]
         for dataset, values, ours, paper in table.rows(metric):
@@ -179,10 +188,9 @@ def method_markdown(table: MethodTable) -> str:
 def method_latex(table: MethodTable) -> str:
     parts = [f"% {table.title}"]
     for metric in table.metrics:
-        names = [*table.methods[:-1], f"{table.methods[-1]} (paper)", table.ours_label, r"$\Delta$"]
+        names = [*(_tex_escape(column.label) for column in table.columns), r"$\Delta$"]
         parts += [rf"% {METRIC_LABELS[metric]}", r"\begin{tabular}{l" + "r" * len(names) + "}", r"\toprule",
-                  "dataset & " + " & ".join(_tex_escape(n) if "$" not in n else n for n in names) + r" \\",
-                  r"\midrule"]
+                  "dataset & " + " & ".join(names) + r" \\", r"\midrule"]
         for dataset, values, ours, paper in table.rows(metric):
             best = table.best(values, metric)
             cells = [_tex_bold(fmt(v), i in best) for i, v in enumerate(values)]

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 PACKAGE = "moeclip"
 # Package data read by a module (not imported, so not seen in sys.modules): the module's code includes it.
 PACKAGE_DATA = {"moeclip/backbone.py": ("moeclip/configs/MoECLIP-Tiny-ViT.json",),
-                "moeclip/bench/reports/paper.py": ("moeclip/bench/reports/paper_results.yaml",)}
-FanOut = Literal["datasets", "trainings", "evaluations", "experiments"]
+                "moeclip/bench/reports/paper.py": ("moeclip/bench/reports/paper_results.yaml",
+                                                   "moeclip/bench/reports/other_results.yaml")}
+FanOut = Literal["datasets", "trainings", "evaluations", "methods", "experiments"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,16 @@ STAGES: tuple[Stage, ...] = (
               Output(layout.evaluation(a["auxiliary"], a["target"])),
               Output(layout.evaluation_metrics(a["auxiliary"], a["target"]), cache=False, metric=True)],
           params=("profiles.{profile}.runtime",)),
+    Stage("baseline", "Train (where it needs training) and evaluate one Table 1 baseline on Table 1's protocol.",
+          ("method",), "methods",
+          reads=lambda layout, plan, a: [layout.manifests()],
+          writes=lambda layout, plan, a: [
+              Output(layout.baseline(a["method"]), persist=True,
+                     why="trainings whose configuration did not change are kept"),
+              Output(layout.baseline_resources(a["method"]), cache=False, why="parameter counts"),
+              Output(layout.baseline_metrics(a["method"]), cache=False,
+                     why="auxiliary x target x metrics: the report tabulates them in Table 1")],
+          params=("main", "methods.{method}", "profiles.{profile}.methods.{method}", "profiles.{profile}.runtime")),
     Stage("experiment", "Run every variant of one experiment (a paper table or figure).", ("experiment",),
           "experiments",
           # Any main training and main result may be a variant's (the default rows reuse them).
@@ -121,7 +132,7 @@ STAGES: tuple[Stage, ...] = (
           reads=lambda layout, plan, a: [layout.metrics(), layout.resources(), layout.analysis()],
           writes=lambda layout, plan, a: [Output(layout.reports, cache=False,
                                                  why="small tables and figures, read on GitHub: kept in git")],
-          params=("experiments",)),
+          params=("experiments", "methods")),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
 

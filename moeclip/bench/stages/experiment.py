@@ -24,19 +24,17 @@ from moeclip.bench.params import Profile, RuntimeConfig
 from moeclip.bench.stages import add_worker_code, imported_code
 from moeclip.bench.stages.common import (PACKAGE_FOLDER, code_digest, computing_plan, digest, summary_values,
                                         write_json)
-from moeclip.bench.stages.trained import ensure_trained, main_checkpoint
+from moeclip.bench.stages.trained import ensure_trained, main_checkpoint, model_parameters
 from moeclip.bench.workflows import evaluate_checkpoint, untrained_checkpoint
-from moeclip.config import ModelConfig
 from moeclip.cost import measure_cost
 from moeclip.data.archive import file_sha256
 from moeclip.errors import MoeclipError
-from moeclip.model import count_parameters
 from moeclip.resources import measured
 from moeclip.runtime import pin_runtime
 
 # The code an experiment variant's evaluation results depend on: a change to any of them re-evaluates
 # kept variants (a change elsewhere in the stage's code re-runs the stage, which keeps them).
-EVALUATION_CODE = ("model", "evaluation.py", "metrics", "cost.py", "checkpoint.py", "data/dataset.py",
+EVALUATION_CODE = ("model", "methods", "evaluation.py", "metrics", "cost.py", "checkpoint.py", "data/dataset.py",
                    "data/transforms.py")
 
 
@@ -118,12 +116,6 @@ def _variant_results(benchmark: Benchmark, profile: Profile, run: Run, folder: P
             shutil.rmtree(folder, ignore_errors=True)  # results of an earlier, own evaluation
             return reused
     return _evaluate_variant(profile, run, checkpoint, spec.datasets, folder, experiment, spec.cost)
-
-
-def model_parameters(model: ModelConfig) -> dict[str, float]:
-    """Total and trainable parameters (M) of a model (counts do not depend on its weights)."""
-    counts = count_parameters(model)
-    return {"params_m": counts["total"] / 1e6, "trainable_m": counts["trainable"] / 1e6}
 
 
 def _main_evaluation(benchmark: Benchmark, profile: Profile, run: Run,

@@ -1,9 +1,12 @@
-"""Trainings the stages share: a run's checkpoint kept, resumed or retrained, and the main trainings' checkpoints."""
+"""Trainings the stages share: a run's checkpoint kept, resumed or retrained, the main trainings' checkpoints,
+and a run's parameter counts."""
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
 from pathlib import Path
+
+from pydantic import BaseModel
 
 from moeclip.bench.experiments import Run, main_run
 from moeclip.bench.params import Profile
@@ -11,10 +14,11 @@ from moeclip.bench.stages.common import PACKAGE_FOLDER, code_digest
 from moeclip.bench.workflows import train_model
 from moeclip.checkpoint import OutdatedCheckpointError, annotate_checkpoint, read_checkpoint
 from moeclip.errors import MoeclipError
+from moeclip.methods.registry import method_of
 
 # The code that decides a training's weights: a finished training made with other code is trained again.
-TRAINING_CODE = ("model", "training.py", "losses.py", "backbone.py", "config.py", "configs", "data/dataset.py",
-                 "data/transforms.py")
+TRAINING_CODE = ("model", "methods", "training.py", "losses.py", "backbone.py", "config.py", "configs",
+                 "data/dataset.py", "data/transforms.py")
 
 
 @functools.cache
@@ -58,3 +62,9 @@ def main_checkpoint(profile: Profile, auxiliary: str) -> Path:
         raise MoeclipError(f"'{checkpoint}' is missing or unfinished: run `dvc repro train@{auxiliary}` "
                            f"(or `moeclip stage train {auxiliary}`) first")
     return checkpoint
+
+
+def model_parameters(model: BaseModel) -> dict[str, float]:
+    """Total and trainable parameters (M) of a method's configuration (counts do not depend on its weights)."""
+    counts = method_of(model).count_parameters(model)
+    return {"params_m": counts["total"] / 1e6, "trainable_m": counts["trainable"] / 1e6}
