@@ -71,6 +71,16 @@ def test_a_wrong_methods_entry_is_named_in_one_line(tmp_path):
     with pytest.raises(ParamsError, match="profile 'demo' has no `methods.winclip` settings"):
         method_runs(*load_plan(_edited(tmp_path, no_settings), "demo"), "winclip")
 
+    def untrained(document):
+        document["profiles"]["demo"]["methods"]["april_gan"]["train"] = None
+    with pytest.raises(ParamsError, match=r"methods\.april_gan\.train: april_gan is trained, so it needs a train"):
+        method_runs(*load_plan(_edited(tmp_path, untrained), "demo"), "april_gan")
+
+    def trained_winclip(document):
+        document["profiles"]["demo"]["methods"]["winclip"]["train"] = document["profiles"]["demo"]["train"]
+    with pytest.raises(ParamsError, match="winclip is training-free, so it needs train: null"):
+        method_runs(*load_plan(_edited(tmp_path, trained_winclip), "demo"), "winclip")
+
     def unknown_method(document):
         document["methods"]["mystery"] = {"label": "Mystery", "published": "WinCLIP"}
         document["profiles"]["demo"]["methods"]["mystery"] = {"model": {}, "train": None}

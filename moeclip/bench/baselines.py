@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from moeclip.bench.experiments import Benchmark, Run, with_overrides
 from moeclip.bench.params import ParamsError, Profile, validation_problems
-from moeclip.methods.registry import UnknownMethodError, method_config
+from moeclip.methods.registry import UnknownMethodError, method_config, method_of
 
 
 def method_runs(benchmark: Benchmark, profile: Profile, method: str) -> list[Run]:
@@ -27,6 +27,9 @@ def method_runs(benchmark: Benchmark, profile: Profile, method: str) -> list[Run
         raise ParamsError(f"params.yaml `methods.{method}`: {err}") from None
     except ValidationError as err:
         raise ParamsError(f"{where}.model is invalid: {validation_problems(err)}") from None
+    if (settings.train is None) == method_of(model).needs_training:
+        raise ParamsError(f"{where}.train: {method} is {'trained' if settings.train is None else 'training-free'}, "
+                          f"so it needs {'a train section' if settings.train is None else 'train: null'}")
     label = benchmark.methods[method].label
     runs = []
     for auxiliary in benchmark.table1_trainings:

@@ -60,11 +60,8 @@ class AprilGAN(ZeroShotMethod):
 
     def __init__(self, config: AprilGANConfig, clip: nn.Module, tokenizer) -> None:
         super().__init__(config, clip)
+        self.check_layers(config.feature_layers)
         visual = clip.visual
-        depth = len(visual.transformer.resblocks)
-        if config.feature_layers[-1] > depth:
-            raise ValueError(f"{config.backbone} has {depth} blocks; feature_layers {config.feature_layers} "
-                             "do not fit")
         width, embed_dim = visual.conv1.out_channels, visual.output_dim
         # PyTorch's default nn.Linear init, as the release (kaiming-uniform weights, uniform bias).
         self.projections = nn.ModuleList(nn.Linear(width, embed_dim) for _ in config.feature_layers)

@@ -7,27 +7,25 @@ A method is a frozen CLIP (`self.clip`) plus the modules it adds. The benchmark 
     including the method's own smoothing but no per-class normalisation;
   - `protocol_scores(maps, scores, domain)`: that per-class normalisation and the final image score, over
     all test images of one class (evaluation only);
-  - `training_outputs(images, texts)` then `training_losses(outputs, batch_targets, config)`: the forward
+  - `training_outputs(images, texts)` then `training_losses(outputs, targets, config)`: the forward
     of one training step (run inside the method's execution context) and its losses in float32 (outside
     it); a training-free method has `needs_training = False` and raises if asked.
 Checkpoints keep `trainable_state_dict()` (the added modules) and the config; the backbone is rebuilt.
-A method's config (a frozen pydantic model, every value from params.yaml) has at least `backbone`,
-`image_size`, `weights`, `quick_gelu` (how its CLIP is loaded, moeclip/backbone.py) and `precision`
-(fp32 or bf16 autocast, moeclip/model/execution.py).
+A method's config is a `BackboneConfig` (moeclip/config.py): how its CLIP is loaded and computed, plus
+its own fields; every value comes from params.yaml.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import pandas as pd
 import torch
-from pydantic import BaseModel
 from torch import nn
 
 from moeclip.backbone import load_clip, tokenizer_for
-from moeclip.config import Domain, TrainConfig
+from moeclip.config import BackboneConfig, Domain, TrainConfig
 from moeclip.data.dataset import ManifestDataset
 
 ClassText = Literal["folder", "description"]
@@ -52,16 +50,16 @@ class ZeroShotMethod(nn.Module):
     """Base of every method: the frozen backbone, the added modules, and the calls the benchmark makes."""
 
     name: ClassVar[str]
-    config_class: ClassVar[type[BaseModel]]
+    config_class: ClassVar[type[BackboneConfig]]
     needs_training: ClassVar[bool] = True
 
-    def __init__(self, config: BaseModel, clip: nn.Module) -> None:
+    def __init__(self, config: BackboneConfig, clip: nn.Module) -> None:
         super().__init__()
         self.config = config
         self.clip = clip.requires_grad_(False).eval()
 
     @classmethod
-    def build(cls, config: BaseModel, seed: int | None = None) -> "ZeroShotMethod":
+    def build(cls, config: BackboneConfig, seed: int | None = None) -> "ZeroShotMethod":
         """The method with its CLIP loaded as `config` says; `seed` fixes every random initialisation (a
         random-weight backbone, the added modules) without touching the caller's RNG state."""
         with torch.random.fork_rng(devices=[]):
@@ -71,12 +69,18 @@ class ZeroShotMethod(nn.Module):
             return cls(config, clip, tokenizer_for(config.backbone))
 
     @classmethod
-    def count_parameters(cls, config: BaseModel) -> dict[str, int]:
+    def count_parameters(cls, config: BackboneConfig) -> dict[str, int]:
         """`parameter_counts` without building the weights: laid out on the meta device, nothing is allocated
         or initialised, so a ViT-L counts in a fraction of a second."""
         with torch.device("meta"):
             clip = load_clip(config.backbone, config.image_size, None, config.quick_gelu, device="meta")
             return cls(config, clip, tokenizer_for(config.backbone)).parameter_counts()
+
+    def check_layers(self, layers: Iterable[int]) -> None:
+        """One line naming the backbone when a configured (1-indexed) block does not exist, before any work."""
+        depth = len(self.clip.visual.transformer.resblocks)
+        if max(layers, default=0) > depth:
+            raise ValueError(f"{self.config.backbone} has {depth} blocks; layers {sorted(layers)} do not fit")
 
     # -- modes, parameters, data ----------------------------------------------------------------
     def train(self, mode: bool = True) -> "ZeroShotMethod":

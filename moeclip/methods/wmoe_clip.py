@@ -292,10 +292,8 @@ class WMoECLIP(ZeroShotMethod):
 
     def __init__(self, config: WMoECLIPConfig, clip: nn.Module, tokenizer) -> None:
         super().__init__(config, clip)
+        self.check_layers(config.feature_layers)
         visual = clip.visual
-        depth = len(visual.transformer.resblocks)
-        if config.feature_layers[-1] > depth:
-            raise ValueError(f"{config.backbone} has {depth} blocks; feature_layers {config.feature_layers}")
         self.grid = tuple(visual.grid_size)
         self.tokenizer = tokenizer
         width, embed_dim = visual.conv1.out_channels, visual.output_dim

@@ -63,9 +63,7 @@ class MoECLIP(ZeroShotMethod):
         self.embed_dim = visual.output_dim
         self.depth = len(visual.transformer.resblocks)
         self.grid = tuple(visual.grid_size)
-        layers = set(config.moe_layers) | set(config.feature_layers)
-        if max(layers, default=0) > self.depth:
-            raise ValueError(f"{config.backbone} has {self.depth} blocks; layers {sorted(layers)} do not fit")
+        self.check_layers(set(config.moe_layers) | set(config.feature_layers))
         self.moe = nn.ModuleDict({str(layer): MoEAdapter(self.width, config.moe)
                                   for layer in sorted(config.moe_layers)})
         if not config.vanilla:
