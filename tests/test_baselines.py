@@ -86,3 +86,16 @@ def test_a_wrong_methods_entry_is_named_in_one_line(tmp_path):
         document["profiles"]["demo"]["methods"]["mystery"] = {"model": {}, "train": None}
     with pytest.raises(ParamsError, match="`methods.mystery`: no method 'mystery'"):
         method_runs(*load_plan(_edited(tmp_path, unknown_method), "demo"), "mystery")
+
+
+@pytest.mark.parametrize("method", ["moeclip", "winclip", "april_gan", "anomalyclip", "wmoe_clip"])
+def test_every_method_refuses_a_sequence_first_backbone(method):
+    """open_clip < 2.26.1 ran its blocks sequence-first; token indexing written for batch-first would then mix
+    images silently (BASELINES.md pitfall 2), so every method refuses such a backbone before any work."""
+    benchmark, demo = load_plan(ROOT / "params.yaml", "demo")
+    config = demo.model if method == "moeclip" else method_runs(benchmark, demo, method)[0].model
+    method_class = METHODS[method]
+    clip = method_class.load_backbone(config)
+    clip.visual.transformer.batch_first = False
+    with pytest.raises(ValueError, match="must be batch-first"):
+        method_class(config, clip, None)

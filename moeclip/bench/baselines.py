@@ -31,9 +31,8 @@ def method_runs(benchmark: Benchmark, profile: Profile, method: str) -> list[Run
         raise ParamsError(f"{where}.train: {method} is {'trained' if settings.train is None else 'training-free'}, "
                           f"so it needs {'a train section' if settings.train is None else 'train: null'}")
     label = benchmark.methods[method].label
-    runs = []
-    for auxiliary in benchmark.table1_trainings:
-        train = settings.train or profile.train  # a training-free method's checkpoint is built with the profile's seed
-        train = with_overrides(train, settings.train_by_auxiliary.get(auxiliary, {}), f"{where}.train_by_auxiliary")
-        runs.append(Run(auxiliary, label, model, train, (auxiliary,), settings.train is not None))
-    return runs
+    base = settings.train or profile.train  # a training-free method's checkpoint is built with the profile's seed
+    return [Run(auxiliary, label, model, with_overrides(base, settings.train_by_auxiliary.get(auxiliary, {}),
+                                                        f"{where}.train_by_auxiliary"),
+                (auxiliary,), settings.train is not None)
+            for auxiliary in benchmark.table1_trainings]

@@ -30,7 +30,7 @@ from open_clip.transformer import ResidualAttentionBlock
 from pydantic import Field, model_validator
 from torch import nn
 
-from moeclip.backbone import load_clip, tokenizer_for
+from moeclip.backbone import load_clip
 from moeclip.config import BackboneConfig, Domain, TrainConfig
 from moeclip.losses import clamped_focal_loss, dice_loss
 from moeclip.methods.base import Targets, ZeroShotMethod, class_texts
@@ -204,17 +204,14 @@ class AnomalyCLIP(ZeroShotMethod):
                              f"text blocks of {config.backbone}")
 
     @classmethod
-    def build(cls, config: AnomalyCLIPConfig, seed: int | None = None) -> AnomalyCLIP:
-        """As `ZeroShotMethod.build`; with `position_resize: bilinear` CLIP is loaded at its native size and its
-        position table resized the official way (open_clip would resize bicubic with antialias)."""
+    def load_backbone(cls, config: AnomalyCLIPConfig) -> nn.Module:
+        """With `position_resize: bilinear` CLIP is loaded at its native size and its position table resized the
+        official way (open_clip would resize bicubic with antialias)."""
         if config.position_resize == "bicubic_antialias":
-            return super().build(config, seed)
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            clip = load_clip(config.backbone, native_image_size(config.backbone), config.weights, config.quick_gelu)
-            resize_positions_bilinear(clip.visual, config.image_size)
-            return cls(config, clip, tokenizer_for(config.backbone))
+            return super().load_backbone(config)
+        clip = load_clip(config.backbone, native_image_size(config.backbone), config.weights, config.quick_gelu)
+        resize_positions_bilinear(clip.visual, config.image_size)
+        return clip
 
     def load_official_prompts(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load an official checkpoint's `prompt_learner` state: ctx_pos / ctx_neg (1, 1, n, W) and

@@ -55,8 +55,15 @@ class ZeroShotMethod(nn.Module):
 
     def __init__(self, config: BackboneConfig, clip: nn.Module) -> None:
         super().__init__()
+        if not getattr(clip.visual.transformer, "batch_first", True):  # every method indexes tokens batch-first
+            raise ValueError("open_clip transformer must be batch-first (open_clip >= 2.26.1)")
         self.config = config
         self.clip = clip.requires_grad_(False).eval()
+
+    @classmethod
+    def load_backbone(cls, config: BackboneConfig) -> nn.Module:
+        """The frozen CLIP at the method's input size (open_clip resizes the position table bicubically)."""
+        return load_clip(config.backbone, config.image_size, config.weights, config.quick_gelu)
 
     @classmethod
     def build(cls, config: BackboneConfig, seed: int | None = None) -> "ZeroShotMethod":
@@ -65,8 +72,7 @@ class ZeroShotMethod(nn.Module):
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            clip = load_clip(config.backbone, config.image_size, config.weights, config.quick_gelu)
-            return cls(config, clip, tokenizer_for(config.backbone))
+            return cls(config, cls.load_backbone(config), tokenizer_for(config.backbone))
 
     @classmethod
     def count_parameters(cls, config: BackboneConfig) -> dict[str, int]:

@@ -91,8 +91,6 @@ class WinCLIP(ZeroShotMethod):
     def __init__(self, config: WinCLIPConfig, clip: nn.Module, tokenizer) -> None:
         super().__init__(config, clip)
         visual = clip.visual
-        if not getattr(visual.transformer, "batch_first", True):
-            raise ValueError("open_clip transformer must be batch-first (open_clip >= 2.26.1)")
         if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
             raise ValueError(f"{config.backbone}: WinCLIP needs a ViT pooled by its class token")
         self.tokenizer = tokenizer

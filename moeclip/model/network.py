@@ -57,8 +57,6 @@ class MoECLIP(ZeroShotMethod):
     def __init__(self, config: ModelConfig, clip: nn.Module, tokenizer) -> None:
         super().__init__(config, clip)
         visual = clip.visual
-        if not getattr(visual.transformer, "batch_first", True):
-            raise ValueError("open_clip transformer must be batch-first")
         self.width = visual.conv1.out_channels
         self.embed_dim = visual.output_dim
         self.depth = len(visual.transformer.resblocks)
