@@ -32,7 +32,7 @@ def chromium() -> str:
     """Chromium's path; missing Chromium is a failure, not a skip, so CI cannot pass without this check."""
     path = shutil.which("chromium")
     if path is None:
-        pytest.fail("chromium is not installed; .ci/run installs it (apt-get install -y chromium)")
+        pytest.fail("chromium is not installed; `make test` (or `make browser`) installs it")
     return path
 
 
