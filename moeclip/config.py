@@ -171,6 +171,9 @@ class TrainConfig(BaseModel):
     dice: Literal["paper", "release"] = Field(
         description="paper: 1 - 2 sum(yp) / (sum(y) + sum(p)); release: smoothing 1 in numerator and "
                     "denominator (a normal image's anomaly-channel Dice then has a gradient)")
+    focal: Literal["paper", "release"] = Field(
+        description="paper: -(1 - p_t)^gamma log p_t; release: its smoothing 1e-5 (one-hot target clamped to "
+                    "[1e-5, 1 - 1e-5], 1e-5 added to p_t)")
     num_workers: int | None = Field(
         ge=0, description="data-loading processes; null = one per spare core on CUDA, none on the CPU")
     checkpoint_every: int = Field(ge=1, description="iterations between resumable checkpoints")

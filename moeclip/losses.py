@@ -75,10 +75,30 @@ def expert_contrastive_loss(expert_outputs: torch.Tensor, temperature: float = 0
                                                              device=unit.device))
 
 
-def _focal_per_map(probs: torch.Tensor, mask: torch.Tensor, gamma: float, eps: float = 1e-8) -> torch.Tensor:
-    """Mean over pixels of -(1 - p_t)^gamma log p_t: (..., 2, H, W) probs, (..., H, W) mask -> (...)."""
-    p_true = torch.where(mask > 0.5, probs[..., 1, :, :], probs[..., 0, :, :]).clamp_min(eps)
-    return (-(1 - p_true).pow(gamma) * p_true.log()).mean(dim=(-2, -1))
+# The focal loss's smoothing s: the paper's Eq. B.3 has none (a floor of 1e-8 only guards log 0); the authors'
+# release (its FocalLoss(smooth=1e-5), SPEC.md section 11), April-GAN and AnomalyCLIP clamp the one-hot target
+# to [s, 1 - s] and add s to p_t, so that -log p_t stays below -log(2s), about 10.8.
+FOCAL_SMOOTHING = {"paper": 0.0, "release": 1e-5}
+
+
+def _focal_terms(probs: torch.Tensor, mask: torch.Tensor, gamma: float, smoothing: float) -> torch.Tensor:
+    """Per pixel -(1 - p_t)^gamma log p_t: (..., 2, H, W) probs, (..., H, W) mask -> (..., H, W).
+
+    Without smoothing p_t is the true class's probability (floored at 1e-8); with smoothing s it is
+    sum_c clamp(onehot_c, s, 1 - s) p_c + s.
+    """
+    normal, anomalous = probs[..., 0, :, :], probs[..., 1, :, :]
+    if smoothing:
+        weight = mask.float().clamp(smoothing, 1 - smoothing)
+        p_true = (1 - weight) * normal + weight * anomalous + smoothing
+    else:
+        p_true = torch.where(mask > 0.5, anomalous, normal).clamp_min(1e-8)
+    return -(1 - p_true).pow(gamma) * p_true.log()
+
+
+def _focal_per_map(probs: torch.Tensor, mask: torch.Tensor, gamma: float, smoothing: float = 0.0) -> torch.Tensor:
+    """Mean over pixels of the focal terms (`_focal_terms`): (..., 2, H, W) probs, (..., H, W) mask -> (...)."""
+    return _focal_terms(probs, mask, gamma, smoothing).mean(dim=(-2, -1))
 
 
 # Dice's smoothing (a, b) in 1 - (2 sum(y p) + a) / (sum(y) + sum(p) + b): the paper's formula (B.4)
@@ -112,9 +132,7 @@ def clamped_focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2
 
     `probs` is (B, 2, H, W) = [normal, anomalous] probabilities; `mask` is (B, H, W) in {0, 1}.
     """
-    anomalous = mask.float().clamp(clamp, 1 - clamp)
-    p_true = (1 - anomalous) * probs[:, 0] + anomalous * probs[:, 1] + clamp
-    return (-(1 - p_true).pow(gamma) * p_true.log()).mean()
+    return _focal_terms(probs, mask, gamma, clamp).mean()
 
 
 def dice_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "paper") -> torch.Tensor:
@@ -123,18 +141,18 @@ def dice_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "paper") -> 
 
 
 def segmentation_loss(maps: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0,
-                      known: torch.Tensor | None = None, dice: str = "paper") -> torch.Tensor:
+                      known: torch.Tensor | None = None, dice: str = "paper", focal: str = "paper") -> torch.Tensor:
     """L_seg (Eq. 15): sum over the M maps of Focal + Dice(anomalous, mask) + Dice(normal, 1 - mask).
 
     `maps` is (B, M, 2, H, W) softmax output (Eq. 12); `mask` is (B, H, W). Each term is a
     mean over the batch, restricted to the samples where the bool (B,) `known` is true (all
     by default; 0 if none). All maps and samples are computed at once, and the restriction is
     a weighting, so no step waits for the device to say which samples are known. `dice` picks the
-    Dice formula (`_dice`).
+    Dice formula (`_dice`), `focal` the focal loss's smoothing (FOCAL_SMOOTHING).
     """
     probs, target = maps.float(), mask.float().unsqueeze(1)  # (B, M, 2, H, W), (B, 1, H, W)
     pixels = (-2, -1)
-    per_map = (_focal_per_map(probs, target, gamma) + _dice(probs[:, :, 1], target, pixels, dice)
+    per_map = (_focal_per_map(probs, target, gamma, FOCAL_SMOOTHING[focal]) + _dice(probs[:, :, 1], target, pixels, dice)
                + _dice(probs[:, :, 0], 1 - target, pixels, dice))  # (B, M)
     per_sample = per_map.sum(dim=1)
     weight = torch.ones_like(per_sample) if known is None else known.to(per_sample.dtype)

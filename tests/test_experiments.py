@@ -24,7 +24,7 @@ SPEC_MODEL = {"backbone": "ViT-L-14-336", "weights": "openai", "image_size": 518
               "blur_industrial": {"kernel_size": 7, "sigma": 1.0}, "blur_medical": {"kernel_size": 9, "sigma": 1.5}}
 SPEC_TRAIN = {"lr": 5e-4, "betas": (0.5, 0.999), "batch_size": 2, "epochs": 20, "milestones": (16000, 32000),
               "gamma": 0.5, "focal_gamma": 2.0, "lambda_etf": 0.01, "lambda_bal": 0.01, "classification_loss": "bce",
-              "expert_constraint": "etf", "dice": "paper", "augment": True, "release_compat": False, "max_steps": None}
+              "expert_constraint": "etf", "dice": "paper", "focal": "paper", "augment": True, "release_compat": False, "max_steps": None}
 
 
 def test_params_hold_every_spec_experiment_and_the_papers_hyperparameters():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from moeclip import build_model
 from moeclip.checkpoint import FORMAT_VERSION, OutdatedCheckpointError, read_checkpoint, save_checkpoint
 from moeclip.data.transforms import augment
-from moeclip.losses import dice_loss
+from moeclip.losses import dice_loss, segmentation_loss
 from moeclip.model.text import RELEASE_DESCRIPTIONS, prompt_descriptions
 from moeclip.bench.params import load_profile
 from moeclip.bench.tracking import flatten_params
@@ -81,6 +81,30 @@ def test_dice_paper_formula_and_release_smoothing():
     assert dice_loss(torch.tensor([[0.5, 0.5]]), target, "release").item() == pytest.approx(1 - 2 / 3, rel=1e-6)
 
 
+def test_focal_paper_formula_and_release_smoothing():
+    # One map of two anomalous pixels, predicted (normal, anomalous) = (0.3, 0.7) and (0.0, 1.0).
+    maps = torch.tensor([[0.3, 0.0], [0.7, 1.0]]).reshape(1, 1, 2, 1, 2)  # (B, M, 2, H, W)
+    mask = torch.ones(1, 1, 2)
+    dice = (1 - 2 * 1.7 / (1.7 + 2 + 1e-6)) + 1.0  # anomaly channel vs the mask, normal channel vs an empty one
+
+    def focal(p_true: float) -> float:
+        return -(1 - p_true) ** 2 * math.log(p_true)
+
+    paper = segmentation_loss(maps, mask, 2.0, focal="paper").item()
+    assert paper == pytest.approx((focal(0.7) + focal(1.0)) / 2 + dice, rel=1e-6)
+    s = 1e-5  # the one-hot target clamped to [s, 1 - s], s added to p_t
+    release = segmentation_loss(maps, mask, 2.0, focal="release").item()
+    assert release == pytest.approx((focal(s * 0.3 + (1 - s) * 0.7 + s) + focal((1 - s) * 1.0 + s)) / 2 + dice,
+                                    rel=1e-6)
+    # A confidently wrong pixel: -log p_t is 18.4 at the paper's 1e-8 floor, -log(2 s) = 10.8 smoothed.
+    wrong, anomalous = torch.tensor([1.0, 0.0]).reshape(1, 1, 2, 1, 1), torch.ones(1, 1, 1)
+    difference = (segmentation_loss(wrong, anomalous, 2.0, focal="paper")
+                  - segmentation_loss(wrong, anomalous, 2.0, focal="release")).item()
+    clamped = torch.tensor(1 - s).item()  # 1 - s in float32, as the loss computes: 1 - clamped is 1.00136e-5
+    assert difference == pytest.approx(focal(1e-8) - focal((1 - clamped) + s), rel=1e-6)
+    assert focal(2 * s) == pytest.approx(10.82, abs=0.01)
+
+
 def test_heads_start_xavier_uniform_as_in_the_release():
     model = build_model(tiny_config(), seed=3)
     width, embed = 64, 32
@@ -142,6 +166,7 @@ def test_the_release_profile_switches_every_documented_difference():
     assert (paper.train.classification_loss, release.train.classification_loss) == ("bce", "cross_entropy")
     assert (paper.train.release_compat, release.train.release_compat) == (False, True)
     assert (paper.train.dice, release.train.dice) == ("paper", "release")
+    assert (paper.train.focal, release.train.focal) == ("paper", "release")
     assert (paper.train.balance_unbiased, release.train.balance_unbiased) == (False, True)
     assert (paper.train.lr, release.train.lr) == (5e-4, 5e-5)
     assert paper.model.precision == release.model.precision == "fp32"

@@ -38,7 +38,7 @@ def train_config(**overrides: object) -> TrainConfig:
     values = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999), "milestones": (), "gamma": 1.0,
               "seed": 111, "focal_gamma": 2.0, "classification_loss": "bce", "lambda_etf": 0.0, "lambda_bal": 0.0,
               "expert_constraint": "etf", "balance_unbiased": False, "release_compat": False, "augment": False,
-              "dice": "release", "num_workers": 0, "checkpoint_every": 1000, "max_steps": None}
+              "dice": "release", "focal": "paper", "num_workers": 0, "checkpoint_every": 1000, "max_steps": None}
     return TrainConfig.model_validate({**values, **overrides})
 
 

@@ -88,7 +88,8 @@ class MoECLIP(ZeroShotMethod):
         """L = L_seg + L_ac + lambda_etf * L_constraint + lambda_bal * L_bal (Eq. 16), in float32."""
         maps, similarities, vision = outputs
         zero = maps.new_zeros((), dtype=torch.float32)
-        seg = segmentation_loss(maps, targets.masks, config.focal_gamma, targets.known, config.dice)
+        seg = segmentation_loss(maps, targets.masks, config.focal_gamma, targets.known, config.dice,
+                                config.focal)
         ac = classification_loss(similarities, targets.labels, config.classification_loss)
         expert_outputs = [aux.expert_outputs for aux in vision.moe.values() if aux.expert_outputs is not None]
         constraint = sum((CONSTRAINTS[config.expert_constraint](o) for o in expert_outputs), zero)
