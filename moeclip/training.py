@@ -33,9 +33,13 @@ LossLogger = Callable[[int, Mapping[str, float]], None]
 
 @dataclass
 class TrainResult:
+    """The checkpoint written, the steps taken and their losses, and the trained model still in memory (so that
+    what follows a training, such as calibration, need not build it again)."""
+
     checkpoint: Path
     steps: int
     history: list[dict[str, float]]
+    model: ZeroShotMethod
 
 
 def compute_losses(model: ZeroShotMethod, batch: Mapping[str, Any], config: TrainConfig, device: torch.device,
@@ -164,7 +168,7 @@ class Trainer:
                     log(progress["global_step"], losses)
                 if max_steps is not None and progress["global_step"] >= max_steps:
                     self.save()
-                    return TrainResult(self.checkpoint, progress["global_step"], self.history)
+                    return TrainResult(self.checkpoint, progress["global_step"], self.history, self.model)
                 if self._budget_spent():
                     break
                 if progress["global_step"] % config.checkpoint_every == 0:
@@ -174,7 +178,7 @@ class Trainer:
             self.save()
         progress["complete"] = True
         self.save()
-        return TrainResult(self.checkpoint, progress["global_step"], self.history)
+        return TrainResult(self.checkpoint, progress["global_step"], self.history, self.model)
 
 
 def train(model_config: BaseModel, train_config: TrainConfig, frame: pd.DataFrame, checkpoint: Path,

@@ -99,12 +99,16 @@ def train(
     out: Path | None = typer.Option(None, help="run folder (default: <runs>/<profile>/train/<datasets>)"),
     max_steps: int | None = typer.Option(None, help="stop (checkpointed) after this many steps; rerun to resume"),
 ) -> None:
-    """Train MoECLIP on auxiliary dataset(s) with a profile's settings; resumes from the run folder's checkpoint."""
-    from moeclip.bench.experiments import load_plan
-    from moeclip.bench.workflows import train_profile
+    """Train MoECLIP on auxiliary dataset(s) with a profile's settings and calibrate it once finished; resumes
+    from the run folder's checkpoint, and keeps a finished training made with the same settings and code."""
+    from moeclip.bench.experiments import load_plan, main_run
+    from moeclip.bench.layout import checkpoint_in
+    from moeclip.bench.stages.trained import train_and_calibrate
 
-    benchmark, _ = load_plan(config, profile)
-    typer.echo(str(train_profile(_profile(config, profile), on or [benchmark.main.auxiliary], out, max_steps)))
+    benchmark, settings = load_plan(config, profile)
+    run = main_run(settings, *(on or [benchmark.main.auxiliary]))
+    checkpoint = checkpoint_in(out or settings.layout.training(run.name))
+    typer.echo(str(train_and_calibrate(settings, run, checkpoint, max_steps=max_steps)))
 
 
 @app.command()
@@ -149,7 +153,7 @@ def predict(
                                                       "(default: the checkpoint's F1-best threshold)"),
 ) -> None:
     """Anomaly scores, labels and map overlays for your own images, each scored alone on the checkpoint's
-    calibrated 0-1 scale (see README, "Your own images")."""
+    calibrated 0-1 scale (see docs/own-images.md)."""
     from moeclip.inference import run_prediction
 
     results = run_prediction(inputs, checkpoint, description or class_name, domain, out, batch_size, device, masks,
@@ -206,8 +210,10 @@ def demo(
     The demo backbone is a tiny random-weight ViT, so the numbers show that the pipeline works
     and that training helps; they are not the paper's results. `dvc repro` runs the full benchmark.
     """
-    from moeclip.bench.experiments import load_plan
-    from moeclip.bench.workflows import evaluate_checkpoint, prepare_profile_data, train_profile, untrained_checkpoint
+    from moeclip.bench.experiments import load_plan, main_run
+    from moeclip.bench.layout import checkpoint_in
+    from moeclip.bench.stages.trained import train_and_calibrate
+    from moeclip.bench.workflows import evaluate_checkpoint, prepare_profile_data, untrained_checkpoint
     from moeclip.runtime import pin_runtime
 
     benchmark, settings = load_plan(config, profile)
@@ -219,7 +225,8 @@ def demo(
     before = evaluate_checkpoint(untrained_checkpoint(settings.model, settings.train.seed, run_dir / "untrained.pt"),
                                  targets, run_dir / "eval-untrained", settings.tracking, settings.device,
                                  settings.runtime.eval_batch_size)
-    after = evaluate_checkpoint(train_profile(settings, [auxiliary], run_dir / "train"), targets,
+    trained = train_and_calibrate(settings, main_run(settings, auxiliary), checkpoint_in(run_dir / "train"))
+    after = evaluate_checkpoint(trained, targets,
                                 run_dir / "eval-trained", settings.tracking, settings.device,
                                 settings.runtime.eval_batch_size)
     columns = ["image_auroc", "pixel_auroc", "pixel_ap"]

@@ -122,9 +122,10 @@ class Run:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def main_run(profile: Profile, auxiliary: str) -> Run:
-    """The profile's default model trained on one auxiliary dataset (a Table 1 / Table 12 training)."""
-    return Run(auxiliary, "MoECLIP", profile.model, profile.train, (auxiliary,), True)
+def main_run(profile: Profile, *auxiliaries: str) -> Run:
+    """The profile's default model trained on auxiliary dataset(s) (one: a Table 1 / Table 12 training), named
+    by them ('visa', 'visa+mvtec')."""
+    return Run("+".join(auxiliaries), "MoECLIP", profile.model, profile.train, auxiliaries, True)
 
 
 def with_overrides(base: ModelConfig | TrainConfig, overrides: dict[str, Any], where: str) -> Any:

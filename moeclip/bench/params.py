@@ -2,7 +2,9 @@
 
 Every hyperparameter lives in params.yaml; code only reads it through `load_profile` and
 `read_params` (the experiments section is modelled in moeclip/bench/experiments.py).
-Fields a profile leaves out take the paper's defaults from `ModelConfig` / `TrainConfig`.
+A profile states every model and train field (`ModelConfig` and `TrainConfig` have no defaults, so each
+value lives once, in params.yaml); the data, tracking and runtime sections fill what they leave out with
+the defaults their fields name (as do the analysis section and the runs, reports and device paths).
 """
 from __future__ import annotations
 

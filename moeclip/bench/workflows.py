@@ -1,8 +1,9 @@
-"""The jobs a profile runs, logged to MLflow: prepare its data, train and calibrate, evaluate a checkpoint.
+"""The jobs a profile runs, logged to MLflow: prepare its data, train, calibrate, evaluate a checkpoint.
 
-The command line calls them directly and the pipeline's stages (moeclip/bench/stages/) call them
-with the paths and settings of a stage, so each job has exactly one implementation. Torch, the model
-and MLflow are imported inside the functions that need them, so the data stages start fast.
+The command line and the pipeline's stages (moeclip/bench/stages/) call them with their own paths and
+settings, so each job has exactly one implementation; a main training and its calibration are chained
+once, in `moeclip.bench.stages.trained.train_and_calibrate`. Torch, the model and MLflow are imported
+inside the functions that need them, so the data stages start fast.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import pandas as pd
 from pydantic import BaseModel
 
 from moeclip.atomic import atomic_path, write_text_atomically
-from moeclip.bench.layout import checkpoint_in
 from moeclip.bench.params import Profile, TrackingConfig
 from moeclip.config import TrainConfig
 from moeclip.errors import MoeclipError
@@ -24,6 +24,8 @@ from moeclip.runtime import resolve_device
 
 if TYPE_CHECKING:
     from moeclip.evaluation import Evaluation
+    from moeclip.methods.base import ZeroShotMethod
+    from moeclip.training import TrainResult
 
 FIGURES_PER_DATASET = 3
 
@@ -73,8 +75,8 @@ def read_manifests(manifests: Mapping[str, Path]) -> pd.DataFrame:
 
 def train_model(profile: Profile, model: BaseModel, settings: TrainConfig, train_on: Sequence[str],
                 checkpoint: Path, run_name: str, tags: Mapping[str, str] | None = None,
-                max_steps: int | None = None) -> Path:
-    """Train one configuration on the auxiliary dataset(s) into `checkpoint`, logging to MLflow; returns it.
+                max_steps: int | None = None) -> TrainResult:
+    """Train one configuration on the auxiliary dataset(s) into `checkpoint`, logging to MLflow.
 
     Resumes an interrupted run from `checkpoint`.
     """
@@ -91,34 +93,22 @@ def train_model(profile: Profile, model: BaseModel, settings: TrainConfig, train
         result = train(model, settings, frame, checkpoint, resolve_device(profile.device), max_steps=max_steps,
                        log=run.log_losses)
         run.log_artifact(result.checkpoint)
-    return result.checkpoint
-
-
-def train_profile(profile: Profile, train_on: Sequence[str], out_dir: Path | None = None,
-                  max_steps: int | None = None) -> Path:
-    """Train the profile's model on its auxiliary dataset(s) into `out_dir` (default: the main training's
-    folder, `runs/<profile>/train/<datasets>`) and calibrate it on them; returns the checkpoint."""
-    name = "+".join(train_on)
-    checkpoint = train_model(profile, profile.model, profile.train, train_on,
-                             checkpoint_in(out_dir or profile.layout.training(name)), f"train/{name}",
-                             max_steps=max_steps)
-    calibrate_checkpoint(checkpoint, {d: profile.layout.manifest(d) for d in train_on}, profile.tracking,
-                         profile.device, profile.runtime.eval_batch_size, f"model/{name}")
-    return checkpoint
+    return result
 
 
 def calibrate_checkpoint(checkpoint: Path, manifests: Mapping[str, Path], tracking: TrackingConfig, device: str,
-                         batch_size: int, run_name: str) -> str:
+                         batch_size: int, run_name: str, model: ZeroShotMethod | None = None) -> str:
     """Store in `checkpoint` the calibration (moeclip/calibration.py) of its model on `manifests`, the data it
     was trained on (the fixed scale of `moeclip predict`'s scores), and log the calibrated model to MLflow
-    as a pyfunc model for `mlflow models serve`; returns that model's `runs:/` URI."""
+    as a pyfunc model for `mlflow models serve`; returns that model's `runs:/` URI. `model`: the checkpoint's
+    model already in memory (just trained), else it is loaded."""
     from moeclip.bench.serving import log_served_model
     from moeclip.bench.tracking import start_run
     from moeclip.calibration import calibrate
     from moeclip.checkpoint import load_model, store_calibration
 
     device = resolve_device(device)
-    model, _ = load_model(checkpoint, device)
+    model = load_model(checkpoint, device)[0] if model is None else model.to(device).eval()
     calibration = calibrate(model, read_manifests(manifests), batch_size, device)
     store_calibration(checkpoint, calibration)
     with start_run(tracking.experiment, run_name, tracking.uri, params={"checkpoint": str(checkpoint)},

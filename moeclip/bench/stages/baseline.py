@@ -27,7 +27,7 @@ def _checkpoint(profile: Profile, run: Run, folder: Path, method: str) -> Path:
     if not run.trained:
         return untrained_checkpoint(run.model, run.train.seed, folder / "untrained.pt")
     return ensure_trained(profile, run, checkpoint_in(folder), f"train/{method}/{run.name}",
-                          {"method": method, "auxiliary": run.name})
+                          {"method": method, "auxiliary": run.name}).checkpoint
 
 
 def _run_results(profile: Profile, run: Run, targets: tuple[str, ...], folder: Path,

@@ -67,7 +67,7 @@ def _checkpoint_for(benchmark: Benchmark, profile: Profile, run: Run, folder: Pa
     if reused:
         return main_checkpoint(profile, reused)
     return ensure_trained(profile, run, checkpoint_in(trainings / str(run.training_key)),
-                          f"train/{experiment}/{run.name}", {"experiment": experiment, "variant": run.name})
+                          f"train/{experiment}/{run.name}", {"experiment": experiment, "variant": run.name}).checkpoint
 
 
 def _evaluate_variant(profile: Profile, run: Run, checkpoint: Path, datasets: tuple[str, ...], folder: Path,

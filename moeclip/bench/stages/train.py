@@ -12,8 +12,7 @@ import moeclip.training  # noqa: F401
 from moeclip.atomic import atomic_path
 from moeclip.bench.experiments import main_run
 from moeclip.bench.stages.common import computing_plan
-from moeclip.bench.stages.trained import ensure_trained
-from moeclip.bench.workflows import calibrate_checkpoint
+from moeclip.bench.stages.trained import train_and_calibrate
 from moeclip.checkpoint import read_checkpoint
 from moeclip.errors import MoeclipError
 
@@ -23,12 +22,9 @@ def run(params: Path, auxiliary: str, profile_name: str | None = None) -> Path:
     if auxiliary not in benchmark.main.targets:
         raise MoeclipError(f"'{auxiliary}' is not a main training in '{params}' "
                            f"(main.targets: {', '.join(benchmark.main.targets)})")
-    checkpoint = ensure_trained(profile, main_run(profile, auxiliary), profile.layout.checkpoint(auxiliary),
-                                f"train/{auxiliary}", {"auxiliary": auxiliary})
+    checkpoint = train_and_calibrate(profile, main_run(profile, auxiliary), profile.layout.checkpoint(auxiliary),
+                                     {"auxiliary": auxiliary})
     payload = read_checkpoint(checkpoint)
-    if "calibration" not in payload:  # the fixed scale of `moeclip predict`'s scores (the history stays)
-        calibrate_checkpoint(checkpoint, {auxiliary: profile.layout.manifest(auxiliary)}, profile.tracking,
-                             profile.device, profile.runtime.eval_batch_size, f"model/{auxiliary}")
     with atomic_path(profile.layout.losses(auxiliary)) as temporary:  # the loss curves `dvc plots` draws
         pd.DataFrame(payload["history"]).to_csv(temporary, index=False)
     return checkpoint

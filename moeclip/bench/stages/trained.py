@@ -1,9 +1,10 @@
-"""Trainings the stages share: a run's checkpoint kept, resumed or retrained, the main trainings' checkpoints,
-and a run's parameter counts."""
+"""Trainings the stages and the command line share: a run's checkpoint kept, resumed or retrained, a main
+training and its calibration, the main trainings' checkpoints, and a run's parameter counts."""
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -11,9 +12,10 @@ from pydantic import BaseModel
 from moeclip.bench.experiments import Run, main_run
 from moeclip.bench.params import Profile
 from moeclip.bench.stages.common import PACKAGE_FOLDER, code_digest
-from moeclip.bench.workflows import train_model
+from moeclip.bench.workflows import calibrate_checkpoint, train_model
 from moeclip.checkpoint import OutdatedCheckpointError, annotate_checkpoint, read_checkpoint
 from moeclip.errors import MoeclipError
+from moeclip.methods.base import ZeroShotMethod
 from moeclip.methods.registry import method_of
 
 # The code that decides a training's weights: a finished training made with other code is trained again.
@@ -42,17 +44,39 @@ def checkpoint_state(checkpoint: Path, run: Run) -> str:
     return "complete" if payload.get("training_code") == training_code() else "stale"
 
 
+@dataclass(frozen=True)
+class Trained:
+    """A run's checkpoint, and its model when this process just trained it (None when the checkpoint was kept)."""
+
+    checkpoint: Path
+    model: ZeroShotMethod | None
+
+
 def ensure_trained(profile: Profile, run: Run, checkpoint: Path, run_name: str,
-                   tags: Mapping[str, str] | None = None) -> Path:
-    """The run's `checkpoint`: kept if complete, resumed if interrupted, retrained if stale."""
+                   tags: Mapping[str, str] | None = None, max_steps: int | None = None) -> Trained:
+    """The run's `checkpoint`: kept if complete, resumed if interrupted, retrained if stale; `max_steps` stops
+    a training early (resumable)."""
     state = checkpoint_state(checkpoint, run)
     if state == "complete":
-        return checkpoint
+        return Trained(checkpoint, None)
     if state == "stale":
         checkpoint.unlink()
-    trained = train_model(profile, run.model, run.train, run.train_on, checkpoint, run_name, tags)
-    annotate_checkpoint(trained, training_code=training_code())
-    return trained
+    result = train_model(profile, run.model, run.train, run.train_on, checkpoint, run_name, tags, max_steps)
+    annotate_checkpoint(result.checkpoint, training_code=training_code())
+    return Trained(result.checkpoint, result.model)
+
+
+def train_and_calibrate(profile: Profile, run: Run, checkpoint: Path, tags: Mapping[str, str] | None = None,
+                        max_steps: int | None = None) -> Path:
+    """A main training (`ensure_trained`), calibrated on its auxiliary data once it is complete (the fixed
+    scale of `moeclip predict`'s scores) with the model still in memory; the one path of stage train,
+    `moeclip train` and `moeclip demo`. Returns the checkpoint."""
+    trained = ensure_trained(profile, run, checkpoint, f"train/{run.name}", tags, max_steps)
+    if checkpoint_state(checkpoint, run) == "complete" and "calibration" not in read_checkpoint(checkpoint):
+        calibrate_checkpoint(checkpoint, {name: profile.layout.manifest(name) for name in run.train_on},
+                             profile.tracking, profile.device, profile.runtime.eval_batch_size, f"model/{run.name}",
+                             trained.model)
+    return checkpoint
 
 
 def main_checkpoint(profile: Profile, auxiliary: str) -> Path:
