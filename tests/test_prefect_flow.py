@@ -168,7 +168,7 @@ def _wait_for(what: str, probe: Callable[[], object], process: subprocess.Popen,
 
 
 def _run_deployment(prefect: str, work: Path, env: dict[str, str], api: str, serve_log: Path) -> dict:
-    """Run zsad-benchmark/demo on two datasets, no experiments, no report, as the README says; the finished run."""
+    """Run zsad-benchmark/demo on two datasets, no experiments, no report, as docs/prefect.md says; the finished run."""
     run = subprocess.run([prefect, "deployment", "run", "zsad-benchmark/demo",
                           "--param", 'datasets=["visa", "mvtec"]', "--param", "experiments=[]",
                           "--param", "report=false", "--watch"],

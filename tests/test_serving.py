@@ -119,7 +119,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         model_uri = log_served_model(run, checkpoint)
     assert model_uri == f"runs:/{run.run_id}/model"
     port = free_port()
-    # As the README says to run it: the environment's bin folder on PATH (MLflow starts `uvicorn` from there).
+    # As docs/own-images.md says to run it: the environment's bin folder on PATH (MLflow starts `uvicorn` from there).
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     mlflow = str(Path(sys.executable).parent / "mlflow")
