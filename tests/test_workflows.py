@@ -8,6 +8,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+import moeclip.checkpoint
+import moeclip.training
 from moeclip.bench.cli import app
 from moeclip.bench.params import ParamsError, load_profile
 
@@ -47,7 +49,7 @@ def test_demo_runs_prepare_train_and_evaluate_with_mlflow(quick_params, tmp_path
     assert {"per_class.csv", "summary.json", "figures"} <= artifacts
 
 
-def test_train_stops_and_resumes_from_its_checkpoint(quick_params, tmp_path):
+def test_train_stops_and_resumes_from_its_checkpoint(quick_params, tmp_path, monkeypatch):
     profile = load_profile(quick_params, "demo")
     CliRunner().invoke(app, ["data", "demo", "--out", str(profile.layout.data / "raw")])
     CliRunner().invoke(app, ["data", "prepare", "visa", "--root", str(profile.layout.raw("visa")),
@@ -55,10 +57,23 @@ def test_train_stops_and_resumes_from_its_checkpoint(quick_params, tmp_path):
     first = CliRunner().invoke(app, ["train", "--config", str(quick_params), "--max-steps", "3"])
     assert first.exit_code == 0, first.output
     checkpoint = Path(first.stdout.strip().splitlines()[-1])
-    assert torch.load(checkpoint, weights_only=False)["progress"]["global_step"] == 3
+    partial = torch.load(checkpoint, weights_only=False)
+    assert partial["progress"]["global_step"] == 3 and "calibration" not in partial  # calibrated once finished
+    builds = []
+
+    def counted(build):
+        def build_and_count(*args, **kwargs):
+            builds.append(args)
+            return build(*args, **kwargs)
+        return build_and_count
+
+    for module in (moeclip.training, moeclip.checkpoint):  # where the trainer and load_model build a network
+        monkeypatch.setattr(module, "build_method", counted(module.build_method))
     second = CliRunner().invoke(app, ["train", "--config", str(quick_params)])
     assert second.exit_code == 0, second.output
-    assert torch.load(checkpoint, weights_only=False)["progress"]["complete"]
+    finished = torch.load(checkpoint, weights_only=False)
+    assert finished["progress"]["complete"] and "calibration" in finished
+    assert len(builds) == 1  # trained and calibrated with one network: calibration uses the model in memory
 
 
 def test_evaluate_logs_where_the_profile_says_unless_told_otherwise(quick_params, tmp_path):
