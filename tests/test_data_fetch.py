@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from moeclip.bench.cli import app
 from moeclip.data.archive import file_sha256, member_problem
 from moeclip.data.fetch import fetch_dataset, http_download
+from moeclip.data.layouts import parse_layout
 from moeclip.data.manifest import read_manifest
 from moeclip.data.registry import DataError
 
@@ -32,6 +33,13 @@ def _pack(source: Path, archive: Path, top: str = "release") -> Path:
         with tarfile.open(archive, mode) as handle:
             handle.add(source, arcname=top)
     return archive
+
+
+def _tiny_tree(root: Path, make_image: Callable[..., Path], files: tuple[str, ...]) -> Path:
+    """Tiny PNGs at the given paths under `root` (only the names matter to fetch and the layout parsers)."""
+    for name in files:
+        make_image(root / name)
+    return root
 
 
 def _evil_archive(path: Path, member: str, link: str | None = None) -> Path:
@@ -247,3 +255,42 @@ def test_the_layout_option_lists_every_layout_with_its_folders() -> None:
     for name in LAYOUTS:
         assert f"{name} = " in help_text
     assert "<class>/good/*" in help_text and "<class>/test/good/*" in help_text
+
+
+_BOTTLE = ("bottle/test/good/000.png", "bottle/test/broken/000.png", "bottle/ground_truth/broken/000_mask.png",
+           "bottle/train/good/000.png")
+_CANDLE = ("candle/Data/Images/Normal/000.JPG", "candle/Data/Images/Anomaly/000.JPG",
+           "candle/Data/Masks/Anomaly/000.png")
+
+
+@pytest.mark.filterwarnings("ignore:.*split_csv")  # a lone VisA class has no split table: every image is test
+@pytest.mark.parametrize(("name", "files"), [("mvtec", _BOTTLE), ("visa", _CANDLE)])
+def test_a_single_class_registry_archive_keeps_its_class(tmp_path: Path, http_folder, make_image,
+                                                         name: str, files: tuple[str, ...]) -> None:
+    """MVTec AD is also sold per class (`bottle.tar.xz` holding `bottle/test/...`): that folder is the class."""
+    class_name = files[0].split("/")[0]
+    source = _tiny_tree(tmp_path / "source", make_image, files)
+    archive = _pack(source / class_name, http_folder.folder / f"{class_name}.tar.xz", top=class_name)
+    raw = tmp_path / "raw"
+    result = runner.invoke(app, ["data", "fetch", name, "--url", http_folder.url(archive.name), "--dest", str(raw)])
+    assert result.exit_code == 0, result.output
+    assert (raw / name / files[0]).is_file()
+    parsed = parse_layout(name, raw / name)
+    assert parsed.classes == [class_name] and {s.class_name for s in parsed.samples} == {class_name}
+    assert [s.mask is not None for s in parsed.samples if s.label] == [True]
+
+
+@pytest.mark.parametrize(("name", "top", "files", "landed"), [
+    ("mvtec", "mvtec_anomaly_detection", ("bottle/test/good/000.png", "cable/test/good/000.png"), ["bottle", "cable"]),
+    ("rsdd", "Metal15", ("test/good/000.png", "test/anomaly/000.png", "ground_truth/anomaly/000.png"),
+     ["ground_truth", "test"]),
+    ("headct", "headct", ("test/good/000.png", "test/defect/000.png"), ["test"]),
+])
+def test_a_wrapper_folder_of_a_registry_archive_is_stripped(tmp_path: Path, make_image, name: str, top: str,
+                                                            files: tuple[str, ...], landed: list[str]) -> None:
+    """A full archive's wrapper folder, and the lone folder of a classless dataset, is still stripped (as it was
+    before single-class archives kept theirs): each layout's parser expects what is left at the dataset root."""
+    source = _tiny_tree(tmp_path / "source", make_image, files)
+    dest = fetch_dataset(name, tmp_path / "raw", archive=_pack(source, tmp_path / f"{name}.tar.gz", top=top))
+    assert sorted(p.name for p in dest.iterdir()) == landed
+    assert all((dest / path).is_file() for path in files)

@@ -128,25 +128,24 @@ def _extract_zip(archive: Path, target: Path, bar: tqdm) -> None:
             bar.update(info.compress_size)
 
 
-# Folders that make their parent a class folder (MVTec's `<class>/test/good/...`) or are a split themselves.
-CLASS_TREE_FOLDERS = frozenset({"test", "train", "ground_truth"})
+def _never(_: Path) -> bool:
+    """The default of `extract_archive`: every lone top folder is a wrapper."""
+    return False
 
 
-def _single_top(folder: Path, keep_class_folder: bool) -> Path:
+def _single_top(folder: Path, is_content: Callable[[Path], bool]) -> Path:
     """The one top-level folder of an extracted archive (dropping macOS `__MACOSX`), else `folder`.
 
-    With `keep_class_folder` (a user's own data), a lone class folder (`bottle/test/good/...`) or split
-    folder (`test/...`) is kept, not stripped as a wrapper: the class keeps its name.
+    A lone folder is a wrapper (`mvtec_anomaly_detection/`) unless `is_content` says it is data: a class
+    folder of a single-class archive (`bottle/test/good/...`) is kept, not stripped, so the class keeps
+    its name. The caller decides, since which folders are classes depends on the dataset's layout.
     """
     shutil.rmtree(folder / "__MACOSX", ignore_errors=True)
     entries = list(folder.iterdir())
     if len(entries) != 1 or not entries[0].is_dir() or entries[0].is_symlink():
         return folder
     top = entries[0]
-    if keep_class_folder and (top.name.lower() in CLASS_TREE_FOLDERS or
-                              any((top / name).is_dir() for name in CLASS_TREE_FOLDERS)):
-        return folder
-    return top
+    return folder if is_content(top) else top
 
 
 def build_atomically(dest: Path, fill: Callable[[Path], None],
@@ -171,9 +170,9 @@ def build_atomically(dest: Path, fill: Callable[[Path], None],
     return dest
 
 
-def extract_archive(archive: Path, dest: Path, keep_class_folder: bool = False) -> Path:
-    """Safely extract a zip/tar archive to `dest` (which must not exist), stripping a single top folder (unless
-    `keep_class_folder` and it is a class or split folder, see `_single_top`)."""
+def extract_archive(archive: Path, dest: Path, is_content: Callable[[Path], bool] = _never) -> Path:
+    """Safely extract a zip/tar archive to `dest` (which must not exist), stripping a single top folder as a
+    wrapper unless `is_content(folder)` says it is data, such as a class folder (see `_single_top`)."""
     kind = archive_kind(archive)
     extract = _extract_zip if kind == "zip" else _extract_tar
 
@@ -186,4 +185,4 @@ def extract_archive(archive: Path, dest: Path, keep_class_folder: bool = False) 
             except OSError as exc:
                 raise DataError(f"{archive}: extraction failed ({exc})") from None
 
-    return build_atomically(dest, fill, lambda temp: _single_top(temp, keep_class_folder))
+    return build_atomically(dest, fill, lambda temp: _single_top(temp, is_content))

@@ -12,13 +12,16 @@ import hashlib
 import os
 import re
 import shutil
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import requests
 from tqdm import tqdm
 
 from moeclip.data.archive import build_atomically, extract_archive, verify_sha256
-from moeclip.data.registry import DATASETS, DataError
+from moeclip.data.layouts import is_class_folder, is_class_or_split_folder
+from moeclip.data.registry import DATASETS, DatasetSpec, DataError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -136,7 +139,18 @@ def _local_path(url: str) -> Path | None:
     return Path(url)
 
 
-def _install_local(source: Path, dest: Path, sha256: str | None, link: bool, own: bool) -> Path:
+def _lone_folder_is_content(spec: DatasetSpec | None) -> Callable[[Path], bool]:
+    """How to tell the lone top folder of an archive that is data (kept) from a wrapper (stripped).
+
+    A registry dataset keeps a class folder of its layout (MVTec AD is also sold per class: `bottle/test/...`);
+    classless layouts strip it (`Metal15/`, `headct/`). A user's own data, whose layout is not known yet, keeps
+    a class or split folder.
+    """
+    return is_class_or_split_folder if spec is None else partial(is_class_folder, spec.layout)
+
+
+def _install_local(source: Path, dest: Path, sha256: str | None, link: bool,
+                   is_content: Callable[[Path], bool]) -> Path:
     """Install a user's archive (extracted) or folder (copied or symlinked); the source is never changed."""
     if not source.exists():
         raise DataError(f"{source}: no such file or folder")
@@ -150,7 +164,7 @@ def _install_local(source: Path, dest: Path, sha256: str | None, link: bool, own
         return build_atomically(dest, lambda temp: _copy_tree(source, temp))
     if sha256:
         verify_sha256(source, sha256)
-    return extract_archive(source, dest, keep_class_folder=own)
+    return extract_archive(source, dest, is_content)
 
 
 def _copy_tree(source: Path, temp: Path) -> None:
@@ -160,7 +174,8 @@ def _copy_tree(source: Path, temp: Path) -> None:
         raise DataError(f"{source}: could not copy the folder ({exc})") from None
 
 
-def _install_remote(name: str, url: str, dest: Path, sha256: str | None, own: bool) -> Path:
+def _install_remote(name: str, url: str, dest: Path, sha256: str | None,
+                    is_content: Callable[[Path], bool]) -> Path:
     """Download, verify, extract; the complete download is deleted afterwards, whatever happens."""
     tag = hashlib.sha1(url.encode()).hexdigest()[:10]
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +189,7 @@ def _install_remote(name: str, url: str, dest: Path, sha256: str | None, own: bo
     try:
         if sha256:
             verify_sha256(archive, sha256)
-        return extract_archive(archive, dest, keep_class_folder=own)
+        return extract_archive(archive, dest, is_content)
     except DataError as exc:
         raise DataError(f"{exc} (downloaded from {url}; the download was deleted)") from None
     finally:
@@ -206,15 +221,15 @@ def fetch_dataset(
             return dest
         raise DataError(f"{dest}: already exists; remove it to fetch {name} again")
     spec = DATASETS.get(name)
-    own = spec is None  # a user's own data: a lone class folder in its archive is the class, not a wrapper
+    is_content = _lone_folder_is_content(spec)  # a lone class folder in an archive is the class, not a wrapper
     if explicit is None:
         dropped = _dropped_archive(name, dest_root)
         if dropped is not None:
-            return _install_local(dropped, dest, sha256, link, own)
+            return _install_local(dropped, dest, sha256, link, is_content)
         if spec is None or spec.source.url is None:
             raise _no_source_error(name, dest_root)
-        return _install_remote(name, spec.source.url, dest, sha256 or spec.source.sha256, own)
+        return _install_remote(name, spec.source.url, dest, sha256 or spec.source.sha256, is_content)
     local = Path(archive) if archive is not None else _local_path(str(url))
     if local is not None:
-        return _install_local(local, dest, sha256, link, own)
-    return _install_remote(name, str(url), dest, sha256, own)
+        return _install_local(local, dest, sha256, link, is_content)
+    return _install_remote(name, str(url), dest, sha256, is_content)

@@ -20,6 +20,9 @@ from moeclip.data.registry import DataError, texture_name
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 NORMAL_FOLDERS = frozenset({"good", "ok"})
+# What a class folder holds: MVTec-style `<class>/test/`, VisA's `<class>/Data/` (see CLASS_FOLDER_HOLDS).
+_TREE_CLASS_HOLDS = "test"
+_VISA_CLASS_HOLDS = "Data"
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def _class_tree(class_dir: Path, class_name: str | None, description: str | None
 
 
 def _parse_class_trees(root: Path, describe: Callable[[str], str | None] = lambda _: None) -> LayoutResult:
-    dirs = _class_dirs(root, "test")
+    dirs = _class_dirs(root, _TREE_CLASS_HOLDS)
     samples = [s for d, name in dirs for s in _class_tree(d, name, describe(name) if name else None)]
     return LayoutResult(samples, [name for _, name in dirs if name])
 
@@ -193,11 +196,11 @@ def _visa_from_csv(root: Path, table: Path) -> LayoutResult:
 
 def _visa_from_folders(root: Path) -> LayoutResult:
     samples: list[Sample] = []
-    dirs = _class_dirs(root, "Data")
+    dirs = _class_dirs(root, _VISA_CLASS_HOLDS)
     for class_dir, name in dirs:
-        images = class_dir / "Data" / "Images"
+        images = class_dir / _VISA_CLASS_HOLDS / "Images"
         samples += _labelled_folder(images / "Normal", 0, name, "test", None)
-        masks = _mask_lookup(class_dir / "Data" / "Masks" / "Anomaly")
+        masks = _mask_lookup(class_dir / _VISA_CLASS_HOLDS / "Masks" / "Anomaly")
         samples += _labelled_folder(images / "Anomaly", 1, name, "test", masks)
     return LayoutResult(samples, [name for _, name in dirs if name])
 
@@ -250,6 +253,32 @@ LAYOUTS: dict[str, Callable[[Path], LayoutResult]] = {
     "endo": parse_endo,
     "folders": parse_folders,
 }
+
+# The folder a class folder holds, for each layout with a class level; the classless layouts (rsdd, headct,
+# bmad, colon, endo) are absent. This tells a single-class archive (`bottle/test/...`) from a wrapper folder.
+CLASS_FOLDER_HOLDS: dict[str, str] = {
+    "mvtec": _TREE_CLASS_HOLDS,
+    "btad": _TREE_CLASS_HOLDS,
+    "dtd": _TREE_CLASS_HOLDS,
+    "visa": _VISA_CLASS_HOLDS,
+}
+
+# A user's own class tree, whose layout is not known when it is fetched: these folders make their parent a
+# class folder (`bottle/test/good/...`), or are a split folder themselves.
+CLASS_TREE_FOLDERS = frozenset({"test", "train", "ground_truth"})
+
+
+def is_class_folder(layout: str, folder: Path) -> bool:
+    """Whether `folder` is one class of `layout` (it holds what the layout's class folders hold), so that an
+    archive of that class alone keeps its name; always False for a classless layout."""
+    holds = CLASS_FOLDER_HOLDS.get(layout)
+    return holds is not None and (folder / holds).is_dir()
+
+
+def is_class_or_split_folder(folder: Path) -> bool:
+    """Whether `folder` is a class folder or a split folder of a user's own class tree (any layout): kept
+    when an archive holds it alone, so the class keeps its name (or prepare can name the missing class)."""
+    return folder.name.lower() in CLASS_TREE_FOLDERS or any((folder / name).is_dir() for name in CLASS_TREE_FOLDERS)
 
 
 def layout_shapes() -> dict[str, str]:

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from moeclip.data.layouts import LAYOUTS, Sample, parse_layout
+from moeclip.data.layouts import CLASS_TREE_FOLDERS, LAYOUTS, Sample, parse_layout
 from moeclip.data.manifest import COLUMNS, DOMAINS, write_manifest
 from moeclip.data.registry import DATASETS, DataError, DatasetSpec
 
@@ -102,11 +102,10 @@ def _resolve_target(name_or_layout: str, root: Path, layout: str | None) -> tupl
 def _check_class_folders(root: Path, layout: str, classes: set[str | None]) -> None:
     """A user's class-tree data must name its classes by folder: a tree that starts with a split folder
     would make the class 'test' (layout folders) or the dataset's own name (layout mvtec)."""
-    split_folders = {"test", "train", "ground_truth"}
-    if layout in CLASS_FOLDER_LAYOUTS and (None in classes or classes & split_folders):
-        raise DataError(f"{root}: the tree starts with a split folder ({', '.join(sorted(split_folders))}) instead "
-                        f"of class folders: move it into <root>/<class name>/ (e.g. {root}/bottle/test/good/...) "
-                        f"so the class keeps its name")
+    if layout in CLASS_FOLDER_LAYOUTS and (None in classes or classes & CLASS_TREE_FOLDERS):
+        splits = ", ".join(sorted(CLASS_TREE_FOLDERS))
+        raise DataError(f"{root}: the tree starts with a split folder ({splits}) instead of class folders: move it "
+                        f"into <root>/<class name>/ (e.g. {root}/bottle/test/good/...) so the class keeps its name")
 
 
 def _class_of(sample: Sample, spec: DatasetSpec | None, root: Path) -> str:
