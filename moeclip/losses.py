@@ -152,7 +152,8 @@ def segmentation_loss(maps: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0
     """
     probs, target = maps.float(), mask.float().unsqueeze(1)  # (B, M, 2, H, W), (B, 1, H, W)
     pixels = (-2, -1)
-    per_map = (_focal_per_map(probs, target, gamma, FOCAL_SMOOTHING[focal]) + _dice(probs[:, :, 1], target, pixels, dice)
+    per_map = (_focal_per_map(probs, target, gamma, FOCAL_SMOOTHING[focal])
+               + _dice(probs[:, :, 1], target, pixels, dice)
                + _dice(probs[:, :, 0], 1 - target, pixels, dice))  # (B, M)
     per_sample = per_map.sum(dim=1)
     weight = torch.ones_like(per_sample) if known is None else known.to(per_sample.dtype)
