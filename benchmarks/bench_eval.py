@@ -35,8 +35,8 @@ from benchmarks.common import (
     print_table,
 )
 from moeclip.evaluation import METRICS, evaluate_frame
-from moeclip.model import MoECLIP
-from moeclip.model.execution import Execution
+from moeclip.methods.moeclip import MoECLIP
+from moeclip.methods.execution import Execution
 
 
 def write_images(folder: Path, count: int, size: int, seed: int) -> pd.DataFrame:

@@ -28,9 +28,9 @@ from benchmarks.common import (
     modes,
     print_table,
 )
-from moeclip.model import MoECLIP
-from moeclip.model.execution import Execution, executing
-from moeclip.model.scoring import per_class_protocol_scores
+from moeclip.methods.moeclip import MoECLIP
+from moeclip.methods.execution import Execution, executing
+from moeclip.methods.scoring import per_class_protocol_scores
 
 
 def predictor(model: MoECLIP, how: Execution, images: torch.Tensor) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:

@@ -31,8 +31,8 @@ from benchmarks.common import (
     paper_profile,
     print_table,
 )
-from moeclip.model import MoECLIP
-from moeclip.model.execution import Execution
+from moeclip.methods.moeclip import MoECLIP
+from moeclip.methods.execution import Execution
 from moeclip.training import build_optimizer, train_step
 
 

@@ -1,7 +1,7 @@
 """What the speed benchmarks share: model choice, environment, timing, peak memory, tables and JSON.
 
 Every benchmark measures the fast path against the reference computation (REFERENCE in
-moeclip.model.execution: fp32, every expert, materialised attention) in the same process
+moeclip.methods.execution: fp32, every expert, materialised attention) in the same process
 on the same weights, so each ratio comes from one run on one machine.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 from moeclip import ModelConfig, build_model
 from moeclip.backbone import default_moe_layers
 from moeclip.cost import synchronize
-from moeclip.model import MoECLIP
-from moeclip.model.execution import REFERENCE, Execution, compile_backbone, fast_execution
+from moeclip.methods.moeclip import MoECLIP
+from moeclip.methods.execution import REFERENCE, Execution, compile_backbone, fast_execution
 from moeclip.bench.params import Profile, load_profile
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,7 +38,7 @@ from moeclip.methods.anomalyclip import (
     AnomalyCLIPConfig,
     native_image_size,
 )
-from moeclip.methods.base import Targets
+from moeclip.methods.targets import Targets
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -42,7 +42,7 @@ import torch
 
 from moeclip.config import TrainConfig
 from moeclip.methods.april_gan import AprilGAN, AprilGANConfig
-from moeclip.methods.base import Targets
+from moeclip.methods.targets import Targets
 
 COMPARE_BACKBONE = "AprilGAN-Compare-ViT"  # 'ViT' in the name: the release's LinearLayer checks for it
 COMPARE_CONFIG = {
@@ -59,7 +59,7 @@ def training_settings() -> TrainConfig:
     return TrainConfig(epochs=1, batch_size=2, lr=1e-3, betas=(0.5, 0.999), milestones=(), gamma=1.0, seed=111,
                        focal_gamma=2.0, classification_loss="bce", lambda_etf=0.0, lambda_bal=0.0,
                        expert_constraint="etf", balance_unbiased=False, release_compat=False, augment=False,
-                       dice="release", num_workers=0, checkpoint_every=1000, max_steps=None)
+                       dice="release", focal="paper", num_workers=0, checkpoint_every=1000, max_steps=None)
 
 
 def _is_release_module(name: str) -> bool:

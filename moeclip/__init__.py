@@ -5,7 +5,7 @@ do not pay for importing torch and open_clip.
 """
 from importlib import import_module
 
-_EXPORTS = {"ModelConfig": "moeclip.config", "MoECLIP": "moeclip.model", "build_model": "moeclip.model"}
+_EXPORTS = {"ModelConfig": "moeclip.config", "MoECLIP": "moeclip.methods.moeclip", "build_model": "moeclip.methods.moeclip"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moeclip.data.transforms import CLIP_MEAN, CLIP_STD
-from moeclip.model.moe import MoEAux
-from moeclip.model.network import MoECLIP
+from moeclip.methods.moeclip.moe import MoEAux
+from moeclip.methods.moeclip.network import MoECLIP
 
 Batch = Mapping[str, object]
 GREY_LEVELS = 256

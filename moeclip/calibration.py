@@ -31,7 +31,7 @@ from sklearn.metrics import precision_recall_curve
 from moeclip.config import Domain
 from moeclip.errors import MoeclipError
 from moeclip.evaluation import raw_class_outputs
-from moeclip.model import MoECLIP
+from moeclip.methods.base import ZeroShotMethod
 
 POOLED = 64
 LOW_QUANTILE, HIGH_QUANTILE = 0.01, 0.99
@@ -84,7 +84,7 @@ def _pooled(values: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(values.float()[:, None], POOLED)[:, 0]
 
 
-def calibrate(model: MoECLIP, frame: pd.DataFrame, batch_size: int, device: str | torch.device = "cpu") -> Calibration:
+def calibrate(model: ZeroShotMethod, frame: pd.DataFrame, batch_size: int, device: str | torch.device = "cpu") -> Calibration:
     """The model's Calibration on `frame` (its auxiliary data: both labels needed; masks where known)."""
     scores, peaks, pooled, labels, domains, pixel_maps, pixel_masks = [], [], [], [], [], [], []
     for group, outputs in raw_class_outputs(model, frame, batch_size, device):

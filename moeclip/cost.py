@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from moeclip.checkpoint import load_model
 from moeclip.config import Domain
-from moeclip.model import MoECLIP
+from moeclip.methods.base import ZeroShotMethod
 from moeclip.runtime import resolve_device
 
 WARMUP = 3
@@ -33,7 +33,7 @@ def synchronize(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def inference_flop_counts(model: MoECLIP, image: torch.Tensor, classes: list[str], domain: Domain) -> dict[str, int]:
+def inference_flop_counts(model: ZeroShotMethod, image: torch.Tensor, classes: list[str], domain: Domain) -> dict[str, int]:
     """FLOPs of one inference of `image`, in total ("Global") and per module type ("ResidualAttentionBlock.attn").
 
     The classes' text anchors are computed first and not counted: they depend only on the class

@@ -23,7 +23,7 @@ from moeclip.config import Domain
 from moeclip.data.dataset import loader_options
 from moeclip.metrics import pixel_metrics, ranking_metrics
 from moeclip.methods.base import ZeroShotMethod
-from moeclip.model.execution import Execution, executing, model_execution
+from moeclip.methods.execution import Execution, executing, model_execution
 
 
 @dataclass

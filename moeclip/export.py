@@ -21,7 +21,7 @@ from moeclip.atomic import atomic_path
 from moeclip.calibration import Calibration
 from moeclip.checkpoint import load_model, read_calibration, read_checkpoint
 from moeclip.config import Domain
-from moeclip.model import MoECLIP
+from moeclip.methods.moeclip import MoECLIP
 
 OUTPUTS = ("maps", "scores", "raw_maps", "raw_scores")
 MAX_BATCH = 1024

@@ -32,7 +32,7 @@ from moeclip.data.layouts import IMAGE_SUFFIXES
 from moeclip.data.registry import DataError
 from moeclip.data.transforms import read_image
 from moeclip.figures import prediction_figure, save_figure
-from moeclip.model import MoECLIP
+from moeclip.methods.base import ZeroShotMethod
 from moeclip.runtime import resolve_device
 
 GLOB_CHARACTERS = frozenset("*?[")
@@ -109,7 +109,7 @@ class Prediction:
                 "map_max": float(self.calibrated_map.max()), "anomalous_area": area}
 
 
-def predict_images(model: MoECLIP, calibration: Calibration, paths: Sequence[Path], description: str,
+def predict_images(model: ZeroShotMethod, calibration: Calibration, paths: Sequence[Path], description: str,
                    domain: Domain, batch_size: int, device: str | torch.device) -> Iterator[Prediction]:
     """Predictions for `paths` in order, `batch_size` images per forward pass, with a progress bar."""
     frame = pd.DataFrame({"image_path": [str(path) for path in paths], "mask_path": None, "label": 0,

@@ -24,9 +24,10 @@ from pydantic import BaseModel
 from moeclip.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from moeclip.config import TrainConfig
 from moeclip.data.dataset import loader_options
-from moeclip.methods.base import Targets, ZeroShotMethod
+from moeclip.methods.base import ZeroShotMethod
+from moeclip.methods.targets import Targets
 from moeclip.methods.registry import build_method
-from moeclip.model.execution import Execution, executing, model_execution
+from moeclip.methods.execution import Execution, executing, model_execution
 
 LossLogger = Callable[[int, Mapping[str, float]], None]
 

@@ -20,7 +20,7 @@ from moeclip.analysis import (
     sobel_magnitude,
 )
 from moeclip.data.transforms import normalize
-from moeclip.model.network import MoECLIP
+from moeclip.methods.moeclip.network import MoECLIP
 from tiny_models import tiny_config
 
 K = 4

@@ -2,7 +2,7 @@
 import torch
 
 from moeclip.cost import inference_flop_counts
-from moeclip.model import build_model
+from moeclip.methods.moeclip import build_model
 from tiny_models import tiny_config
 
 

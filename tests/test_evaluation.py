@@ -1,4 +1,5 @@
 """The zero-shot evaluator: which metrics each class gets, and exact values on an oracle model."""
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from moeclip import build_model
 from moeclip.data.dataset import ManifestDataset
-from moeclip.model.scoring import per_class_protocol_scores
+from moeclip.methods.scoring import per_class_protocol_scores
 from moeclip.evaluation import evaluate_frame, summarize
 from tiny_models import tiny_config
 
@@ -57,7 +58,9 @@ class OracleModel(torch.nn.Module):
                 (np.asarray(Image.open(row.mask_path)) > 0).astype(np.float32)
             self.truth[row.image_path] = (mask, float(row.label))
         self.paths: list[str] = []
-        self.dense_inference = False  # the switch the evaluator's execution modes set
+
+    def expert_dispatch(self, sparse):  # the hook the evaluator's execution modes call: no experts to switch
+        return contextlib.nullcontext()
 
     def inputs(self, frame, **options):
         return ManifestDataset(frame, SIZE, **options)

@@ -20,9 +20,9 @@ from moeclip.data.manifest import read_manifest
 from moeclip.data.prepare import prepare_dataset
 from moeclip.data.synthetic import generate_demo_datasets
 from moeclip.evaluation import METRICS, evaluate_frame
-from moeclip.model import MoECLIP, Router
-from moeclip.model.execution import REFERENCE, Execution, compile_backbone, executing, fast_execution
-from moeclip.model.scoring import per_class_protocol_scores
+from moeclip.methods.moeclip import MoECLIP, Router
+from moeclip.methods.execution import REFERENCE, Execution, compile_backbone, executing, fast_execution
+from moeclip.methods.scoring import per_class_protocol_scores
 from tiny_models import tiny_config
 
 BF16 = Execution(bf16=True)

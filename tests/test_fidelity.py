@@ -11,7 +11,7 @@ from moeclip import build_model
 from moeclip.checkpoint import FORMAT_VERSION, OutdatedCheckpointError, read_checkpoint, save_checkpoint
 from moeclip.data.transforms import augment
 from moeclip.losses import dice_loss, segmentation_loss
-from moeclip.model.text import RELEASE_DESCRIPTIONS, prompt_descriptions
+from moeclip.methods.moeclip.text import RELEASE_DESCRIPTIONS, prompt_descriptions
 from moeclip.bench.params import load_profile
 from moeclip.bench.tracking import flatten_params
 from tiny_models import moe_adapter, paper_config, paper_training, randomised, tiny_config

@@ -18,7 +18,7 @@ from tiny_models import paper_training
 
 from moeclip.backbone import tokenizer_for
 from moeclip.methods.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, gaussian_blur
-from moeclip.methods.base import Targets
+from moeclip.methods.targets import Targets
 
 TINY = {
     "backbone": "MoECLIP-Tiny-ViT", "image_size": 64, "weights": None, "quick_gelu": True,

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 import moeclip.methods.april_gan as april_gan_module
-import moeclip.model.scoring as scoring_module
+import moeclip.methods.scoring as scoring_module
 from moeclip.backbone import load_clip, tokenizer_for
 from moeclip.config import TrainConfig
 from moeclip.methods.april_gan import AprilGAN, AprilGANConfig
-from moeclip.methods.base import Targets
+from moeclip.methods.targets import Targets
 from moeclip.methods.prompts import APRIL_GAN_TEMPLATES, ensemble
 
 TINY = {"backbone": "MoECLIP-Tiny-ViT", "image_size": 64, "weights": None, "quick_gelu": False,

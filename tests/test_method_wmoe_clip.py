@@ -8,7 +8,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from moeclip.config import TrainConfig
 from moeclip.losses import clamped_focal_loss, dice_loss
-from moeclip.methods.base import Targets
+from moeclip.methods.targets import Targets
 from moeclip.methods.wmoe_clip import (
     CTDS,
     CTDSOutput,
@@ -35,7 +35,8 @@ PAPER = dict(DEMO, backbone="ViT-L-14-336", image_size=518, weights="openai", qu
 TRAIN = TrainConfig(epochs=15, batch_size=8, lr=1e-3, betas=(0.5, 0.999), milestones=(), gamma=1.0, seed=111,
                     focal_gamma=2.0, classification_loss="cross_entropy", lambda_etf=0.0, lambda_bal=0.0,
                     expert_constraint="etf", balance_unbiased=False, release_compat=False, augment=False,
-                    dice="release", num_workers=0, checkpoint_every=1000, max_steps=None)
+                    dice="release", focal="paper", num_workers=0, checkpoint_every=1000,
+                    max_steps=None)
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:

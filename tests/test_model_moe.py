@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from moeclip.model import MoEAdapter, Router, fofs_matrices
+from moeclip.methods.moeclip import MoEAdapter, Router, fofs_matrices
 from moeclip.config import MoESettings
-from moeclip.model.moe import fofs_chunk_sizes
+from moeclip.methods.moeclip.moe import fofs_chunk_sizes
 from tiny_models import moe_adapter, paper_config
 
 

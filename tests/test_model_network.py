@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 from moeclip import ModelConfig, build_model
 from moeclip.losses import balance_loss, etf_loss
-from moeclip.model import count_parameters, patch_average
-from moeclip.model.text import prompt_ensemble
+from moeclip.methods.moeclip import count_parameters, patch_average
+from moeclip.methods.moeclip.text import prompt_ensemble
 from tiny_models import tiny_config
 
 

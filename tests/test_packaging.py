@@ -101,3 +101,33 @@ def test_no_library_module_imports_the_application_even_lazily():
                  for imported in [{i for i in _imports(path, top_level_only=False) if i.startswith(APPLICATION)}]
                  if imported}
     assert offenders == {}
+
+
+def _folder(module: str) -> str:
+    """The part of the library a module belongs to: a first-level sub-package of moeclip (`moeclip.methods`,
+    MoECLIP's own package included), or the module itself where it lies at moeclip's root."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if (ROOT / "moeclip" / parts[1]).is_dir() or len(parts) > 2 else module
+
+
+def folder_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Library folders and the folders their modules import, lazy imports included (TYPE_CHECKING excluded)."""
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        if name == "moeclip" or name.startswith(APPLICATION):
+            continue
+        imported = {_folder(i) for i in _imports(path, top_level_only=False) if i != "moeclip"}
+        graph.setdefault(_folder(name), set()).update(imported - {_folder(name)})
+    return graph
+
+
+def test_the_librarys_folders_import_each_other_without_a_cycle():
+    """A folder-level cycle (MoECLIP's old moeclip/model/ importing methods/base.py while methods/registry.py
+    imported moeclip/model/) means neither part can be read, tested or moved without the other."""
+    from graphlib import CycleError, TopologicalSorter
+
+    try:
+        TopologicalSorter(folder_graph(_modules())).prepare()
+    except CycleError as cycle:
+        raise AssertionError(f"folders import each other in a cycle: {' -> '.join(cycle.args[1])}") from None
+

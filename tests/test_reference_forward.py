@@ -1,6 +1,6 @@
 """MoECLIP's `predict` against an independent, written-out forward on the tiny random-weight model.
 
-The reference below shares no code with moeclip.model beyond the frozen open_clip blocks and the
+The reference below shares no code with moeclip.methods.moeclip beyond the frozen open_clip blocks and the
 trained tensors: the MoE runs token by token (router, top-k, each expert, norm matching, Eq. 5),
 PAA sums explicit windows, LayerNorm, projections, cosines, the Gaussian blur (reflect borders,
 as torchvision and kornia) and the align_corners=True upsampling are spelled out with NumPy. A

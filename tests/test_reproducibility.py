@@ -211,7 +211,7 @@ def test_a_finished_training_made_with_other_training_code_is_trained_again(tmp_
     from moeclip.bench.stages.common import PACKAGE_FOLDER
     from moeclip.bench.stages.trained import TRAINING_CODE, checkpoint_state, training_code
     from moeclip.checkpoint import annotate_checkpoint, save_checkpoint
-    from moeclip.model import build_model
+    from moeclip.methods.moeclip import build_model
 
     _, profile = load_plan(ROOT / "params.yaml")
     run = main_run(profile, "visa")

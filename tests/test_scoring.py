@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from moeclip.config import BlurConfig
-from moeclip.model import patch_average
-from moeclip.model.scoring import (anomaly_map, per_class_protocol_scores, image_embedding, image_score,
+from moeclip.methods.moeclip import patch_average
+from moeclip.methods.scoring import (anomaly_map, per_class_protocol_scores, image_embedding, image_score,
                                    image_similarities, similarity_logits, training_maps)
 from tiny_models import paper_config
 

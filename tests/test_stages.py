@@ -37,10 +37,10 @@ def test_a_stages_code_is_the_package_files_it_imports_and_no_others():
              "moeclip/bench/stages/__init__.py"}
     assert entry <= fetch & train & report
     assert {"moeclip/bench/stages/fetch.py", "moeclip/data/fetch.py", "moeclip/data/synthetic.py"} <= fetch
-    assert not {path for path in fetch if path.startswith("moeclip/model")} | {"moeclip/training.py"} & fetch
-    assert {"moeclip/model", "moeclip/training.py", "moeclip/losses.py", "moeclip/configs"} <= train
+    assert not {path for path in fetch if path.startswith("moeclip/methods")} | {"moeclip/training.py"} & fetch
+    assert {"moeclip/methods", "moeclip/training.py", "moeclip/losses.py", "moeclip/configs"} <= train
     assert "moeclip/data/fetch.py" not in train and "moeclip/bench/reports" not in train
-    assert "moeclip/bench/reports" in report and "moeclip/model" not in report
+    assert "moeclip/bench/reports" in report and "moeclip/methods" not in report
 
 
 def test_a_folder_stands_for_its_files_only_when_all_of_them_are_listed(tmp_path):

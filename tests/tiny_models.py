@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from moeclip import ModelConfig, build_model
-from moeclip.model import MoEAdapter, MoECLIP
+from moeclip.methods.moeclip import MoEAdapter, MoECLIP
 from moeclip.config import TrainConfig
 from moeclip.bench.params import Profile, load_profile
 

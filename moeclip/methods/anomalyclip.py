@@ -33,10 +33,10 @@ from torch import nn
 from moeclip.backbone import load_clip
 from moeclip.config import BackboneConfig, Domain, TrainConfig
 from moeclip.losses import clamped_focal_loss, dice_loss
-from moeclip.methods.base import Targets, ZeroShotMethod, class_texts
-from moeclip.model.precision import float32
-
-CONTEXT_PLACEHOLDER = "X"
+from moeclip.methods.base import ZeroShotMethod, class_texts
+from moeclip.methods.targets import Targets
+from moeclip.methods.precision import float32
+from moeclip.methods.prompts import CONTEXT_PLACEHOLDER
 GAUSSIAN_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default, which the official test.py uses
 
 

@@ -24,15 +24,16 @@ from torch.func import vmap
 
 from moeclip.config import BackboneConfig, Domain, TrainConfig
 from moeclip.losses import clamped_focal_loss, dice_loss
-from moeclip.methods.base import ClassText, Targets, ZeroShotMethod, class_texts
+from moeclip.methods.base import ClassText, ZeroShotMethod, class_texts
+from moeclip.methods.targets import Targets
 from moeclip.methods.prompts import (
     APRIL_GAN_ANOMALOUS_STATES,
     APRIL_GAN_TEMPLATES,
     NORMAL_STATES,
     ensemble,
 )
-from moeclip.model.precision import float32
-from moeclip.model.scoring import similarity_logits, training_maps
+from moeclip.methods.precision import float32
+from moeclip.methods.scoring import similarity_logits, training_maps
 
 
 class AprilGANConfig(BackboneConfig):

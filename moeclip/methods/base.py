@@ -16,8 +16,8 @@ its own fields; every value comes from params.yaml.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import pandas as pd
@@ -27,17 +27,9 @@ from torch import nn
 from moeclip.backbone import load_clip, tokenizer_for
 from moeclip.config import BackboneConfig, Domain, TrainConfig
 from moeclip.data.dataset import ManifestDataset
+from moeclip.methods.targets import Targets
 
 ClassText = Literal["folder", "description"]
-
-
-@dataclass(frozen=True)
-class Targets:
-    """One training batch's ground truth on the device: (B, H, W) 0/1 masks, (B,) labels, (B,) mask-known flags."""
-
-    masks: torch.Tensor
-    labels: torch.Tensor
-    known: torch.Tensor
 
 
 def class_texts(batch: Mapping[str, Sequence[str]], kind: ClassText) -> list[str]:
@@ -112,6 +104,12 @@ class ZeroShotMethod(nn.Module):
         """A manifest's images (and masks) resized to the method's input size and CLIP-normalised;
         `options` (train, seed, ...) as `ManifestDataset` takes them."""
         return ManifestDataset(frame, self.config.image_size, **options)
+
+    @contextlib.contextmanager
+    def expert_dispatch(self, sparse: bool) -> Iterator[None]:
+        """Inside this block a method with experts sends each token to its top-k experts only (`sparse`) or
+        evaluates every expert (the dense reference; methods/execution.py). The others have none to switch."""
+        yield
 
     # -- what each method defines ---------------------------------------------------------------
     def prompt_texts(self, batch: Mapping[str, Sequence[str]]) -> list[str]:

@@ -1,4 +1,5 @@
-"""The hand-written prompt ensembles of WinCLIP and April-GAN (../shared/BASELINES.md 1c, 2c).
+"""The hand-written prompt ensembles of WinCLIP and April-GAN (../shared/BASELINES.md 1c, 2c), and the
+placeholder word of learnable context tokens (MoECLIP's learnable prompts, AnomalyCLIP, WMoE-CLIP).
 
 A prompt is `template.format(state.format(name))` for every state and template, state-major
 within each template list as the reference code orders them (the order does not change a mean).
@@ -6,6 +7,9 @@ within each template list as the reference code orders them (the order does not 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+# A learnable context token's word in a prompt: its token embedding is replaced by a learned vector.
+CONTEXT_PLACEHOLDER = "X"
 
 NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
                  "{} without damage")

@@ -16,7 +16,7 @@ from moeclip.methods.april_gan import AprilGAN
 from moeclip.methods.base import ZeroShotMethod
 from moeclip.methods.winclip import WinCLIP
 from moeclip.methods.wmoe_clip import WMoECLIP
-from moeclip.model.network import MoECLIP
+from moeclip.methods.moeclip.network import MoECLIP
 
 METHODS: dict[str, type[ZeroShotMethod]] = {method.name: method
                                             for method in (MoECLIP, WinCLIP, AprilGAN, AnomalyCLIP, WMoECLIP)}

@@ -28,7 +28,7 @@ from moeclip.methods.prompts import (
     WINCLIP_TEMPLATES,
     ensemble,
 )
-from moeclip.model.precision import float32
+from moeclip.methods.precision import float32
 
 
 class WinCLIPConfig(BackboneConfig):

@@ -65,10 +65,11 @@ from torchvision.transforms.functional import gaussian_blur
 
 from moeclip.config import BackboneConfig, Domain, TrainConfig
 from moeclip.losses import clamped_focal_loss, dice_loss
-from moeclip.methods.base import Targets, ZeroShotMethod
-from moeclip.model.heads import SegmentationProjections
-from moeclip.model.precision import float32
-from moeclip.model.text import CONTEXT_PLACEHOLDER
+from moeclip.methods.base import ZeroShotMethod
+from moeclip.methods.targets import Targets
+from moeclip.methods.heads import SegmentationProjections
+from moeclip.methods.precision import float32
+from moeclip.methods.prompts import CONTEXT_PLACEHOLDER
 
 ABNORMAL_WORD = "damaged"
 DICE_KIND = "release"  # AnomalyCLIP's Dice: smoothing 1 in numerator and denominator (assumption 20)

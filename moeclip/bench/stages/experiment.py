@@ -34,7 +34,7 @@ from moeclip.runtime import pin_runtime
 
 # The code an experiment variant's evaluation results depend on: a change to any of them re-evaluates
 # kept variants (a change elsewhere in the stage's code re-runs the stage, which keeps them).
-EVALUATION_CODE = ("model", "methods", "evaluation.py", "metrics", "cost.py", "checkpoint.py", "data/dataset.py",
+EVALUATION_CODE = ("methods", "evaluation.py", "metrics", "cost.py", "checkpoint.py", "data/dataset.py",
                    "data/transforms.py")
 
 

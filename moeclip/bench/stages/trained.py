@@ -19,7 +19,7 @@ from moeclip.methods.base import ZeroShotMethod
 from moeclip.methods.registry import method_of
 
 # The code that decides a training's weights: a finished training made with other code is trained again.
-TRAINING_CODE = ("model", "methods", "training.py", "losses.py", "backbone.py", "config.py", "configs",
+TRAINING_CODE = ("methods", "training.py", "losses.py", "backbone.py", "config.py", "configs",
                  "data/dataset.py", "data/transforms.py")
 
 

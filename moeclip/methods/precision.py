@@ -1,4 +1,4 @@
-"""Float32 islands inside the fast path's bf16 autocast regions (see moeclip/model/execution.py).
+"""Float32 islands inside the fast path's bf16 autocast regions (see moeclip/methods/execution.py).
 
 The few places where bf16 rounding would change a decision (router top-k, anchors, image
 scores, maps) compute with autocast off, on float32 inputs.

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeclip.config import ModelConfig
-from moeclip.model.precision import float32
+from moeclip.methods.precision import float32
+from moeclip.methods.prompts import CONTEXT_PLACEHOLDER
 
 TEMPLATES = ("{}.", "a photo of {}.")
 NORMAL_STATES = ("{}", "a {}", "the {}")
 ABNORMAL_STATES = ("a damaged {}", "a broken {}", "a {} with flaw", "a {} with defect", "a {} with damage")
-CONTEXT_PLACEHOLDER = "X"
 
 # Where the authors' release prompts with other text than the registry's descriptions (DATASETS.md):
 # its long BTAD descriptions and the MVTec capsule typo it trained and tested with, verbatim.

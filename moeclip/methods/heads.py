@@ -1,5 +1,4 @@
-"""Trainable heads on the adapted patch tokens: per-layer projections (Eq. 11) and the depth-wise image
-adapter (Eq. 13)."""
+"""Per-layer segmentation projections on adapted patch tokens (MoECLIP's Eq. 11; WMoE-CLIP reuses them)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -8,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeclip.model.precision import float32
+from moeclip.methods.precision import float32
 
 
 class SegmentationProjection(nn.Module):
@@ -42,28 +41,3 @@ class SegmentationProjections(nn.ModuleDict):
         if self.activation:
             projected = F.leaky_relu(projected)
         return F.normalize(projected, dim=-1)
-
-
-class DepthwiseImageAdapter(nn.Module):
-    """LN -> depthwise Conv1d over the token sequence (k=3, same) -> GELU -> pointwise Conv1d d -> D (Eq. 13).
-
-    Both convolutions start xavier-uniform, as in the authors' release (the paper does not say).
-    """
-
-    def __init__(self, width: int, embed_dim: int, kernel_size: int = 3) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.depthwise = nn.Conv1d(width, width, kernel_size, padding="same", groups=width, bias=False)
-        self.pointwise = nn.Conv1d(width, embed_dim, 1, bias=False)
-        nn.init.xavier_uniform_(self.depthwise.weight)
-        nn.init.xavier_uniform_(self.pointwise.weight)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L, d) patch tokens -> (B, L, D) pointwise outputs, one per patch (V_image is formed from them).
-
-        In float32 even under bf16 autocast (0.2 % of the FLOPs): V_image alone decides S_A,
-        and bf16 rounding here would reorder the image scores of nearly tied images.
-        """
-        with float32(tokens):
-            hidden = F.gelu(self.depthwise(self.norm(tokens.float()).transpose(1, 2)))
-            return self.pointwise(hidden).transpose(1, 2)

@@ -1,7 +1,8 @@
 """The MoECLIP network: frozen open_clip ViT + MoE adapters + PAA + heads + text anchors."""
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +18,14 @@ from moeclip.losses import (
     expert_cosine_loss,
     segmentation_loss,
 )
-from moeclip.methods.base import Targets, ZeroShotMethod
-from moeclip.model.heads import DepthwiseImageAdapter, SegmentationProjections
-from moeclip.model.moe import MoEAdapter, MoEAux
-from moeclip.model.paa import patch_average
-from moeclip.model.precision import float32
-from moeclip.model.scoring import (
+from moeclip.methods.base import ZeroShotMethod
+from moeclip.methods.targets import Targets
+from moeclip.methods.heads import SegmentationProjections
+from moeclip.methods.moeclip.image_adapter import DepthwiseImageAdapter
+from moeclip.methods.moeclip.moe import MoEAdapter, MoEAux
+from moeclip.methods.moeclip.paa import patch_average
+from moeclip.methods.precision import float32
+from moeclip.methods.scoring import (
     anomaly_map,
     image_embedding,
     image_score,
@@ -31,7 +34,7 @@ from moeclip.model.scoring import (
     similarity_logits,
     training_maps,
 )
-from moeclip.model.text import TextAnchors, prompt_descriptions
+from moeclip.methods.moeclip.text import TextAnchors, prompt_descriptions
 
 CONSTRAINTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "etf": etf_loss, "cosine": expert_cosine_loss, "contrastive": expert_contrastive_loss,
@@ -74,6 +77,15 @@ class MoECLIP(ZeroShotMethod):
         self.dense_inference = False
 
     # -- the method's protocol (moeclip/methods/base.py) -------------------------------------------
+    @contextlib.contextmanager
+    def expert_dispatch(self, sparse: bool) -> Iterator[None]:
+        """`predict` mixes only each token's top-k experts (`sparse`) or evaluates all K (`dense_inference`)."""
+        previous, self.dense_inference = self.dense_inference, not sparse
+        try:
+            yield
+        finally:
+            self.dense_inference = previous
+
     def prompt_texts(self, batch: Mapping[str, Sequence[str]]) -> list[str]:
         """Class descriptions or names, as `use_class_descriptions` and `description_set` say."""
         return prompt_descriptions(batch, self.config)

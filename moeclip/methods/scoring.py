@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
 from moeclip.config import BlurConfig, Domain
-from moeclip.model.precision import float32
+from moeclip.methods.precision import float32
 
 
 def similarity_logits(patches: torch.Tensor, anchors: torch.Tensor, scale: float = 100.0) -> torch.Tensor:

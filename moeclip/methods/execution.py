@@ -1,4 +1,4 @@
-"""How a MoECLIP model is computed: the fast path and the straightforward reference, on the same weights.
+"""How a method is computed: the fast path and the straightforward reference, on the same weights.
 
 Both compute the same equations; they differ only in how:
 - `bf16`: the matmuls of the frozen blocks, the experts and the segmentation projections
@@ -6,7 +6,8 @@ Both compute the same equations; they differ only in how:
   image adapter, maps, scores, losses and metrics stay float32, so results change by the
   rounding of those matmul outputs only.
 - `sparse_experts`: at inference each token mixes only its top-k experts without forming
-  the K outputs; the reference evaluates every expert and mixes them densely.
+  the K outputs; the reference evaluates every expert and mixes them densely (a method with
+  experts says how through `ZeroShotMethod.expert_dispatch`; the others have none).
 - `fused_attention`: the frozen ViT's attention uses the fused scaled-dot-product kernels
   (flash / memory-efficient); the reference forces the math backend, which materialises
   the (B, heads, L, L) attention weights as the authors' release does. At inference
@@ -21,15 +22,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pydantic import BaseModel
-from torch import nn
 
-from moeclip.model.network import MoECLIP
+if TYPE_CHECKING:  # below the method interface: base.py may build on this module, not the reverse
+    from moeclip.methods.base import ZeroShotMethod
 
 
 @dataclass(frozen=True)
@@ -56,26 +57,21 @@ def model_execution(config: BaseModel) -> Execution:
 
 
 @contextlib.contextmanager
-def executing(model: nn.Module, how: Execution, device_type: str) -> Iterator[None]:
-    """Run `model` the way `how` says inside this block (autocast, attention kernels, and MoECLIP's expert
-    dispatch; the other methods have no experts)."""
-    experts = isinstance(model, MoECLIP)
-    previous = experts and model.dense_inference, torch.backends.mha.get_fastpath_enabled()
-    if experts:
-        model.dense_inference = not how.sparse_experts
+def executing(model: ZeroShotMethod, how: Execution, device_type: str) -> Iterator[None]:
+    """Run `model` the way `how` says inside this block: autocast, attention kernels, expert dispatch."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     if how.fused_attention and device_type == "cpu":
         torch.backends.mha.set_fastpath_enabled(False)
     attention = contextlib.nullcontext() if how.fused_attention else sdpa_kernel([SDPBackend.MATH])
     try:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=how.bf16), attention:
+        with model.expert_dispatch(how.sparse_experts), \
+                torch.autocast(device_type, dtype=torch.bfloat16, enabled=how.bf16), attention:
             yield
     finally:
-        if experts:
-            model.dense_inference = previous[0]
-        torch.backends.mha.set_fastpath_enabled(previous[1])
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def compile_backbone(model: MoECLIP, **options: Any) -> MoECLIP:
+def compile_backbone(model: ZeroShotMethod, **options: Any) -> ZeroShotMethod:
     """torch.compile each frozen ViT block in place (optional; the weights and state_dict keys are unchanged).
 
     All blocks share one compiled graph. `options` go to torch.compile, e.g. mode="max-autotune"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeclip.config import MoESettings
-from moeclip.model.precision import float32
+from moeclip.methods.precision import float32
 
 
 def fofs_chunk_sizes(d: int, num_experts: int) -> list[int]:
