@@ -126,3 +126,35 @@ def test_a_profile_without_its_model_and_training_is_named_in_one_line(tmp_path)
     with pytest.raises(ParamsError) as raised:
         load_profile(bare, "bare")
     assert str(raised.value) == f"profile 'bare' in '{bare}' is invalid: model: field required; train: field required"
+
+
+def test_each_experiment_says_what_it_renders_and_a_wrong_value_is_one_line_naming_it(tmp_path):
+    benchmark, _ = load_plan(PARAMS)
+    assert {key: experiment.render for key, experiment in benchmark.experiments.items()} == \
+        {key: "figure" if key in ("fig6", "fig7") else "table" for key in SPEC_EXPERIMENTS}
+    chart = _edited(tmp_path, lambda d: d["experiments"]["table9"].update(render="chart"))
+    with pytest.raises(ParamsError) as raised:
+        load_plan(chart)
+    assert str(raised.value) == \
+        f"params file '{chart}' is invalid: experiments.table9.render: input should be 'table' or 'figure'"
+
+
+def test_a_figures_variants_each_give_their_point_on_the_x_axis(tmp_path):
+    benchmark, paper = load_plan(PARAMS, "paper")
+    assert benchmark.experiments["fig7"].variants["lambda_etf=0.001"].x == {"lambda_etf": 0.001}
+    unplaced = _edited(tmp_path, lambda d: d["experiments"]["fig6"]["variants"].update({"K=9": {"model": {
+        "num_experts": 9}}}))
+    with pytest.raises(ParamsError, match=r"experiments\.fig6: value error, variant 'K=9' needs `x: \{parameter: "
+                                          r"value\}` \(a figure's point\)$"):
+        load_plan(unplaced)
+    placed_in_a_table = _edited(tmp_path, lambda d: d["experiments"]["table9"]["variants"]["1"].update(x={"s": 1}))
+    with pytest.raises(ParamsError, match=r"experiments\.table9: value error, variant '1' of a table has an `x`$"):
+        load_plan(placed_in_a_table)
+    two = _edited(tmp_path, lambda d: d["experiments"]["fig6"]["variants"]["K=4"].update(x={"K": 4, "r": 8}))
+    with pytest.raises(ParamsError, match=r"experiments\.fig6\.variants\.K=4\.x: value error, x names one parameter"):
+        load_plan(two)
+    own = _edited(tmp_path, lambda d: d["profiles"]["demo"]["experiments"].update({"fig6": {"variants": {
+        "K=2": {"model": {"num_experts": 2}}}}}))
+    benchmark, demo = load_plan(own)
+    with pytest.raises(ParamsError, match=r"profile 'demo' variants of 'fig6' are invalid:\nvariant 'K=2' needs `x"):
+        experiment_runs(benchmark, demo, "fig6")

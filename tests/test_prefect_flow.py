@@ -40,10 +40,12 @@ profiles:
 experiments:
   industrial:
     title: One test set
+    render: table
     datasets: [mvtec]
     variants: {"default": {}, "untrained": {trained: false}}
   medical:
     title: Trained on a medical set
+    render: table
     datasets: [headct]
     variants: {"medical": {train_on: [brainmri]}}
 """

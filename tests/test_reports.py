@@ -7,10 +7,11 @@ import pytest
 
 from moeclip.errors import MoeclipError
 from moeclip.bench.experiments import experiment_runs, load_plan
-from moeclip.bench.reports.render import (experiment_tables, render_reports, similarity_figure, sweep_markdown,
-                                          utilisation_figure)
+from moeclip.bench.reports.render import (experiment_figures, experiment_tables, figure_files, render_reports,
+                                          similarity_figure, sweep_markdown, utilisation_figure)
 from moeclip.bench.reports.tables import (Comparison, MethodColumn, MethodTable, best_index, fmt_delta,
                                           method_markdown, variant_latex, variant_markdown)
+from test_experiments import _edited
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,6 +138,40 @@ def test_report_renders_every_table_with_all_rows(tmp_path, monkeypatch):
     assert "Wall time" not in table5
     assert "|   Wall time (s) |   Peak RSS (GiB) |" in (out / "table13.md").read_text()
     assert readme.count(": size and cost") == len(benchmark.experiments)
+
+
+def test_an_experiment_the_paper_has_no_numbers_for_is_a_table_of_ours_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = _edited(tmp_path, lambda d: d["experiments"].update(my_sweep={
+        "title": "FOFS on two sets", "render": "table", "datasets": ["mvtec", "headct"],
+        "variants": {"MoECLIP": {}, "w/o FOFS": {"model": {"fofs": False}}}}))
+    benchmark, profile = _fake_pipeline_outputs(params)
+    out = render_reports(benchmark, profile)
+    assert experiment_tables(benchmark)[-1] == "my_sweep" and "my_sweep" not in experiment_figures(benchmark)
+    assert (out / "my_sweep.md").read_text().splitlines()[:6] == [
+        "### my_sweep: FOFS on two sets", "",
+        "| variant | MVTec-AD I-AUROC ours | MVTec-AD P-AUROC ours | Head CT I-AUROC ours | Head CT P-AUROC ours |",
+        "|---|---:|---:|---:|---:|",
+        "| MoECLIP | 50.0 | 60.0 | 50.0 | 60.0 |",
+        "| w/o FOFS | **51.0** | **61.0** | **51.0** | **61.0** |"]
+    latex = (out / "my_sweep.tex").read_text()
+    assert r"variant & \multicolumn{1}{c}{MVTec-AD I-AUROC} &" in latex and "paper" not in latex
+    assert r"w/o FOFS & \textbf{51.0} & \textbf{61.0} & \textbf{51.0} & \textbf{61.0} \\" in latex
+
+
+def test_a_figure_experiment_is_a_figure_whatever_its_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = _edited(tmp_path, lambda d: d["experiments"].update(noise_sweep={
+        "title": "Router noise", "render": "figure", "datasets": ["mvtec"],
+        "variants": {"strong": {"model": {"router_noise": 0.5}, "x": {"alpha": 0.5}}, "none": {"x": {"alpha": 0}}}}))
+    benchmark, profile = _fake_pipeline_outputs(params)
+    out = render_reports(benchmark, profile)
+    assert experiment_figures(benchmark) == ["fig6", "fig7", "noise_sweep"]
+    assert "noise_sweep_router_noise.png" in figure_files(benchmark)  # dvc.yaml's plots list it too
+    assert (out / "noise_sweep_router_noise.png").stat().st_size > 1000 and not (out / "noise_sweep.md").exists()
+    numbers = (out / "README.md").read_text().split("### Numbers behind noise_sweep\n\n")[1].splitlines()[:4]
+    assert [[cell.strip() for cell in line.split("|")[1:5]] for line in numbers[2:]] == \
+        [["alpha", "0.5", "50.0", "60.0"], ["alpha", "0", "51.0", "61.0"]]  # each value as its `x` writes it
 
 
 def test_report_without_pipeline_outputs_says_what_to_run(tmp_path, monkeypatch):

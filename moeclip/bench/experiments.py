@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -33,14 +33,33 @@ class Variant(BaseModel):
     train_on: tuple[str, ...] | None = Field(None, description="auxiliary datasets; default: the main training's")
     trained: bool = Field(True, description="false = evaluate the model as built (e.g. vanilla CLIP)")
     paper_row: str | None = Field(None, description="the paper's row this variant reproduces; default: its name")
+    x: dict[str, int | float] | None = Field(None, description="a figure's variants only: {swept parameter: value}, "
+                                                               "its panel and its place on the x axis")
+
+    @field_validator("x")
+    @classmethod
+    def _one_point(cls, x: dict[str, int | float] | None) -> dict[str, int | float] | None:
+        if x is not None and len(x) != 1:
+            raise ValueError(f"x names one parameter and its value, got {x}")
+        return x
+
+
+def check_points(render: str, variants: dict[str, Variant]) -> None:
+    """A figure plots each variant at its `x`, which a table has no use for: say which variant breaks that."""
+    for name, variant in variants.items():
+        if (variant.x is None) == (render == "figure"):
+            raise ValueError(f"variant '{name}' " + ("needs `x: {parameter: value}` (a figure's point)"
+                                                    if variant.x is None else "of a table has an `x`"))
 
 
 class Experiment(BaseModel):
-    """One table or figure of the paper: variants evaluated on the same datasets."""
+    """One table or figure of the report: variants evaluated on the same datasets."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     title: str
+    render: Literal["table", "figure"] = Field(description="a table of the variants beside the paper's numbers, "
+                                                           "or a figure of each variant's metrics against its `x`")
     datasets: tuple[str, ...]
     cost: bool = Field(False, description="also measure parameters, latency, peak memory and FLOPs (Table 13)")
     variants: dict[str, Variant]
@@ -51,6 +70,11 @@ class Experiment(BaseModel):
         if not variants:
             raise ValueError("an experiment needs at least one variant")
         return variants
+
+    @model_validator(mode="after")
+    def _points_fit_render(self) -> "Experiment":
+        check_points(self.render, self.variants)
+        return self
 
 
 class MainPlan(BaseModel):
@@ -158,9 +182,11 @@ def selected_variants(benchmark: Benchmark, profile: Profile, experiment: str) -
         return variants
     if selection.variants is not None:
         try:
-            return {name: Variant.model_validate(spec) for name, spec in selection.variants.items()}
-        except ValidationError as err:
+            own = {name: Variant.model_validate(spec) for name, spec in selection.variants.items()}
+            check_points(benchmark.experiments[experiment].render, own)
+        except (ValidationError, ValueError) as err:
             raise ParamsError(f"profile '{profile.name}' variants of '{experiment}' are invalid:\n{err}") from None
+        return own
     unknown = [name for name in selection.only or () if name not in variants]
     if unknown:
         raise ParamsError(f"profile '{profile.name}' selects unknown variants of '{experiment}': {unknown}")

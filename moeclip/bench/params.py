@@ -166,8 +166,10 @@ def profile_from_params(document: dict[str, Any], path: Path, name: str | None =
 
 
 def validation_problems(error: ValidationError) -> str:
-    """A validation error on one line: each field's dotted path and what is wrong with it."""
-    return "; ".join(": ".join(filter(None, (".".join(str(part) for part in problem["loc"]), problem["msg"].lower())))
+    """A validation error on one line: each field's dotted path and what is wrong with it (names as written:
+    only the message's first letter is lowered)."""
+    return "; ".join(": ".join(filter(None, (".".join(str(part) for part in problem["loc"]),
+                                             problem["msg"][:1].lower() + problem["msg"][1:])))
                      for problem in error.errors())
 
 

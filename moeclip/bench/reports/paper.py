@@ -30,14 +30,19 @@ def load_other_results() -> dict[str, Any]:
 
 
 def _table_key(name: str | int) -> str:
-    """Accept ``1``, ``"1"`` or ``"table1"`` and return ``"table1"``."""
+    """Accept ``1`` or ``"1"`` (the paper's number) or a key such as ``"table1"``; return the key."""
     key = str(name)
-    return key if key.startswith("table") else f"table{key}"
+    return f"table{key}" if key.isdigit() else key
+
+
+def _tables(results: dict[str, Any]) -> list[str]:
+    """The keys of the entries that hold published numbers (the others describe the paper and its datasets)."""
+    return [key for key, entry in results.items() if "results" in entry]
 
 
 def table_names() -> list[str]:
     """Keys of every transcribed table, in paper order."""
-    return [key for key in load_paper_results() if key.startswith("table")]
+    return _tables(load_paper_results())
 
 
 def paper_table(name: str | int, results: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -63,8 +68,7 @@ def paper_table(name: str | int, results: dict[str, Any] | None = None) -> pd.Da
 def all_paper_tables() -> pd.DataFrame:
     """Every transcribed table concatenated in tidy long form."""
     results = load_paper_results()
-    keys = [key for key in results if key.startswith("table")]
-    return pd.concat([paper_table(key, results) for key in keys], ignore_index=True)
+    return pd.concat([paper_table(key, results) for key in _tables(results)], ignore_index=True)
 
 
 def paper_value(table: str | int, row: str, dataset: str, metric: str) -> float | None:

@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from moeclip.atomic import write_text_atomically
-from moeclip.bench.experiments import Benchmark, experiment_runs
+from moeclip.bench.experiments import Benchmark, experiment_runs, selected_variants
 from moeclip.bench.params import Profile
 from moeclip.bench.reports.paper import load_other_results, load_paper_results, paper_table
 from moeclip.bench.reports.tables import (
@@ -146,16 +146,29 @@ def baseline_parameters(benchmark: Benchmark, profile: Profile) -> str:
     return "\n".join(lines)
 
 
+def paper_name(key: str) -> str:
+    """How a report heading names an experiment: the paper's 'Table 2' / 'Fig. 6' for a key that is its number
+    ('table2', 'fig6'), the key itself otherwise."""
+    number = re.fullmatch(r"(table|fig)(\d+)", key)
+    return f"{'Table' if number[1] == 'table' else 'Fig.'} {number[2]}" if number else key
+
+
 def experiment_table(benchmark: Benchmark, profile: Profile, key: str) -> Comparison:
-    """Tables 2, 5-13 from an experiment's metrics.json, rows in params order."""
+    """A table experiment from its metrics.json, rows in params order: beside the paper's numbers where
+    paper_results.yaml has the key (Tables 2, 5-13), else our columns alone (what our metrics hold)."""
     metrics = _read_json(profile.layout.experiment_metrics(key))
     runs = experiment_runs(benchmark, profile, key)
-    cells, paper_by_row = _paper_cells(key)
+    if key in load_paper_results():
+        cells, paper_by_row = _paper_cells(key)
+        paper = {run.name: paper_by_row.get(run.paper_row, {}) for run in runs}
+        paper_rows = {run.name: run.paper_row for run in runs}
+    else:  # the cells our metrics hold, in their order
+        cells = list(dict.fromkeys((dataset, metric) for run in runs
+                                   for dataset, values in metrics.get(run.name, {}).items() for metric in values))
+        paper, paper_rows = None, {}
     ours = {run.name: _with_averages(metrics.get(run.name, {}), cells) for run in runs}
-    paper = {run.name: paper_by_row.get(run.paper_row, {}) for run in runs}
-    title = f"{key.replace('table', 'Table ')}: {benchmark.experiments[key].title}"
-    return Comparison(key, title, [run.name for run in runs], cells, ours, paper,
-                      {run.name: run.paper_row for run in runs}, _dataset_names())
+    return Comparison(key, f"{paper_name(key)}: {benchmark.experiments[key].title}", [run.name for run in runs],
+                      cells, ours, paper, paper_rows, _dataset_names())
 
 
 def table14(profile: Profile) -> Comparison:
@@ -172,13 +185,13 @@ def table14(profile: Profile) -> Comparison:
 
 
 def experiment_tables(benchmark: Benchmark) -> list[str]:
-    """The experiments params.yaml names `table<N>`, in its order: each is a table of the report."""
-    return [key for key in benchmark.experiments if key.startswith("table")]
+    """The experiments params.yaml renders as a table (`render: table`), in its order."""
+    return [key for key, experiment in benchmark.experiments.items() if experiment.render == "table"]
 
 
 def experiment_figures(benchmark: Benchmark) -> list[str]:
-    """The experiments params.yaml names `fig<N>` (sweeps): each is a figure with its numbers beside it."""
-    return [key for key in benchmark.experiments if key.startswith("fig")]
+    """The experiments params.yaml renders as a figure (`render: figure`): sweeps, with their numbers beside."""
+    return [key for key, experiment in benchmark.experiments.items() if experiment.render == "figure"]
 
 
 SIMILARITY_FIGURE, UTILISATION_FIGURE = "fig5_expert_similarity.png", "fig9_expert_utilisation.png"
@@ -200,13 +213,14 @@ def sweep_file(key: str, title: str) -> str:
 
 # -- figures ---------------------------------------------------------------------------------
 def _sweep_values(benchmark: Benchmark, profile: Profile, key: str) -> pd.DataFrame:
-    """An experiment's variants named 'parameter=value' as rows: parameter, value, and our metrics."""
+    """A figure experiment's variants as rows: the parameter and value of their `x` (the value as params.yaml
+    writes it: 0.01, not 0.010000), and our metrics."""
     metrics = _read_json(profile.layout.experiment_metrics(key))
     dataset = benchmark.experiments[key].datasets[0]
     rows = []
-    for run in experiment_runs(benchmark, profile, key):
-        parameter, _, value = run.name.partition("=")
-        rows.append({"parameter": parameter, "value": value, **metrics.get(run.name, {}).get(dataset, {})})
+    for name, variant in selected_variants(benchmark, profile, key).items():
+        [(parameter, value)] = (variant.x or {}).items()
+        rows.append({"parameter": parameter, "value": str(value), **metrics.get(name, {}).get(dataset, {})})
     return pd.DataFrame(rows)
 
 
@@ -323,7 +337,7 @@ def render_reports(benchmark: Benchmark, profile: Profile) -> Path:
         sections.append(markdown)
     sweeps = {key: _sweep_values(benchmark, profile, key) for key in experiment_figures(benchmark)}
     figures = {sweep_file(key, benchmark.experiments[key].title):
-               sweep_figure(frame, f"Fig. {key.removeprefix('fig')}: {benchmark.experiments[key].title}")
+               sweep_figure(frame, f"{paper_name(key)}: {benchmark.experiments[key].title}")
                for key, frame in sweeps.items()}
     similarity = _read_json(profile.layout.analysis() / "similarity.json")
     figures[SIMILARITY_FIGURE] = similarity_figure(similarity["matrix"], similarity["layer"], similarity["dataset"])

@@ -3,7 +3,8 @@
 A `Comparison` holds one value of ours and one of the paper's per (row, column); the renderers
 turn it into Markdown and LaTeX. Two shapes cover every table of the paper:
 - variant tables (Tables 2, 5-14): rows are variants, each column (dataset, metric) shows
-  ours | paper | difference, in groups of a few columns per sub-table to stay readable;
+  ours | paper | difference (ours alone for an experiment the paper has no numbers for), in groups
+  of a few columns per sub-table to stay readable;
 - the method table (Table 1): one sub-table per metric, rows are datasets, columns are the
   published methods with our run of each baseline beside its published numbers, the paper's
   MoECLIP, ours and the difference.
@@ -49,14 +50,15 @@ def best_index(values: list[float | None], metric: str) -> set[int]:
 
 @dataclass
 class Comparison:
-    """Ours vs the paper for one table: `ours[row][cell]`, `paper[row][cell]` (cell = (dataset, metric))."""
+    """Ours vs the paper for one table: `ours[row][cell]`, `paper[row][cell]` (cell = (dataset, metric)); `paper`
+    None: the paper has no such table, so each column is ours alone."""
 
     key: str
     title: str
     rows: list[str]
     cells: list[Cell]
     ours: dict[str, dict[Cell, float | None]]
-    paper: dict[str, dict[Cell, float | None]]
+    paper: dict[str, dict[Cell, float | None]] | None
     paper_rows: dict[str, str] = field(default_factory=dict)  # our row -> paper row label, when they differ
     dataset_names: dict[str, str] = field(default_factory=dict)
     mark_best: bool = True
@@ -71,6 +73,11 @@ class Comparison:
         paper_row = self.paper_rows.get(row)
         return f"{row} (paper: {paper_row})" if paper_row and paper_row != row else row
 
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """What each column shows, as its header names it."""
+        return ("ours",) if self.paper is None else ("ours", "paper", "Δ")
+
     def blocks(self) -> list[list[Cell]]:
         return [self.cells[i:i + COLUMNS_PER_BLOCK] for i in range(0, len(self.cells), COLUMNS_PER_BLOCK)]
 
@@ -79,7 +86,7 @@ class Comparison:
         if not self.mark_best:
             return set(), set()
         ours = [self.ours.get(row, {}).get(cell) for row in self.rows]
-        paper = [self.paper.get(row, {}).get(cell) for row in self.rows]
+        paper = [(self.paper or {}).get(row, {}).get(cell) for row in self.rows]
         return best_index(ours, cell[1]), best_index(paper, cell[1])
 
 
@@ -98,25 +105,26 @@ def _tex_escape(text: str) -> str:
     return text
 
 
-def _triples(table: Comparison, block: list[Cell], row_index: int, bold: Callable) -> list[str]:
+def _row_cells(table: Comparison, block: list[Cell], row_index: int, bold: Callable) -> list[str]:
     row = table.rows[row_index]
     cells = []
     for cell in block:
-        ours, paper = table.ours.get(row, {}).get(cell), table.paper.get(row, {}).get(cell)
+        ours = table.ours.get(row, {}).get(cell)
         best_ours, best_paper = table.marks(cell)
-        cells += [bold(fmt(ours, table.digits), row_index in best_ours),
-                  bold(fmt(paper, table.digits), row_index in best_paper),
-                  fmt_delta(ours, paper, table.digits)]
+        cells.append(bold(fmt(ours, table.digits), row_index in best_ours))
+        if table.paper is not None:
+            paper = table.paper.get(row, {}).get(cell)
+            cells += [bold(fmt(paper, table.digits), row_index in best_paper), fmt_delta(ours, paper, table.digits)]
     return cells
 
 
 def variant_markdown(table: Comparison) -> str:
     parts = [f"### {table.title}", ""]
     for block in table.blocks():
-        header = ["variant"] + [f"{table.column_label(c)} {part}" for c in block for part in ("ours", "paper", "Δ")]
+        header = ["variant"] + [f"{table.column_label(c)} {part}" for c in block for part in table.parts]
         parts += ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
         for index, row in enumerate(table.rows):
-            parts.append("| " + " | ".join([table.row_label(row), *_triples(table, block, index, _md_bold)]) + " |")
+            parts.append("| " + " | ".join([table.row_label(row), *_row_cells(table, block, index, _md_bold)]) + " |")
         parts.append("")
     return "\n".join(parts)
 
@@ -124,12 +132,13 @@ def variant_markdown(table: Comparison) -> str:
 def variant_latex(table: Comparison) -> str:
     parts = [f"% {table.title}"]
     for block in table.blocks():
-        parts += [r"\begin{tabular}{l" + "rrr" * len(block) + "}", r"\toprule"]
-        groups = " & ".join(rf"\multicolumn{{3}}{{c}}{{{_tex_escape(table.column_label(c))}}}" for c in block)
-        parts += [f"variant & {groups} \\\\", " & ".join([""] + ["ours & paper & $\\Delta$"] * len(block)) + r" \\",
-                  r"\midrule"]
+        width = len(table.parts)
+        parts += [r"\begin{tabular}{l" + "r" * width * len(block) + "}", r"\toprule"]
+        groups = " & ".join(rf"\multicolumn{{{width}}}{{c}}{{{_tex_escape(table.column_label(c))}}}" for c in block)
+        names = " & ".join(part.replace("Δ", r"$\Delta$") for part in table.parts)
+        parts += [f"variant & {groups} \\\\", " & ".join([""] + [names] * len(block)) + r" \\", r"\midrule"]
         for index, row in enumerate(table.rows):
-            cells = [_tex_escape(table.row_label(row)), *_triples(table, block, index, _tex_bold)]
+            cells = [_tex_escape(table.row_label(row)), *_row_cells(table, block, index, _tex_bold)]
             parts.append(" & ".join(cells) + r" \\")
         parts += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(parts)
