@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +12,11 @@ from PIL import Image
 from scipy import ndimage
 
 from moeclip.data import synthetic
-from moeclip.data.synthetic import (
-    DEMO_SLUGS,
-    INDUSTRIAL_DEFECTS,
-    MVTEC_CLASSES,
-    VISA_CLASSES,
-    generate_demo_datasets,
-    place_defect,
-)
+from moeclip.data.registry import DATASETS, DemoGenerator
+from moeclip.data.synthetic import INDUSTRIAL_DEFECTS, SCENES, generate_demo_datasets, place_defect
 
 SIZE, PER_CLASS = 48, 3
+MVTEC_CLASSES, VISA_CLASSES = DATASETS["mvtec"].demo.scenes, DATASETS["visa"].demo.scenes  # class -> scene
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +62,13 @@ def _mvtec_pairs(class_dir: Path) -> list[tuple[Path, Path]]:
 
 
 def test_every_slug_produced_and_nothing_left_over(demo: Path, tmp_path: Path) -> None:
-    assert sorted(p.name for p in demo.iterdir()) == sorted(DEMO_SLUGS)
-    assert generate_demo_datasets(tmp_path, per_class=1, image_size=32) == [tmp_path / s for s in DEMO_SLUGS]
+    assert sorted(p.name for p in demo.iterdir()) == sorted(DATASETS)
+    assert generate_demo_datasets(tmp_path, per_class=1, image_size=32) == [tmp_path / s for s in DATASETS]
+
+
+def test_every_declared_generator_and_scene_exists() -> None:
+    assert set(synthetic.GENERATORS) == set(typing.get_args(DemoGenerator))
+    assert {scene for spec in DATASETS.values() for scene in spec.demo.scenes.values()} <= set(SCENES)
 
 
 def test_same_seed_same_bytes_other_seed_differs(demo: Path, tmp_path: Path) -> None:
@@ -192,8 +193,8 @@ def test_every_dataset_marks_defects_with_the_same_checker(demo: Path) -> None:
 
 @pytest.mark.parametrize("defect", sorted(INDUSTRIAL_DEFECTS))
 def test_every_defect_type_changes_exactly_its_mask_on_every_class(defect: str) -> None:
-    for index, render in enumerate([*MVTEC_CLASSES.values(), *VISA_CLASSES.values()]):
-        scene = render(np.random.default_rng(index), 64)
+    for index, name in enumerate([*MVTEC_CLASSES.values(), *VISA_CLASSES.values()]):
+        scene = SCENES[name](np.random.default_rng(index), 64)
         image, mask = place_defect(np.random.default_rng(index), scene, INDUSTRIAL_DEFECTS[defect])
         change = np.abs(image - scene.image).max(axis=-1)
         assert mask.sum() >= 8
@@ -217,7 +218,7 @@ def test_failed_generation_leaves_previous_dataset_untouched(tmp_path: Path, mon
     with pytest.raises(OSError, match="disk full"):
         generate_demo_datasets(tmp_path, seed=5, per_class=1, image_size=32)
     assert _files(tmp_path) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(DEMO_SLUGS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(DATASETS)
 
 
 def test_rejects_bad_arguments(tmp_path: Path) -> None:
@@ -230,12 +231,12 @@ def test_smoke_trees_keep_the_first_class_at_each_real_sets_size_and_prepare(tmp
     from moeclip.data.prepare import prepare_dataset
 
     first_class = {"mvtec": "metal_nut", "visa": "candle", "btad": "01", "dtd": "Woven_001"}
-    for slug in DEMO_SLUGS:
+    for slug in DATASETS:
         root = synthetic.generate_demo_dataset(slug, tmp_path / "raw", per_class=1, image_size=32, classes=1,
                                                real_sizes=True)
         frame = prepare_dataset(slug, root, tmp_path / "manifests" / f"{slug}.parquet", workers=1)
         assert set(frame["class_name"]) == {first_class.get(slug, frame["class_name"].iloc[0])}, slug
-        width, height = synthetic.REAL_SOURCE_SIZES[slug]
+        width, height = DATASETS[slug].real_size
         assert set(zip(frame["width"], frame["height"])) == {(width, height)}, slug
         for mask in frame["mask_path"].dropna():
             with Image.open(root / mask) as picture:

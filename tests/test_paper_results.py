@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from moeclip.bench.reports.paper import load_paper_results, paper_table, paper_value, table_names
+from moeclip.data.registry import DATASETS
 
 # The paper text is not redistributable, so it is not in the repository: MOECLIP_PAPER_TEXT names the
 # file (CI sets it; tests/conftest.py does not collect this module without it).
@@ -67,9 +68,9 @@ def _flat(cells: list[str]) -> list[Number]:
     return [value for cell in cells for value in _numbers(cell)]
 
 
-def _name_to_slug(results: dict[str, Any]) -> dict[str, str]:
-    """Printed dataset name (as in Table 1) -> slug."""
-    return {entry["name"]: slug for slug, entry in results["datasets"].items()}
+def _name_to_slug() -> dict[str, str]:
+    """Printed dataset name (as in Table 1, the declarations' `table_name`) -> slug."""
+    return {spec.table_name: slug for slug, spec in DATASETS.items()}
 
 
 def _values(metrics: dict[str, Number], keys: list[str]) -> list[Number]:
@@ -79,7 +80,7 @@ def _values(metrics: dict[str, Number], keys: list[str]) -> list[Number]:
 
 def _table1_mismatches(results: dict[str, Any]) -> list[str]:
     """Printed vs transcribed Table 1, every row and every method column."""
-    table, slugs = results["table1"], _name_to_slug(results)
+    table, slugs = results["table1"], _name_to_slug()
     problems, seen = [], {"image": 0, "pixel": 0}
     level = ""
     for cells in _rows(1)[1:]:
@@ -128,7 +129,7 @@ def test_table1_every_row_matches_the_paper() -> None:
 def test_table1_moeclip_and_baseline_tuples_printed_verbatim() -> None:
     """MoECLIP is the last column, WinCLIP the first and Bayes-PFL the sixth, printed '(AUROC, AP)'."""
     results = load_paper_results()
-    slugs = _name_to_slug(results)
+    slugs = _name_to_slug()
     rows = _rows(1)[1:]
     for index, cells in enumerate(rows):
         level = "image" if index < 10 else "pixel"
@@ -141,18 +142,21 @@ def test_table1_moeclip_and_baseline_tuples_printed_verbatim() -> None:
 
 
 def test_table1_structure_follows_table3_availability() -> None:
-    results = load_paper_results()
-    table, datasets = results["table1"], results["datasets"]
+    table = load_paper_results()["table1"]
     assert table["methods"] == ["WinCLIP", "April-GAN", "AnomalyCLIP", "AdaCLIP", "AA-CLIP", "Bayes-PFL", "MoECLIP"]
     assert list(table["results"]) == table["methods"]
-    slugs = _name_to_slug(results) | TABLE3_NAMES
+    slugs = _name_to_slug() | TABLE3_NAMES
+    printed = set()
     for cells in _rows(3)[1:]:
         slug, normal = slugs[cells[-6]], int(cells[-4].replace(",", ""))
         pixel, image = (flag.strip() == "O" for flag in cells[-1].strip("()").split(","))
-        assert (datasets[slug]["pixel_level"], datasets[slug]["image_level"]) == (pixel, image)
+        assert (DATASETS[slug].pixel_metrics, DATASETS[slug].image_metrics) == (pixel, image)
         assert image == (normal > 0)
-    assert table["image_datasets"] == [s for s, d in datasets.items() if d["image_level"]]
-    assert table["pixel_datasets"] == [s for s, d in datasets.items() if d["pixel_level"]]
+        printed.add(slug)
+    datasets = [slug for slug in DATASETS if slug in printed]  # the paper's, in declaration order
+    assert len(datasets) == 14
+    assert table["image_datasets"] == [s for s in datasets if DATASETS[s].image_metrics]
+    assert table["pixel_datasets"] == [s for s in datasets if DATASETS[s].pixel_metrics]
     assert (len(table["image_datasets"]), len(table["pixel_datasets"])) == (9, 13)
     for method, by_dataset in table["results"].items():
         for slug in datasets:
@@ -178,7 +182,7 @@ def test_table1_averages_recompute_from_the_datasets() -> None:
 
 def test_table2_every_variant_matches_the_paper_in_pixel_image_order() -> None:
     results = load_paper_results()
-    table, slugs = results["table2"], _name_to_slug(results)
+    table, slugs = results["table2"], _name_to_slug()
     assert table["printed_order"] == ["pixel_auroc", "image_auroc"]
     header = [slugs.get(name, name.lower()) for name in _rows(2)[1]]
     assert header == ["mvtec", "dtd", "headct", "colondb", "average"]
@@ -216,7 +220,7 @@ def test_table6_fixed_and_learnable_rows_match_the_paper() -> None:
 
 def test_table12_rows_match_the_paper() -> None:
     results = load_paper_results()
-    table, slugs = results["table12"], _name_to_slug(results)
+    table, slugs = results["table12"], _name_to_slug()
     rows = _rows(12)[2:]
     assert len(rows) == 9
     for cells in rows:
@@ -257,7 +261,7 @@ def test_table14_expert_statistics_match_the_paper() -> None:
 
 def test_table15_classwise_rows_match_the_paper() -> None:
     results = load_paper_results()
-    table, slugs = results["table15"], _name_to_slug(results)
+    table, slugs = results["table15"], _name_to_slug()
     printed: dict[str, dict[str, list[float]]] = {}
     dataset = ""
     for cells in _rows(15)[2:]:

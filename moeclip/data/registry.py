@@ -1,17 +1,21 @@
-"""Declarative registry of the 14 benchmark datasets.
+"""The benchmark datasets: one declaration each, `register(DatasetSpec(...))` at the end of this module.
 
-One frozen `DatasetSpec` per dataset; adding a dataset means adding one entry
-to `_SPECS`. Counts are the test-set counts of the paper's Table 3; class
-descriptions are the "{}" of the text prompts (see DATASETS.md of the project brief).
+A declaration is everything the code knows about a dataset (names, domain, layout, classes, metrics, the
+paper's Table 3 counts, source, real image size, how the synthetic demo draws it), so that adding a dataset
+is one declaration here plus its params.yaml entries. Class descriptions are the "{}" of the text prompts
+(DATASETS.md of the project brief).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Literal, Mapping
 
 from moeclip.config import Domain
 from moeclip.errors import MoeclipError
+
+# The generators of moeclip/data/synthetic.py, one per family of layouts.
+DemoGenerator = Literal["mvtec", "visa", "class_folders", "scans", "endoscopy"]
 
 
 class DataError(MoeclipError):
@@ -32,29 +36,78 @@ class Source:
     instructions: str = ""
 
 
+def _freeze(instance: object, name: str) -> None:
+    """Replace a mapping field by a read-only copy, so that a frozen declaration is immutable all the way down."""
+    object.__setattr__(instance, name, MappingProxyType(dict(getattr(instance, name))))
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """How the synthetic demo draws a dataset in its real layout (moeclip/data/synthetic.py).
+
+    `generator` names the family of layouts; `scenes` gives each class folder its look (mvtec, visa,
+    class_folders); `normal`, `anomalous` and `mask` are the paths the class_folders, scans and endoscopy
+    generators write ({c}: class folder, {i}: index; no mask: labels only). Each image's random stream is
+    keyed by the dataset's name and its place in the plan, so its bytes do not depend on other declarations.
+    """
+
+    generator: DemoGenerator
+    scenes: Mapping[str, str] = field(default_factory=dict, hash=False)  # class folder -> synthetic.SCENES key
+    normal: str = ""
+    anomalous: str = ""
+    mask: str | None = None
+
+    def __post_init__(self) -> None:
+        _freeze(self, "scenes")
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Everything the data layer needs to know about one benchmark dataset."""
+    """One dataset's declaration: everything the data layer, the demo and the report know about it."""
 
     name: str
     display_name: str
+    table_name: str  # as the paper's tables (and so the report's) print it
     domain: Domain
-    layout: str
-    classes: Mapping[str, str] = field(hash=False)
+    layout: str  # a parser of moeclip/data/layouts.py (several datasets may share one)
+    classes: Mapping[str, str] = field(hash=False)  # class -> prompt description
     pixel_metrics: bool
     image_metrics: bool
     expected_normal: int
     expected_anomalous: int
     source: Source
+    # (width, height) of a typical real image, roughly: large and small, square and not. The smoke run
+    # stretches its synthetic images to it, so loaders, resizing and masks meet what the real files do.
+    real_size: tuple[int, int]
+    demo: DemoPlan
     count_note: str = ""
 
     def __post_init__(self) -> None:
-        # A read-only view keeps the frozen spec immutable all the way down.
-        object.__setattr__(self, "classes", MappingProxyType(dict(self.classes)))
+        _freeze(self, "classes")
 
     def description(self, class_name: str) -> str | None:
         """The prompt description of `class_name`, or None for an unknown class."""
         return self.classes.get(class_name)
+
+
+_DATASETS: dict[str, DatasetSpec] = {}
+DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(_DATASETS)  # read-only, in declaration order
+
+
+def register(spec: DatasetSpec) -> DatasetSpec:
+    """Declare a dataset; its name must be new (a second declaration would silently shadow the first)."""
+    if spec.name in _DATASETS:
+        raise ValueError(f"dataset {spec.name!r} is declared twice")
+    _DATASETS[spec.name] = spec
+    return spec
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    """Look up a registry entry; the error lists the known names."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
 
 
 _MVTEC_CLASSES = {
@@ -113,78 +166,113 @@ _PRANET = _manual(
 )
 _BMAD = "the BMAD benchmark release (github.com/DorisBao/BMAD, Google Drive links in its README)"
 
-_SPECS: tuple[DatasetSpec, ...] = (
-    DatasetSpec(
-        "mvtec", "MVTec-AD", "industrial", "mvtec", _MVTEC_CLASSES, True, True, 467, 1258,
-        _manual("https://www.mvtec.com/company/research/datasets/mvtec-ad (free registration); "
-                "file mvtec_anomaly_detection.tar.xz"),
-    ),
-    DatasetSpec(
-        "visa", "VisA", "industrial", "visa", _VISA_CLASSES, True, True, 962, 1200,
-        Source(url="https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
-               instructions="https://github.com/amazon-science/spot-diff (VisA_20220922.tar)"),
-    ),
-    DatasetSpec(
-        "btad", "BTAD", "industrial", "btad", {c: "product" for c in ("01", "02", "03")},
-        True, True, 451, 290,
-        _manual("http://avires.dimi.uniud.it/papers/btad/btad.zip (BeanTech Anomaly Detection)"),
-    ),
-    DatasetSpec(
-        "rsdd", "RSDD", "industrial", "rsdd", {"metal": "metal"}, True, True, 387, 387,
-        _manual("the MVTec-style RSDD release used by zero-shot AD work (folder Metal15/)"),
-    ),
-    DatasetSpec(
-        "dtd", "DTD-Synthetic", "industrial", "dtd", {f: texture_name(f) for f in _DTD_FOLDERS},
-        True, True, 375, 947,
-        _manual("the DTD-Synthetic release (Aota et al., WACV 2023), one folder per texture "
-                "such as Woven_001/"),
-        count_note="the release metadata lists 357 normal images",
-    ),
-    DatasetSpec(
-        "brainmri", "Brain MRI (BMAD)", "medical", "bmad", {"brain": "scan"}, True, True, 640, 1013,
-        _manual(f"{_BMAD}: the Brain MRI (BraTS2021) set"),
-        count_note="the release metadata lists 3,075 anomalous images",
-    ),
-    DatasetSpec(
-        "headct", "Head CT", "medical", "headct", {"head": "scan"}, False, True, 100, 100,
-        _manual("the MVTec-style Head CT release (Kaggle 'head-ct-hemorrhage', split into "
-                "test/good and test/defect)"),
-    ),
-    DatasetSpec(
-        "liverct", "Liver CT (BMAD)", "medical", "bmad", {"liver": "scan"}, True, True, 833, 660,
-        _manual(f"{_BMAD}: the Liver CT (BTCV + LiTS) set"),
-    ),
-    DatasetSpec(
-        "retinaoct", "Retina OCT (BMAD)", "medical", "bmad", {"retina": "scan"}, True, True, 1041, 764,
-        _manual(f"{_BMAD}: the Retinal OCT (RESC) set"),
-    ),
-    DatasetSpec(
-        "colondb", "CVC-ColonDB", "medical", "colon", {"colon": _COLON}, True, False, 0, 380, _PRANET,
-    ),
-    DatasetSpec(
-        "clinicdb", "CVC-ClinicDB", "medical", "colon", {"colon": _COLON}, True, False, 0, 612, _PRANET,
-    ),
-    DatasetSpec(
-        "cvc300", "CVC-300", "medical", "colon", {"colon": _COLON}, True, False, 0, 60, _PRANET,
-    ),
-    DatasetSpec(
-        "endo", "Endo (EndoTect)", "medical", "endo", {"polyp": "polyp"}, True, False, 0, 200,
-        _manual("the EndoTect 2020 segmentation test set (https://endotect.com), folder "
-                "'test dataset' with images/ and masks/"),
-    ),
-    DatasetSpec(
-        "kvasir", "Kvasir-SEG", "medical", "colon", {"colon": _COLON}, True, False, 0, 1000,
-        Source(url="https://datasets.simula.no/downloads/kvasir-seg.zip",
-               instructions="https://datasets.simula.no/kvasir-seg/ (kvasir-seg.zip)"),
-    ),
-)
-
-DATASETS: Mapping[str, DatasetSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
+_BMAD_DEMO = DemoPlan("scans", normal="test/good/img/{i:03d}.png", anomalous="test/Ungood/img/{i:03d}.png",
+                      mask="test/Ungood/label/{i:03d}.png")
+_COLON_DEMO = DemoPlan("endoscopy", anomalous="images/{i:03d}.png", mask="masks/{i:03d}.png")
 
 
-def get_dataset(name: str) -> DatasetSpec:
-    """Look up a registry entry; the error lists the known names."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+def _same_names(*classes: str) -> dict[str, str]:
+    """Demo scenes named like the classes they show."""
+    return {name: name for name in classes}
+
+
+register(DatasetSpec(
+    name="mvtec", display_name="MVTec-AD", table_name="MVTec-AD", domain="industrial", layout="mvtec",
+    classes=_MVTEC_CLASSES, pixel_metrics=True, image_metrics=True, expected_normal=467, expected_anomalous=1258,
+    source=_manual("https://www.mvtec.com/company/research/datasets/mvtec-ad (free registration); "
+                   "file mvtec_anomaly_detection.tar.xz"),
+    real_size=(1024, 1024),
+    demo=DemoPlan("mvtec", _same_names("metal_nut", "bottle", "hazelnut", "carpet", "grid", "wood", "tile")),
+))
+register(DatasetSpec(
+    name="visa", display_name="VisA", table_name="VisA", domain="industrial", layout="visa",
+    classes=_VISA_CLASSES, pixel_metrics=True, image_metrics=True, expected_normal=962, expected_anomalous=1200,
+    source=Source(url="https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
+                  instructions="https://github.com/amazon-science/spot-diff (VisA_20220922.tar)"),
+    real_size=(1500, 1000),
+    demo=DemoPlan("visa", _same_names("candle", "capsules", "cashew", "chewinggum", "pcb1", "macaroni1", "fryum")),
+))
+register(DatasetSpec(
+    name="btad", display_name="BTAD", table_name="BTAD", domain="industrial", layout="btad",
+    classes={c: "product" for c in ("01", "02", "03")}, pixel_metrics=True, image_metrics=True,
+    expected_normal=451, expected_anomalous=290,
+    source=_manual("http://avires.dimi.uniud.it/papers/btad/btad.zip (BeanTech Anomaly Detection)"),
+    real_size=(1600, 1600),
+    demo=DemoPlan("class_folders", {"01": "carpet", "02": "wood", "03": "tile"}, "{c}/test/ok/{i:04d}.bmp",
+                  "{c}/test/ko/{i:04d}.bmp", "{c}/ground_truth/ko/{i:04d}.png"),
+))
+register(DatasetSpec(
+    name="rsdd", display_name="RSDD", table_name="RSDD", domain="industrial", layout="rsdd",
+    classes={"metal": "metal"}, pixel_metrics=True, image_metrics=True, expected_normal=387, expected_anomalous=387,
+    source=_manual("the MVTec-style RSDD release used by zero-shot AD work (folder Metal15/)"),
+    real_size=(160, 1000),
+    demo=DemoPlan("class_folders", {"Metal15": "grid"}, "{c}/test/good/{i}.bmp", "{c}/test/anomaly/{i}.bmp",
+                  "{c}/ground_truth/anomaly/{i}.png"),
+))
+register(DatasetSpec(
+    name="dtd", display_name="DTD-Synthetic", table_name="DTD-Synthetic", domain="industrial", layout="dtd",
+    classes={f: texture_name(f) for f in _DTD_FOLDERS}, pixel_metrics=True, image_metrics=True,
+    expected_normal=375, expected_anomalous=947,
+    source=_manual("the DTD-Synthetic release (Aota et al., WACV 2023), one folder per texture such as Woven_001/"),
+    real_size=(1024, 1024),
+    demo=DemoPlan("class_folders", {"Woven_001": "carpet", "Blotchy_099": "tile", "Marbled_078": "wood"},
+                  "{c}/test/good/{i:03d}.png", "{c}/test/bad/{i:03d}.png", "{c}/ground_truth/bad/{i:03d}_mask.png"),
+    count_note="the release metadata lists 357 normal images",
+))
+register(DatasetSpec(
+    name="brainmri", display_name="Brain MRI (BMAD)", table_name="Brain MRI", domain="medical", layout="bmad",
+    classes={"brain": "scan"}, pixel_metrics=True, image_metrics=True, expected_normal=640, expected_anomalous=1013,
+    source=_manual(f"{_BMAD}: the Brain MRI (BraTS2021) set"),
+    real_size=(240, 240), demo=_BMAD_DEMO,
+    count_note="the release metadata lists 3,075 anomalous images",
+))
+register(DatasetSpec(
+    name="headct", display_name="Head CT", table_name="Head CT", domain="medical", layout="headct",
+    classes={"head": "scan"}, pixel_metrics=False, image_metrics=True, expected_normal=100, expected_anomalous=100,
+    source=_manual("the MVTec-style Head CT release (Kaggle 'head-ct-hemorrhage', split into "
+                   "test/good and test/defect)"),
+    real_size=(256, 256),
+    demo=DemoPlan("scans", normal="test/good/{i:03d}.png", anomalous="test/defect/{i:03d}.png"),
+))
+register(DatasetSpec(
+    name="liverct", display_name="Liver CT (BMAD)", table_name="Liver CT", domain="medical", layout="bmad",
+    classes={"liver": "scan"}, pixel_metrics=True, image_metrics=True, expected_normal=833, expected_anomalous=660,
+    source=_manual(f"{_BMAD}: the Liver CT (BTCV + LiTS) set"),
+    real_size=(512, 512), demo=_BMAD_DEMO,
+))
+register(DatasetSpec(
+    name="retinaoct", display_name="Retina OCT (BMAD)", table_name="Retina OCT", domain="medical", layout="bmad",
+    classes={"retina": "scan"}, pixel_metrics=True, image_metrics=True, expected_normal=1041, expected_anomalous=764,
+    source=_manual(f"{_BMAD}: the Retinal OCT (RESC) set"),
+    real_size=(512, 496), demo=_BMAD_DEMO,
+))
+register(DatasetSpec(
+    name="colondb", display_name="CVC-ColonDB", table_name="ColonDB", domain="medical", layout="colon",
+    classes={"colon": _COLON}, pixel_metrics=True, image_metrics=False, expected_normal=0, expected_anomalous=380,
+    source=_PRANET, real_size=(574, 500), demo=_COLON_DEMO,
+))
+register(DatasetSpec(
+    name="clinicdb", display_name="CVC-ClinicDB", table_name="ClinicDB", domain="medical", layout="colon",
+    classes={"colon": _COLON}, pixel_metrics=True, image_metrics=False, expected_normal=0, expected_anomalous=612,
+    source=_PRANET, real_size=(384, 288), demo=_COLON_DEMO,
+))
+register(DatasetSpec(
+    name="cvc300", display_name="CVC-300", table_name="CVC-300", domain="medical", layout="colon",
+    classes={"colon": _COLON}, pixel_metrics=True, image_metrics=False, expected_normal=0, expected_anomalous=60,
+    source=_PRANET, real_size=(574, 500), demo=_COLON_DEMO,
+))
+register(DatasetSpec(
+    name="endo", display_name="Endo (EndoTect)", table_name="Endo", domain="medical", layout="endo",
+    classes={"polyp": "polyp"}, pixel_metrics=True, image_metrics=False, expected_normal=0, expected_anomalous=200,
+    source=_manual("the EndoTect 2020 segmentation test set (https://endotect.com), folder "
+                   "'test dataset' with images/ and masks/"),
+    real_size=(1280, 1024),
+    demo=DemoPlan("endoscopy", anomalous="test dataset/images/{i:03d}.jpg", mask="test dataset/masks/{i:03d}.jpg"),
+))
+register(DatasetSpec(
+    name="kvasir", display_name="Kvasir-SEG", table_name="Kvasir", domain="medical", layout="colon",
+    classes={"colon": _COLON}, pixel_metrics=True, image_metrics=False, expected_normal=0, expected_anomalous=1000,
+    source=Source(url="https://datasets.simula.no/downloads/kvasir-seg.zip",
+                  instructions="https://datasets.simula.no/kvasir-seg/ (kvasir-seg.zip)"),
+    real_size=(622, 529), demo=_COLON_DEMO,
+))

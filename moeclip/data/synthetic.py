@@ -9,6 +9,9 @@ is overlaid with one fixed fine checker (`_signature`): with the demo's random-w
 backbone, only such a pixel-identical cue can be learnt on one dataset and recognised on
 another. Every image is drawn from its own numpy Generator keyed by (seed, dataset, class,
 split, index), so the same seed gives byte-identical files whatever else changes.
+
+What is drawn for a dataset (generator, scene per class folder, paths, real size) is its declaration
+in moeclip/data/registry.py; this module holds the scenes and one generator per family of layouts.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
+
+from moeclip.data.registry import DATASETS, DemoGenerator, DemoPlan
 
 MASK_THRESHOLD = 0.3  # defect opacity above which a pixel counts as anomalous in the mask
 CENTRE_JITTER = 0.06  # object position jitter, as a fraction of the image side
@@ -466,7 +471,8 @@ def _render_colon(rng: np.random.Generator, size: int) -> Scene:
     return Scene(np.clip(image, 0, 1).astype(np.float32), wall, image)
 
 
-MVTEC_CLASSES: Mapping[str, Renderer] = {
+# The scenes a dataset's DemoPlan can give its class folders (moeclip/data/registry.py).
+SCENES: Mapping[str, Renderer] = {
     "metal_nut": _render_metal_nut,
     "bottle": _render_bottle,
     "hazelnut": _render_hazelnut,
@@ -474,8 +480,6 @@ MVTEC_CLASSES: Mapping[str, Renderer] = {
     "grid": _render_grid,
     "wood": _render_wood,
     "tile": _render_tile,
-}
-VISA_CLASSES: Mapping[str, Renderer] = {
     "candle": _render_candle,
     "capsules": _render_capsules,
     "cashew": _render_cashew,
@@ -574,17 +578,29 @@ def _pick_defect(seed: int, key: tuple[str | int, ...]) -> str:
     return names[int(_sample_rng(seed, *key, "defect").integers(len(names)))]
 
 
-def _plan_mvtec(seed: int, per_class: int) -> list[Item]:
+def _scenes(plan: DemoPlan) -> list[tuple[str, Renderer]]:
+    """(class folder, renderer) of each class the plan draws."""
+    unknown = sorted(set(plan.scenes.values()) - set(SCENES))
+    if unknown:
+        raise ValueError(f"unknown demo scene(s) {', '.join(unknown)}; there are: {', '.join(SCENES)}")
+    return [(name, SCENES[scene]) for name, scene in plan.scenes.items()]
+
+
+def _path(pattern: str | None, **fields: str | int) -> str | None:
+    return None if pattern is None else pattern.format(**fields)
+
+
+def _plan_mvtec(dataset: str, plan: DemoPlan, seed: int, per_class: int) -> list[Item]:
     """`<class>/{train,test}/good/*.png`, `<class>/test/<defect>/*.png`,
     masks `<class>/ground_truth/<defect>/<name>_mask.png`."""
     items: list[Item] = []
-    for name, render in MVTEC_CLASSES.items():
+    for name, render in _scenes(plan):
         for split in ("train", "test"):
             paths = [f"{name}/{split}/good/{i:03d}.png" for i in range(per_class)]
-            items += _normals(render, name, ("mvtec", name, split), paths, split)
+            items += _normals(render, name, (dataset, name, split), paths, split)
         per_defect: dict[str, int] = {}
         for i in range(per_class):
-            key = ("mvtec", name, "anomaly", i)
+            key = (dataset, name, "anomaly", i)
             defect = _pick_defect(seed, key)
             index = per_defect[defect] = per_defect.get(defect, -1) + 1
             image, mask = f"{name}/test/{defect}/{index:03d}.png", f"{name}/ground_truth/{defect}/{index:03d}_mask.png"
@@ -592,74 +608,53 @@ def _plan_mvtec(seed: int, per_class: int) -> list[Item]:
     return items
 
 
-def _plan_visa(seed: int, per_class: int) -> list[Item]:
+def _plan_visa(dataset: str, plan: DemoPlan, seed: int, per_class: int) -> list[Item]:
     """`<class>/Data/Images/{Normal,Anomaly}/*.JPG` with masks `<class>/Data/Masks/Anomaly/*.png`.
 
     The first `per_class` normal images form the train split, the next `per_class` the test
     split; all anomalies are test images, as in the official 1cls split.
     """
     items: list[Item] = []
-    for name, render in VISA_CLASSES.items():
+    for name, render in _scenes(plan):
         for split, indices in (("train", range(per_class)), ("test", range(per_class, 2 * per_class))):
             paths = [f"{name}/Data/Images/Normal/{i:04d}.JPG" for i in indices]
-            items += _normals(render, name, ("visa", name, split), paths, split)
+            items += _normals(render, name, (dataset, name, split), paths, split)
         for i in range(per_class):
-            key = ("visa", name, "anomaly", i)
+            key = (dataset, name, "anomaly", i)
             defect = INDUSTRIAL_DEFECTS[_pick_defect(seed, key)]
             mask = f"{name}/Data/Masks/Anomaly/{i:03d}.png"
             items.append(Item(f"{name}/Data/Images/Anomaly/{i:03d}.JPG", name, render, key, defect, mask))
     return items
 
 
-def _plan_industrial_folders(
-    dataset: str, classes: Mapping[str, Renderer], normal: str, anomalous: str, mask: str, ext: str
-) -> Callable[[int, int], list[Item]]:
-    """Plans for the one-folder-per-class industrial layouts (BTAD, RSDD, DTD-Synthetic).
-
-    `normal`, `anomalous` and `mask` are path patterns with `{c}` (class folder) and `{i}` (index).
-    """
-
-    def plan(seed: int, per_class: int) -> list[Item]:
-        items: list[Item] = []
-        for name, render in classes.items():
-            paths = [normal.format(c=name, i=i) + ext for i in range(per_class)]
-            items += _normals(render, name, (dataset, name, "normal"), paths)
-            for i in range(per_class):
-                key = (dataset, name, "anomaly", i)
-                defect = INDUSTRIAL_DEFECTS[_pick_defect(seed, key)]
-                image, mask_path = anomalous.format(c=name, i=i) + ext, mask.format(c=name, i=i)
-                items.append(Item(image, name, render, key, defect, mask_path))
-        return items
-
-    return plan
+def _plan_class_folders(dataset: str, plan: DemoPlan, seed: int, per_class: int) -> list[Item]:
+    """The one-folder-per-class industrial layouts (BTAD, RSDD, DTD-Synthetic): the plan's paths per class."""
+    items: list[Item] = []
+    for name, render in _scenes(plan):
+        paths = [plan.normal.format(c=name, i=i) for i in range(per_class)]
+        items += _normals(render, name, (dataset, name, "normal"), paths)
+        for i in range(per_class):
+            key = (dataset, name, "anomaly", i)
+            defect = INDUSTRIAL_DEFECTS[_pick_defect(seed, key)]
+            items.append(Item(plan.anomalous.format(c=name, i=i), name, render, key, defect,
+                              _path(plan.mask, c=name, i=i)))
+    return items
 
 
-def _plan_scans(dataset: str, normal: str, anomalous: str, mask: str | None) -> Callable[[int, int], list[Item]]:
-    """Plans for the medical scan layouts: BMAD (with masks) and Head CT (labels only)."""
+def _plan_scans(dataset: str, plan: DemoPlan, seed: int, per_class: int) -> list[Item]:
+    """The medical scan layouts, one class: BMAD (with masks) and Head CT (labels only)."""
     lesion = Defect(_blob, _lesion_fill)
-
-    def plan(seed: int, per_class: int) -> list[Item]:
-        normals = [normal.format(i=i) for i in range(per_class)]
-        anomalies = [Item(anomalous.format(i=i), dataset, _render_brain, (dataset, "anomaly", i), lesion,
-                          mask.format(i=i) if mask else None) for i in range(per_class)]
-        return _normals(_render_brain, dataset, (dataset, "normal"), normals) + anomalies
-
-    return plan
+    normals = [plan.normal.format(i=i) for i in range(per_class)]
+    anomalies = [Item(plan.anomalous.format(i=i), dataset, _render_brain, (dataset, "anomaly", i), lesion,
+                      _path(plan.mask, i=i)) for i in range(per_class)]
+    return _normals(_render_brain, dataset, (dataset, "normal"), normals) + anomalies
 
 
-def _plan_endoscopy(dataset: str, image: str, mask: str) -> Callable[[int, int], list[Item]]:
-    """Plans for the polyp layouts (anomalies only): ColonDB, ClinicDB, CVC-300, Kvasir, Endo."""
+def _plan_endoscopy(dataset: str, plan: DemoPlan, seed: int, per_class: int) -> list[Item]:
+    """The polyp layouts, anomalies only: ColonDB, ClinicDB, CVC-300, Kvasir, Endo."""
     polyp = Defect(_polyp, _polyp_fill)
-
-    def plan(seed: int, per_class: int) -> list[Item]:
-        return [Item(image.format(i=i), dataset, _render_colon, (dataset, "anomaly", i), polyp, mask.format(i=i))
-                for i in range(per_class)]
-
-    return plan
-
-
-_BMAD = ("test/good/img/{i:03d}.png", "test/Ungood/img/{i:03d}.png", "test/Ungood/label/{i:03d}.png")
-_COLON = ("images/{i:03d}.png", "masks/{i:03d}.png")
+    return [Item(plan.anomalous.format(i=i), dataset, _render_colon, (dataset, "anomaly", i), polyp,
+                 _path(plan.mask, i=i)) for i in range(per_class)]
 
 
 def _write_visa_split(root: Path, items: list[Item]) -> None:
@@ -678,45 +673,20 @@ def _no_index(root: Path, items: list[Item]) -> None:
 
 
 @dataclass(frozen=True)
-class DemoSet:
-    """How to plan one demo dataset, and which index files its layout needs besides the images."""
+class Generator:
+    """A family of layouts' generator: plans a dataset's images from its DemoPlan, then writes the index files
+    its layout needs besides the images."""
 
-    plan: Callable[[int, int], list[Item]]
+    plan: Callable[[str, DemoPlan, int, int], list[Item]]
     index: Callable[[Path, list[Item]], None] = _no_index
 
 
-DEMO_SETS: Mapping[str, DemoSet] = {
-    "mvtec": DemoSet(_plan_mvtec),
-    "visa": DemoSet(_plan_visa, _write_visa_split),
-    "btad": DemoSet(_plan_industrial_folders(
-        "btad", {"01": _render_carpet, "02": _render_wood, "03": _render_tile},
-        "{c}/test/ok/{i:04d}", "{c}/test/ko/{i:04d}", "{c}/ground_truth/ko/{i:04d}.png", ".bmp")),
-    "rsdd": DemoSet(_plan_industrial_folders(
-        "rsdd", {"Metal15": _render_grid}, "{c}/test/good/{i}", "{c}/test/anomaly/{i}",
-        "{c}/ground_truth/anomaly/{i}.png", ".bmp")),
-    "dtd": DemoSet(_plan_industrial_folders(
-        "dtd", {"Woven_001": _render_carpet, "Blotchy_099": _render_tile, "Marbled_078": _render_wood},
-        "{c}/test/good/{i:03d}", "{c}/test/bad/{i:03d}", "{c}/ground_truth/bad/{i:03d}_mask.png", ".png")),
-    "brainmri": DemoSet(_plan_scans("brainmri", *_BMAD)),
-    "headct": DemoSet(_plan_scans("headct", "test/good/{i:03d}.png", "test/defect/{i:03d}.png", None)),
-    "liverct": DemoSet(_plan_scans("liverct", *_BMAD)),
-    "retinaoct": DemoSet(_plan_scans("retinaoct", *_BMAD)),
-    "colondb": DemoSet(_plan_endoscopy("colondb", *_COLON)),
-    "clinicdb": DemoSet(_plan_endoscopy("clinicdb", *_COLON)),
-    "cvc300": DemoSet(_plan_endoscopy("cvc300", *_COLON)),
-    "kvasir": DemoSet(_plan_endoscopy("kvasir", *_COLON)),
-    "endo": DemoSet(_plan_endoscopy("endo", "test dataset/images/{i:03d}.jpg", "test dataset/masks/{i:03d}.jpg")),
-}
-DEMO_SLUGS: tuple[str, ...] = tuple(DEMO_SETS)
-
-# (width, height) of a typical image of each real set, approximately (DATASETS.md's sources):
-# large and small, square and not. A smoke run writes its trees at these sizes, so that the
-# loaders, resizing and mask handling meet what the real files will make them do.
-REAL_SOURCE_SIZES: Mapping[str, tuple[int, int]] = {
-    "mvtec": (1024, 1024), "visa": (1500, 1000), "btad": (1600, 1600), "rsdd": (160, 1000),
-    "dtd": (1024, 1024), "brainmri": (240, 240), "headct": (256, 256), "liverct": (512, 512),
-    "retinaoct": (512, 496), "colondb": (574, 500), "clinicdb": (384, 288), "cvc300": (574, 500),
-    "kvasir": (622, 529), "endo": (1280, 1024),
+GENERATORS: Mapping[DemoGenerator, Generator] = {
+    "mvtec": Generator(_plan_mvtec),
+    "visa": Generator(_plan_visa, _write_visa_split),
+    "class_folders": Generator(_plan_class_folders),
+    "scans": Generator(_plan_scans),
+    "endoscopy": Generator(_plan_endoscopy),
 }
 
 
@@ -755,15 +725,16 @@ def _publish(staging: Path, final: Path) -> None:
     shutil.rmtree(retired)
 
 
-def _write_dataset(out: Path, slug: str, items: list[Item], seed: int, size: int,
-                   source_size: tuple[int, int] | None, progress: tqdm) -> Path:
-    """Write one dataset into a hidden staging folder next to its destination, then publish it."""
+def _write_dataset(out: Path, slug: str, items: list[Item], index: Callable[[Path, list[Item]], None], seed: int,
+                   size: int, source_size: tuple[int, int] | None, progress: tqdm) -> Path:
+    """Write one dataset (images, then its `index` files) into a hidden staging folder next to its destination,
+    then publish it."""
     staging = Path(tempfile.mkdtemp(prefix=f".{slug}.tmp-", dir=out))
     try:
         for item in items:
             _write_item(staging, item, seed, size, source_size)
             progress.update()
-        DEMO_SETS[slug].index(staging, items)
+        index(staging, items)
         _publish(staging, out / slug)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -783,25 +754,28 @@ def _first_classes(items: list[Item], classes: int | None) -> list[Item]:
 
 def generate_demo_dataset(slug: str, out: Path, seed: int = 0, image_size: int = 64, per_class: int = 6,
                           classes: int | None = None, real_sizes: bool = False) -> Path:
-    """Write one demo dataset to `out/<slug>/` (replacing an existing one only once complete) and return it.
+    """Write one registry dataset's demo version, as its DemoPlan says, to `out/<slug>/` (replacing an existing
+    one only once complete) and return it.
 
     `per_class` is the number of normal and of anomalous test images per class (plus as many
     normal train images for the MVTec- and VisA-style sets). `classes` keeps only the first
     classes of the set; `real_sizes` stretches every image drawn at `image_size` to the real
-    set's typical size (REAL_SOURCE_SIZES).
+    set's typical size (the declaration's `real_size`).
     """
     _check_arguments(seed, image_size, per_class, classes)
-    if slug not in DEMO_SETS:
-        raise ValueError(f"no synthetic demo version of '{slug}' (there are: {', '.join(DEMO_SLUGS)})")
+    if slug not in DATASETS:
+        raise ValueError(f"no synthetic demo version of '{slug}' (there are: {', '.join(DATASETS)})")
+    spec = DATASETS[slug]
+    generator = GENERATORS[spec.demo.generator]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    items = _first_classes(DEMO_SETS[slug].plan(seed, per_class), classes)
-    source_size = REAL_SOURCE_SIZES[slug] if real_sizes else None
+    items = _first_classes(generator.plan(slug, spec.demo, seed, per_class), classes)
+    source_size = spec.real_size if real_sizes else None
     with tqdm(total=len(items), desc=f"synthetic {slug}", unit="img") as progress:
-        return _write_dataset(out, slug, items, seed, image_size, source_size, progress)
+        return _write_dataset(out, slug, items, generator.index, seed, image_size, source_size, progress)
 
 
 def generate_demo_datasets(out: Path, seed: int = 0, image_size: int = 64, per_class: int = 6) -> list[Path]:
-    """Write every demo dataset (slugs of DEMO_SLUGS) under `out/<slug>/` and return their folders."""
+    """Write the demo version of every registry dataset under `out/<slug>/` and return their folders."""
     _check_arguments(seed, image_size, per_class)
-    return [generate_demo_dataset(slug, out, seed, image_size, per_class) for slug in DEMO_SLUGS]
+    return [generate_demo_dataset(slug, out, seed, image_size, per_class) for slug in DATASETS]

@@ -31,6 +31,7 @@ from moeclip.bench.reports.tables import (
     variant_latex,
     variant_markdown,
 )
+from moeclip.data.registry import DATASETS
 from moeclip.errors import MoeclipError
 from moeclip.figures import save_figure
 
@@ -78,7 +79,8 @@ AVERAGE_NAMES = {"average": "Average", "average_image": "Average (image)", "aver
 
 
 def _dataset_names() -> dict[str, str]:
-    return {slug: entry["name"] for slug, entry in load_paper_results()["datasets"].items()} | AVERAGE_NAMES
+    """Row names: each dataset as its declaration says the paper's tables print it."""
+    return {slug: spec.table_name for slug, spec in DATASETS.items()} | AVERAGE_NAMES
 
 
 def _ours_label(label: str, profile: Profile) -> str:
