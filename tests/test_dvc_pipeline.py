@@ -2,8 +2,8 @@
 
 One module-scoped run (a few minutes on 2 CPU cores) serves every check: the committed dvc.lock and
 reports/demo reproduced to the byte, all tables with all rows, metrics and plots through DVC's own
-commands, a second `dvc repro` doing nothing, every stage having run exactly the code dvc.yaml lists
-for it, and `dvc status` naming exactly the stages a params or module edit affects.
+commands, a second `dvc repro` doing nothing, every stage having run exactly the code its stamp lists,
+and `dvc status` naming exactly the stages a params or module edit affects.
 """
 import filecmp
 import json
@@ -16,6 +16,7 @@ import yaml
 from benchmarks.bench_pipeline import clone_working_tree, run_repro, stage_environment
 from moeclip.bench.dvcfile import folded
 from moeclip.bench.experiments import experiment_runs, load_plan
+from moeclip.bench.stages import CODE_STAGE
 
 # The whole demo pipeline, measured with benchmarks/bench_pipeline.py (reports/pipeline-time/): 336 s on
 # 2 idle cores, 470 s with one core kept busy (experiments run two single-threaded variants at once).
@@ -118,16 +119,24 @@ def test_a_params_edit_invalidates_only_what_depends_on_it(clone):
 
 
 def _stage_code(clone: Path) -> dict[str, tuple[list[str], list[str]]]:
-    """Per locked stage: (the package files it recorded having run, its code dependencies in dvc.lock)."""
+    """Per locked stage but the code stage: (the package files it recorded having run, the files of its code
+    stamp, which it depends on in dvc.lock)."""
     locked = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
-    usage = clone / "runs" / "demo" / "usage"
-    return {name: (json.loads((usage / f"{name}.json").read_text())["code"],
-                   sorted(dep["path"] for dep in stage["deps"] if dep["path"].startswith("moeclip")))
-            for name, stage in locked.items()}
+    runs = clone / "runs" / "demo"
+    code = {}
+    for name, stage in locked.items():
+        if name == CODE_STAGE:
+            continue
+        kind = name.split("@")[0].split("-")[0]  # 'evaluate-visa@mvtec' -> 'evaluate'
+        assert [dep["path"] for dep in stage["deps"] if dep["path"].startswith(("moeclip", "runs/demo/code"))] \
+            == [f"runs/demo/code/{kind}.json"], name  # one code entry per stage: its stamp
+        code[name] = (json.loads((runs / "usage" / f"{name}.json").read_text())["code"],
+                      json.loads((runs / "code" / f"{kind}.json").read_text())["files"])
+    return code
 
 
-def test_every_stage_ran_exactly_the_code_it_depends_on(clone):
-    """What each stage process loaded (warm server, worker processes included) is its code dependency list."""
+def test_every_stage_ran_exactly_the_code_its_stamp_lists(clone):
+    """What each stage process loaded (warm server, worker processes included) is what its code stamp lists."""
     for name, (recorded, declared) in _stage_code(clone).items():
         assert folded(recorded, clone) == declared, name
 
@@ -146,8 +155,10 @@ def test_an_edit_to_a_module_invalidates_exactly_the_stages_that_import_it(clone
     original = path.read_text()
     try:
         path.write_text(original + "\n# an edit\n")
+        _run(["dvc", "repro", CODE_STAGE], clone)  # the stamps say which stages' code changed
         status = _run(["dvc", "status"], clone).stdout
     finally:
         path.write_text(original)
+        _run(["dvc", "repro", CODE_STAGE], clone)
     changed = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith(("\t", " "))}
     assert changed == importers, status

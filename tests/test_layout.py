@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _data_paths(stage: dict) -> tuple[set[str], set[str]]:
-    """A locked stage's outputs and its data (non-code) dependencies."""
-    outs = {out["path"] for out in stage.get("outs", [])}
-    return outs, {dep["path"] for dep in stage["deps"] if not dep["path"].startswith("moeclip")}
+    """A locked stage's outputs and dependencies (its code is one of them: its stamp, or the package for the
+    code stage)."""
+    return {out["path"] for out in stage.get("outs", [])}, {dep["path"] for dep in stage["deps"]}
 
 
 def test_dvc_stages_read_and_write_the_layouts_paths():
@@ -22,26 +22,31 @@ def test_dvc_stages_read_and_write_the_layouts_paths():
     layout = profile.layout
     locked = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
     expected: dict[str, tuple[set[Path], set[Path]]] = {}
+    stamped = ("fetch", "prepare", "train", "evaluate", "baseline", "experiment", "analysis", "report")
+    expected["code"] = ({layout.code(kind) for kind in stamped}, {Path("moeclip")})
     for dataset in benchmark.datasets:
-        expected[f"fetch@{dataset}"] = ({layout.raw(dataset)}, set())
-        expected[f"prepare@{dataset}"] = ({layout.manifest(dataset)}, {layout.raw(dataset)})
+        expected[f"fetch@{dataset}"] = ({layout.raw(dataset)}, {layout.code("fetch")})
+        expected[f"prepare@{dataset}"] = ({layout.manifest(dataset)}, {layout.raw(dataset), layout.code("prepare")})
     for auxiliary, targets in benchmark.main.targets.items():
-        expected[f"train@{auxiliary}"] = ({layout.training(auxiliary)}, {layout.manifest(auxiliary)})
+        expected[f"train@{auxiliary}"] = ({layout.training(auxiliary)},
+                                          {layout.manifest(auxiliary), layout.code("train")})
         for target in targets:
             expected[f"evaluate-{auxiliary}@{target}"] = (
                 {layout.evaluation(auxiliary, target), layout.evaluation_metrics(auxiliary, target)},
-                {layout.training(auxiliary), layout.manifest(target)})
+                {layout.training(auxiliary), layout.manifest(target), layout.code("evaluate")})
     for experiment in benchmark.experiments:
         expected[f"experiment@{experiment}"] = (
             {layout.experiment(experiment), layout.experiment_metrics(experiment),
              layout.experiment_resources(experiment)},
-            {layout.manifests(), layout.main_metrics(), layout.trainings()})
+            {layout.manifests(), layout.main_metrics(), layout.trainings(), layout.code("experiment")})
     for method in benchmark.methods:
         expected[f"baseline@{method}"] = (
             {layout.baseline(method), layout.baseline_metrics(method), layout.baseline_resources(method)},
-            {layout.manifests()})
-    expected["analysis"] = ({layout.analysis()}, {layout.manifests(), layout.training(benchmark.main.auxiliary)})
-    expected["report"] = ({layout.reports}, {layout.metrics(), layout.resources(), layout.analysis()})
+            {layout.manifests(), layout.code("baseline")})
+    expected["analysis"] = ({layout.analysis()}, {layout.manifests(), layout.training(benchmark.main.auxiliary),
+                                                  layout.code("analysis")})
+    expected["report"] = ({layout.reports}, {layout.metrics(), layout.resources(), layout.analysis(),
+                                             layout.code("report")})
     assert set(locked) == set(expected)
     for name, (outs, deps) in expected.items():
         assert _data_paths(locked[name]) == ({p.as_posix() for p in outs}, {p.as_posix() for p in deps}), name

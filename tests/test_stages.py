@@ -10,6 +10,7 @@ from benchmarks.bench_pipeline import stage_environment
 from moeclip.bench.dvcfile import PACKAGE_ROOT, folded, package_files, render, stage_code
 from moeclip.bench.experiments import load_plan
 from moeclip.bench.stages import STAGES, get_stage
+from moeclip.bench.stages.common import code_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,8 +21,8 @@ def test_dvc_yaml_is_what_the_stage_declarations_render():
 
 
 def test_every_stage_has_a_module_with_its_run_and_dvc_names_its_calls():
-    assert [stage.name for stage in STAGES] == ["fetch", "prepare", "train", "evaluate", "baseline", "experiment",
-                                                "analysis", "report"]
+    assert [stage.name for stage in STAGES] == ["code", "fetch", "prepare", "train", "evaluate", "baseline",
+                                                "experiment", "analysis", "report"]
     assert all(callable(stage.function()) for stage in STAGES)
     assert get_stage("fetch").label({"dataset": "visa"}) == "fetch@visa"
     assert get_stage("evaluate").label({"auxiliary": "visa", "target": "mvtec"}) == "evaluate-visa@mvtec"
@@ -62,13 +63,20 @@ def test_package_data_belongs_to_the_module_that_reads_it():
     assert data == {file for files in PACKAGE_DATA.values() for file in files}
 
 
-def test_a_stage_records_the_code_it_ran_which_is_its_declared_code(tmp_path):
-    """`moeclip stage` keeps the package files it loaded in its usage record: the same as the probe's."""
+def test_a_stage_records_the_code_it_ran_which_is_what_its_stamp_lists(tmp_path):
+    """The code stage stamps each stage with the probe's files and their digest; `moeclip stage` keeps the
+    package files it loaded in its usage record, the same files; every stage depends on its stamp alone."""
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     env = {**stage_environment(tmp_path, warm=False), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(["moeclip", "stage", "fetch", "btad"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    for command in (["moeclip", "stage", "code"], ["moeclip", "stage", "fetch", "btad"]):
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    stamps = {stage.name: json.loads((tmp_path / f"runs/demo/code/{stage.name}.json").read_text())
+              for stage in STAGES if stage.name != "code"}
+    assert all(stamp["digest"] == code_digest(PACKAGE_ROOT, stamp["files"]) for stamp in stamps.values())
+    assert "moeclip/training.py" in stamps["train"]["files"] and "moeclip/training.py" not in stamps["fetch"]["files"]
     recorded = json.loads((tmp_path / "runs/demo/usage/fetch@btad.json").read_text())["code"]
-    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["fetch"]["do"]["deps"]
-    assert folded(recorded, PACKAGE_ROOT) == declared
+    assert folded(recorded, PACKAGE_ROOT) == stamps["fetch"]["files"]
+    dvc_stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert dvc_stages["code"]["deps"] == ["moeclip"]
+    assert dvc_stages["fetch"]["do"]["deps"] == ["runs/${profile}/code/fetch.json"]

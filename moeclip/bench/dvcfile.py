@@ -2,10 +2,11 @@
 
 `moeclip dvc-yaml` writes it and `moeclip dvc-yaml --check` says whether the committed file is
 current (a test runs the check). Paths carry `${profile}`, so `dvc repro` follows params.yaml's
-`profile:` without a new rendering. A stage's code dependencies are the package files its module
-imports, found by importing it in a fresh interpreter; a folder stands for its files where the stage
-imports every one of them. The per-auxiliary evaluation stages and the plots follow params.yaml's
-main plan and report, so an edit there may need a new rendering (the check says so).
+`profile:` without a new rendering. A stage's code is the package files its module imports, found by
+importing it in a fresh interpreter (`stage_code`; a folder stands for its files where the stage
+imports every one of them); the `code` stage stamps them, and each stage depends on its stamp. The
+per-auxiliary evaluation stages and the plots follow params.yaml's main plan and report, so an edit
+there may need a new rendering (the check says so).
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -32,7 +32,8 @@ HEADER = """\
 # The benchmark pipeline, rendered by `moeclip dvc-yaml` from the stage declarations in
 # moeclip/bench/stages/ and params.yaml's plan: edit those, then render again (a test checks it).
 # Paths carry the active profile (params.yaml `profile:`), so profiles keep separate data, runs
-# and reports. Each stage's code dependencies are exactly the package files it imports.
+# and reports. Each stage depends on its code stamp, which the `code` stage writes from exactly the
+# package files the stage imports (so an edit reruns just the stages that import what it changed).
 #   fetch@<dataset> -> prepare@<dataset> -> train@<aux> -> evaluate-<aux>@<target> ----> report
 #                                        -> baseline@<method> (trains, evaluates) ---/
 #                                        -> experiment@<table/figure> --------------/
@@ -98,13 +99,13 @@ def _templates(stage: Stage, benchmark: Benchmark) -> list[tuple[str, dict[str, 
     return [(stage.name, {"foreach": over}, {name: value for name in stage.arguments})]
 
 
-def _body(stage: Stage, benchmark: Benchmark, args: Mapping[str, str], code: list[str]) -> dict[str, Any]:
+def _body(stage: Stage, benchmark: Benchmark, args: Mapping[str, str]) -> dict[str, Any]:
     command = " ".join(["moeclip stage", stage.name, *(args[name] for name in stage.arguments),
                         "--profile ${profile}"])
     writes = stage.writes(TEMPLATE_LAYOUT, benchmark, args)
     body: dict[str, Any] = {
         "cmd": command, "desc": stage.summary,
-        "deps": [path.as_posix() for path in stage.reads(TEMPLATE_LAYOUT, benchmark, args)] + code,
+        "deps": [path.as_posix() for path in stage.inputs(TEMPLATE_LAYOUT, benchmark, args)],
         "params": stage.params_keys("${profile}", args),
         "outs": [_output(output) for output in writes if not output.metric],
         "metrics": [_output(output) for output in writes if output.metric]}
@@ -114,11 +115,9 @@ def _body(stage: Stage, benchmark: Benchmark, args: Mapping[str, str], code: lis
 def render(benchmark: Benchmark) -> str:
     """The text of dvc.yaml for a params file's plan."""
     stages: dict[str, Any] = {}
-    with ThreadPoolExecutor() as pool:  # each probe is a fresh interpreter
-        codes = list(pool.map(stage_code, STAGES))
-    for stage, code in zip(STAGES, codes):
+    for stage in STAGES:
         for name, loop, args in _templates(stage, benchmark):
-            body = _body(stage, benchmark, args, code)
+            body = _body(stage, benchmark, args)
             stages[name] = {**loop, "do": body} if "foreach" in loop else {**loop, **body}
     losses = TEMPLATE_LAYOUT.losses("${main.auxiliary}").as_posix()
     plots = [{"training loss": {"template": "linear", "x": "step", "y": {losses: "loss"}}},

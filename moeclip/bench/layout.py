@@ -103,6 +103,10 @@ class RunLayout:
     def analysis(self) -> Path:
         return self.runs / "analysis"
 
+    def code(self, stage: str) -> Path:
+        """A stage's code stamp: the package files it imports and their digest (the `code` stage writes it)."""
+        return self.runs / "code" / f"{stage}.json"
+
     def usage(self, stage: str) -> Path:
         """The last run of a stage: wall time and peak memory (a log, not a DVC output)."""
         return self.runs / "usage" / f"{stage}.json"

@@ -2,7 +2,10 @@
 
 A stage is one module of this package with a `run(params, *arguments, profile_name)` function; its
 code is everything that module imports (at its top, so a lazy import deeper down cannot escape the
-list). Everything else derives from the declarations below:
+list). The `code` stage, first of all, writes each other stage's code stamp (those files and their
+digest, runs/<profile>/code/<stage>.json), and each stage reads its stamp: DVC then reruns exactly the
+stages whose code an edit changed, while dvc.lock holds one code entry per stage instead of its file
+list. Everything else derives from the declarations below:
   - dvc.yaml, rendered by `moeclip dvc-yaml` (moeclip/bench/dvcfile.py): deps, params, outs, metrics;
   - `moeclip stage <name> ...` (stages/cli.py);
   - the Prefect flow's tasks, their order (a call waits for the calls that write what it reads) and
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from moeclip.bench.layout import RunLayout
 
 PACKAGE = "moeclip"
+CODE_STAGE = "code"
 # Package data read by a module (not imported, so not seen in sys.modules): the module's code includes it.
 PACKAGE_DATA = {"moeclip/backbone.py": ("moeclip/configs/MoECLIP-Tiny-ViT.json",),
                 "moeclip/bench/reports/paper.py": ("moeclip/bench/reports/paper_results.yaml",
@@ -69,15 +73,25 @@ class Stage:
             return f"{self.name}-{args['auxiliary']}@{args['target']}"
         return f"{self.name}@{args[self.arguments[0]]}" if self.arguments else self.name
 
+    def inputs(self, layout: RunLayout, plan: Benchmark, args: Mapping[str, str]) -> list[Path]:
+        """What one call reads: its declared reads and, but for the code stage, its code stamp."""
+        stamp = [] if self.name == CODE_STAGE else [layout.code(self.name)]
+        return self.reads(layout, plan, args) + stamp
+
     def paths(self, layout: RunLayout, plan: Benchmark, args: Mapping[str, str]) -> tuple[list[Path], list[Path]]:
         """(paths read, paths written) by one call."""
-        return self.reads(layout, plan, args), [output.path for output in self.writes(layout, plan, args)]
+        return self.inputs(layout, plan, args), [output.path for output in self.writes(layout, plan, args)]
 
     def params_keys(self, profile: str, args: Mapping[str, str]) -> list[str]:
         return [key.format(profile=profile, **args) for key in self.params]
 
 
 STAGES: tuple[Stage, ...] = (
+    Stage(CODE_STAGE, "Stamp each stage's code: the package files it imports, and their digest.", (), None,
+          reads=lambda layout, plan, a: [Path(PACKAGE)],
+          writes=lambda layout, plan, a: [Output(layout.code(stage.name), cache=False)
+                                          for stage in STAGES if stage.name != CODE_STAGE],
+          params=()),
     Stage("fetch", "Download (or synthesise, for a synthetic profile) one dataset.", ("dataset",), "datasets",
           reads=lambda layout, plan, a: [],
           writes=lambda layout, plan, a: [Output(layout.raw(a["dataset"]), persist=True,
