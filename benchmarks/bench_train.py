@@ -54,7 +54,7 @@ def stepper(model: MoECLIP, how: Execution, batch_size: int) -> Callable[[], dic
     config = paper_profile().train.model_copy(update={"batch_size": batch_size})
     optimizer, scheduler = build_optimizer(model, config, device)
     batch = synthetic_batch(batch_size, model.config.image_size, device)
-    return lambda: train_step(model, optimizer, scheduler, batch, config, device, how)
+    return lambda: train_step(model, optimizer, scheduler, batch, device, how)
 
 
 def main() -> None:

@@ -32,15 +32,12 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from moeclip.backbone import load_clip
-from moeclip.bench.params import load_profile
 from moeclip.methods.anomalyclip import (
     AnomalyCLIP,
     AnomalyCLIPConfig,
     native_image_size,
 )
 from moeclip.methods.targets import Targets
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def import_official(path: Path) -> types.SimpleNamespace:
@@ -65,8 +62,8 @@ def our_config(args: argparse.Namespace, weights: str) -> AnomalyCLIPConfig:
         backbone=args.backbone, image_size=args.image_size, weights=weights, quick_gelu=True,
         position_resize="bilinear", precision="fp32", prompt_length=args.prompt_length, deep_prompt_length=4,
         deep_prompt_depth=args.deep_depth, deep_prompt_fp16=True, dpam_from=args.dpam_from,
-        feature_layers=tuple(args.feature_layers), temperature=0.07, lambda_local=4.0, sigma=args.sigma,
-        object_word="object", anomaly_word="damaged")
+        feature_layers=tuple(args.feature_layers), temperature=0.07, lambda_local=4.0, focal_gamma=2.0,
+        sigma=args.sigma, object_word="object", anomaly_word="damaged")
 
 
 def inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,7 +116,6 @@ def official_outputs(official: types.SimpleNamespace, model: torch.nn.Module, le
 def our_outputs(model: AnomalyCLIP, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
                 args: argparse.Namespace) -> dict[str, torch.Tensor]:
     """The same quantities through the method's protocol (predict; training_outputs + training_losses)."""
-    train = load_profile(ROOT / "params.yaml", "paper").train
     model.eval()
     with torch.no_grad():
         text = model.text_features()
@@ -128,7 +124,7 @@ def our_outputs(model: AnomalyCLIP, images: torch.Tensor, labels: torch.Tensor, 
         raw = model.local_probabilities(vision.patch_features, text, images.shape[-2:])[:, :, 1].sum(dim=1)
     model.train()
     losses = model.training_losses(model.training_outputs(images, []),
-                                   Targets(masks, labels, torch.ones(args.batch, dtype=torch.bool)), train)
+                                   Targets(masks, labels, torch.ones(args.batch, dtype=torch.bool)))
     losses["loss"].backward()
     grads = {f"grad_{name}": param.grad.reshape(-1) for name, param in model.prompts.named_parameters()}
     return {"text": text, "scores": scores, "raw_maps": raw, "maps": maps, "image_loss": losses["image_loss"],

@@ -40,7 +40,6 @@ from typing import Any
 import open_clip
 import torch
 
-from moeclip.config import TrainConfig
 from moeclip.methods.april_gan import AprilGAN, AprilGANConfig
 from moeclip.methods.targets import Targets
 
@@ -52,14 +51,6 @@ COMPARE_CONFIG = {
 }
 NAMES = ("metal_nut", "bottle")
 RELEASE_MODULES = ("open_clip", "train", "model", "loss", "prompt_ensemble", "dataset", "pkg_resources")
-
-
-def training_settings() -> TrainConfig:
-    """The release's loss settings (focal gamma 2); the MoECLIP-only fields at inert values."""
-    return TrainConfig(epochs=1, batch_size=2, lr=1e-3, betas=(0.5, 0.999), milestones=(), gamma=1.0, seed=111,
-                       focal_gamma=2.0, classification_loss="bce", lambda_etf=0.0, lambda_bal=0.0,
-                       expert_constraint="etf", balance_unbiased=False, release_compat=False, augment=False,
-                       dice="release", focal="paper", num_workers=0, checkpoint_every=1000, max_steps=None)
 
 
 def _is_release_module(name: str) -> bool:
@@ -226,7 +217,7 @@ def compare(args: argparse.Namespace) -> dict[str, float]:
     """Max abs differences between our outputs and the release's on one batch."""
     config = AprilGANConfig(backbone=args.backbone, image_size=args.image_size, weights=None, quick_gelu=False,
                             precision="fp32", class_text="folder", feature_layers=tuple(args.layers),
-                            logit_scale=100.0)
+                            logit_scale=100.0, focal_gamma=2.0)  # the release's focal loss
     images, masks, names = inputs(args.batch, args.image_size, args.seed + 1)
     with tempfile.TemporaryDirectory(prefix="april-gan-compare-") as workdir:
         if args.backbone == COMPARE_BACKBONE:
@@ -240,7 +231,7 @@ def compare(args: argparse.Namespace) -> dict[str, float]:
         probs = ours.training_outputs(images, names)
         maps, scores = ours.predict(images, names, "industrial")
         targets = Targets(masks=masks, labels=masks.flatten(1).amax(1).long(), known=torch.ones(len(names), dtype=bool))
-        loss = ours.training_losses(probs, targets, training_settings())["loss"]
+        loss = ours.training_losses(probs, targets)["loss"]
     release_probs = torch.stack([prediction for prediction, _ in release.focal], dim=1)  # (B, M, 2, H, W)
     release_loss = sum(value for _, value in release.focal + release.dice)
     result = {f"layer {layer} map": (probs[:, i, 1] - release_probs[:, i, 1]).abs().max().item()

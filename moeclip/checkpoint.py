@@ -18,8 +18,13 @@ from moeclip.methods.base import ZeroShotMethod
 from moeclip.methods.registry import UnknownMethodError, build_method, method_config
 
 # 2: the image score follows `model.image_score` and per-class normalisation the release's rule.
-# Format 1 computed S_A by neither formula, so its results cannot be reproduced: it is refused.
-FORMAT_VERSION = 2
+# 3: a method's loss settings are in its model config (MoECLIP's focal_gamma ... release_compat, a baseline's
+#    focal_gamma), the train config is generic.
+# Older formats are refused: format 1 computed S_A by neither formula, so its results cannot be reproduced;
+# format 2's model config lacks the loss settings, so the configuration it was trained with is not one of ours.
+FORMAT_VERSION = 3
+OUTDATED = {1: "it scored images by a formula that is neither the paper's nor the release's",
+            2: "its model config lacks the loss settings, which format 2 kept in its train config"}
 
 
 class CheckpointError(MoeclipError):
@@ -73,9 +78,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or not isinstance(payload.get("format"), int):
         raise CheckpointError(f"'{path}' is not a MoECLIP checkpoint (format {FORMAT_VERSION})")
     if payload["format"] != FORMAT_VERSION:
-        raise OutdatedCheckpointError(
-            f"checkpoint '{path}' has format {payload['format']}, this version reads format {FORMAT_VERSION} "
-            f"(format 1 scored images by a formula that is neither the paper's nor the release's): retrain it")
+        why = OUTDATED.get(payload["format"], "a format this version does not know")
+        raise OutdatedCheckpointError(f"checkpoint '{path}' has format {payload['format']}, this version reads "
+                                      f"format {FORMAT_VERSION} ({why}): retrain it")
     return payload
 
 

@@ -1,5 +1,9 @@
 """Model and training configuration: the `model` and `train` sections of params.yaml as validated objects.
 
+A method's `model` section is its settings object: its network and its training objective (MoECLIP's
+`ModelConfig`, the baselines' configs in moeclip/methods/). The `train` section is generic: any method is
+trained by the same loop with those settings, so editing one method's settings leaves the others' alone.
+
 Every switch used by the paper's ablations is a field here, so that later stages only wire
 values from params.yaml into `ModelConfig` and never change model code; where the authors'
 release differs, the release's behaviour is a named option. No field has a default: every
@@ -66,7 +70,8 @@ class BackboneConfig(BaseModel):
 
 
 class ModelConfig(BackboneConfig):
-    """Everything that defines a MoECLIP network (not its training); the backbone fields are SPEC 1's."""
+    """Everything that defines a MoECLIP network and its training objective (MoECLIP's settings: no other
+    method reads them); the backbone fields are SPEC 1's. How any method is optimised is `TrainConfig`'s."""
 
     # MoE adapter (SPEC 2); layers are 1-indexed transformer blocks
     moe_layers: tuple[int, ...]
@@ -112,6 +117,25 @@ class ModelConfig(BackboneConfig):
     blur_industrial: BlurConfig
     blur_medical: BlurConfig
 
+    # Training objective (Eq. 16) and the release's training mode
+    focal_gamma: float
+    classification_loss: Literal["bce", "cross_entropy"] = Field(
+        description="paper: BCE on S_A; release: 2-way cross-entropy on the raw cosines")
+    lambda_etf: float = Field(ge=0)
+    lambda_bal: float = Field(ge=0)
+    expert_constraint: Literal["etf", "cosine", "contrastive"] = Field(
+        description="output-stage expert constraint weighted by lambda_etf (Table 10 variants)")
+    balance_unbiased: bool = Field(description="release: unbiased (n-1) variance in CV^2")
+    release_compat: bool = Field(
+        description="train as the release effectively does: eval mode (sparse top-k, no dropout), "
+                    "no ETF and no balance loss")
+    dice: Literal["paper", "release"] = Field(
+        description="paper: 1 - 2 sum(yp) / (sum(y) + sum(p)); release: smoothing 1 in numerator and "
+                    "denominator (a normal image's anomaly-channel Dice then has a gradient)")
+    focal: Literal["paper", "release"] = Field(
+        description="paper: -(1 - p_t)^gamma log p_t; release: its smoothing 1e-5 (one-hot target clamped to "
+                    "[1e-5, 1 - 1e-5], 1e-5 added to p_t)")
+
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
         if self.top_k > self.num_experts:
@@ -145,7 +169,8 @@ class ModelConfig(BackboneConfig):
 
 
 class TrainConfig(BaseModel):
-    """The `train` section of params.yaml (SPEC 7)."""
+    """The `train` section of params.yaml (SPEC 7): how a method is optimised, whatever the method (optimiser,
+    schedule, epochs, batch size, seed, data loading, checkpoints). A method's losses are its own config's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -156,24 +181,7 @@ class TrainConfig(BaseModel):
     milestones: tuple[int, ...] = Field(description="MultiStepLR milestones, in iterations")
     gamma: float
     seed: int
-    focal_gamma: float
-    classification_loss: Literal["bce", "cross_entropy"] = Field(
-        description="paper: BCE on S_A; release: 2-way cross-entropy on the raw cosines")
-    lambda_etf: float = Field(ge=0)
-    lambda_bal: float = Field(ge=0)
-    expert_constraint: Literal["etf", "cosine", "contrastive"] = Field(
-        description="output-stage expert constraint weighted by lambda_etf (Table 10 variants)")
-    balance_unbiased: bool = Field(description="release: unbiased (n-1) variance in CV^2")
-    release_compat: bool = Field(
-        description="train as the release effectively does: eval mode (sparse top-k, no dropout), "
-                    "no ETF and no balance loss")
     augment: bool
-    dice: Literal["paper", "release"] = Field(
-        description="paper: 1 - 2 sum(yp) / (sum(y) + sum(p)); release: smoothing 1 in numerator and "
-                    "denominator (a normal image's anomaly-channel Dice then has a gradient)")
-    focal: Literal["paper", "release"] = Field(
-        description="paper: -(1 - p_t)^gamma log p_t; release: its smoothing 1e-5 (one-hot target clamped to "
-                    "[1e-5, 1 - 1e-5], 1e-5 added to p_t)")
     num_workers: int | None = Field(
         ge=0, description="data-loading processes; null = one per spare core on CUDA, none on the CPU")
     checkpoint_every: int = Field(ge=1, description="iterations between resumable checkpoints")

@@ -43,9 +43,9 @@ class TrainResult:
     model: ZeroShotMethod
 
 
-def compute_losses(model: ZeroShotMethod, batch: Mapping[str, Any], config: TrainConfig, device: torch.device,
+def compute_losses(model: ZeroShotMethod, batch: Mapping[str, Any], device: torch.device,
                    execution: Execution = Execution()) -> dict[str, torch.Tensor]:
-    """The method's training losses for one batch (for MoECLIP Eq. 16).
+    """The method's training losses for one batch (for MoECLIP Eq. 16), as its own config weights them.
 
     The forward runs as `execution` says; the losses are computed in float32 outside it,
     without a host synchronisation.
@@ -56,7 +56,7 @@ def compute_losses(model: ZeroShotMethod, batch: Mapping[str, Any], config: Trai
                       known=torch.as_tensor(batch["has_mask"]).to(device, non_blocking=True))
     with executing(model, execution, device.type):
         outputs = model.training_outputs(images, model.prompt_texts(batch))
-    return model.training_losses(outputs, targets, config)
+    return model.training_losses(outputs, targets)
 
 
 def build_optimizer(model: ZeroShotMethod, config: TrainConfig,
@@ -73,11 +73,10 @@ def build_optimizer(model: ZeroShotMethod, config: TrainConfig,
 
 
 def train_step(model: ZeroShotMethod, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-               batch: Mapping[str, Any], config: TrainConfig, device: torch.device,
-               execution: Execution) -> dict[str, float]:
+               batch: Mapping[str, Any], device: torch.device, execution: Execution) -> dict[str, float]:
     """One optimisation step; the losses come back as floats through a single host synchronisation."""
-    model.train(not config.release_compat)  # the release trains in eval mode (sparse, no dropout)
-    losses = compute_losses(model, batch, config, device, execution)
+    model.train(model.trains_in_train_mode())  # MoECLIP's release trains in eval mode (sparse, no dropout)
+    losses = compute_losses(model, batch, device, execution)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     optimizer.step()
@@ -143,7 +142,7 @@ class Trainer:
                           **loader_options(self.device, self.config.num_workers))
 
     def _step(self, batch: Mapping[str, Any]) -> dict[str, float]:
-        return train_step(self.model, self.optimizer, self.scheduler, batch, self.config, self.device, self.execution)
+        return train_step(self.model, self.optimizer, self.scheduler, batch, self.device, self.execution)
 
     def _budget_spent(self) -> bool:
         """Whether `max_steps` of the configuration (a smoke run's bound) have been taken."""

@@ -21,10 +21,11 @@ SPEC_MODEL = {"backbone": "ViT-L-14-336", "weights": "openai", "image_size": 518
               "lambda_moe": 0.1, "fofs": True, "expert_type": "lora", "router_type": "linear", "router_noise": 0.0,
               "paa_scales": (1, 3, 5), "image_adapter": True, "vanilla": False, "learnable_prompts": False,
               "precision": "fp32", "image_score": "paper", "output_layers": None,
-              "blur_industrial": {"kernel_size": 7, "sigma": 1.0}, "blur_medical": {"kernel_size": 9, "sigma": 1.5}}
+              "blur_industrial": {"kernel_size": 7, "sigma": 1.0}, "blur_medical": {"kernel_size": 9, "sigma": 1.5},
+              "focal_gamma": 2.0, "lambda_etf": 0.01, "lambda_bal": 0.01, "classification_loss": "bce",
+              "expert_constraint": "etf", "dice": "paper", "focal": "paper", "release_compat": False}
 SPEC_TRAIN = {"lr": 5e-4, "betas": (0.5, 0.999), "batch_size": 2, "epochs": 20, "milestones": (16000, 32000),
-              "gamma": 0.5, "focal_gamma": 2.0, "lambda_etf": 0.01, "lambda_bal": 0.01, "classification_loss": "bce",
-              "expert_constraint": "etf", "dice": "paper", "focal": "paper", "augment": True, "release_compat": False, "max_steps": None}
+              "gamma": 0.5, "augment": True, "max_steps": None}
 
 
 def test_params_hold_every_spec_experiment_and_the_papers_hyperparameters():
@@ -41,7 +42,7 @@ def test_params_hold_every_spec_experiment_and_the_papers_hyperparameters():
 def test_demo_profile_is_the_paper_with_a_tiny_backbone_and_reduced_sweeps():
     benchmark, demo = load_plan(PARAMS)
     assert demo.name == "demo" and demo.data.synthetic
-    assert demo.model.backbone == "MoECLIP-Tiny-ViT" and demo.model.lora_rank == 8 and demo.train.lambda_etf == 0.01
+    assert demo.model.backbone == "MoECLIP-Tiny-ViT" and demo.model.lora_rank == 8 and demo.model.lambda_etf == 0.01
     _, paper = load_plan(PARAMS, "paper")
     for name in benchmark.experiments:
         assert 1 <= len(experiment_runs(benchmark, demo, name)) <= len(experiment_runs(benchmark, paper, name))
@@ -75,6 +76,22 @@ def test_profile_variants_map_to_paper_rows():
     assert layers["Layer 2"].paper_row == "Layer 12"
     assert layers["Layer 2"].model.feature_layers == (2,)
     assert layers["Ensemble"].paper_row == "Ensemble"
+
+
+def test_loss_variants_override_moeclips_settings_and_keep_the_generic_training(tmp_path):
+    benchmark, paper = load_plan(PARAMS, "paper")
+    runs = {run.name: run for run in experiment_runs(benchmark, paper, "table2") + experiment_runs(benchmark, paper,
+                                                                                                    "table10")}
+    assert runs["w/o ETF Loss"].model.lambda_etf == 0.0 and runs["w/o ETF Loss"].train == paper.train
+    assert (runs["w/o FOFS & ETF Loss"].model.fofs, runs["w/o FOFS & ETF Loss"].model.lambda_etf) == (False, 0.0)
+    assert runs["Similarity Constraint"].model.expert_constraint == "cosine"
+    assert runs["w/o ETF Loss"].training_key != main_run(paper, "visa").training_key
+    as_training = _edited(tmp_path, lambda d: d["experiments"]["table2"]["variants"].update(
+        {"w/o ETF Loss": {"train": {"lambda_etf": 0.0}}}))
+    benchmark, paper = load_plan(as_training, "paper")
+    with pytest.raises(ParamsError, match=r"variant 'w/o ETF Loss' train is invalid: lambda_etf: extra inputs are "
+                                          r"not permitted$"):
+        experiment_runs(benchmark, paper, "table2")
 
 
 def _edited(tmp_path: Path, edit) -> Path:

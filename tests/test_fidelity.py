@@ -163,11 +163,11 @@ def test_the_release_profile_switches_every_documented_difference():
     assert (paper.model.image_score, release.model.image_score) == ("paper", "release")
     assert (paper.model.quick_gelu, release.model.quick_gelu) == (True, False)
     assert (paper.model.description_set, release.model.description_set) == ("datasets", "release")
-    assert (paper.train.classification_loss, release.train.classification_loss) == ("bce", "cross_entropy")
-    assert (paper.train.release_compat, release.train.release_compat) == (False, True)
-    assert (paper.train.dice, release.train.dice) == ("paper", "release")
-    assert (paper.train.focal, release.train.focal) == ("paper", "release")
-    assert (paper.train.balance_unbiased, release.train.balance_unbiased) == (False, True)
+    assert (paper.model.classification_loss, release.model.classification_loss) == ("bce", "cross_entropy")
+    assert (paper.model.release_compat, release.model.release_compat) == (False, True)
+    assert (paper.model.dice, release.model.dice) == ("paper", "release")
+    assert (paper.model.focal, release.model.focal) == ("paper", "release")
+    assert (paper.model.balance_unbiased, release.model.balance_unbiased) == (False, True)
     assert (paper.train.lr, release.train.lr) == (5e-4, 5e-5)
     assert paper.model.precision == release.model.precision == "fp32"
     same = {"backbone", "image_size", "moe_layers", "num_experts", "top_k", "lora_rank", "paa_scales", "text_head"}
@@ -178,8 +178,8 @@ def test_every_switch_is_recorded_in_the_run_params():
     params = flatten_params({"model": paper_config().model_dump(mode="json"),
                              "train": paper_training().model_dump(mode="json")})
     for key, value in {"model.image_score": "paper", "model.description_set": "datasets", "model.precision": "fp32",
-                       "model.quick_gelu": "True", "train.dice": "paper",
-                       "train.classification_loss": "bce"}.items():
+                       "model.quick_gelu": "True", "model.dice": "paper",
+                       "model.classification_loss": "bce", "train.lr": "0.0005"}.items():
         assert params[key] == value
 
 
@@ -188,6 +188,8 @@ def test_a_checkpoint_of_the_old_format_is_refused_with_the_reason(tmp_path):
     path = tmp_path / "old.pt"
     save_checkpoint(path, model, 0)
     payload = torch.load(path, weights_only=False)
-    torch.save({**payload, "format": FORMAT_VERSION - 1}, path)
-    with pytest.raises(OutdatedCheckpointError, match=r"format 1.*retrain"):
-        read_checkpoint(path)
+    for old, why in ((1, "a formula that is neither"), (2, "its model config lacks the loss settings")):
+        torch.save({**payload, "format": old}, path)
+        with pytest.raises(OutdatedCheckpointError, match=rf"has format {old}, .* reads format {FORMAT_VERSION} "
+                                                          rf"\(.*{why}.*\): retrain it$"):
+            read_checkpoint(path)

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 from scipy.ndimage import gaussian_filter
-from tiny_models import paper_training
 
 from moeclip.backbone import tokenizer_for
 from moeclip.methods.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, gaussian_blur
@@ -24,7 +23,7 @@ TINY = {
     "backbone": "MoECLIP-Tiny-ViT", "image_size": 64, "weights": None, "quick_gelu": True,
     "position_resize": "bilinear", "precision": "fp32", "prompt_length": 12, "deep_prompt_length": 4,
     "deep_prompt_depth": 2, "deep_prompt_fp16": True, "dpam_from": 2, "feature_layers": (4,), "temperature": 0.07,
-    "lambda_local": 4.0, "sigma": 4.0, "object_word": "object", "anomaly_word": "damaged",
+    "lambda_local": 4.0, "focal_gamma": 2.0, "sigma": 4.0, "object_word": "object", "anomaly_word": "damaged",
 }
 
 
@@ -175,7 +174,7 @@ def test_training_loss_is_ce_plus_four_times_focal_and_two_dice(model: AnomalyCL
     model.train()
     try:
         losses = model.training_losses(model.training_outputs(images, ["a", "b"]),
-                                       Targets(masks, labels, torch.tensor([True, True])), paper_training())
+                                       Targets(masks, labels, torch.tensor([True, True])))
     finally:
         model.eval()
     with torch.no_grad():
@@ -192,13 +191,12 @@ def test_training_loss_is_ce_plus_four_times_focal_and_two_dice(model: AnomalyCL
 
 def test_samples_with_unknown_masks_only_train_the_image_term(model: AnomalyCLIP, images: torch.Tensor) -> None:
     masks, labels = masks_and_labels()
-    config = paper_training()
     with torch.no_grad():
         outputs = model.training_outputs(images, ["a", "b"])
-        mixed = model.training_losses(outputs, Targets(masks, labels, torch.tensor([False, True])), config)
+        mixed = model.training_losses(outputs, Targets(masks, labels, torch.tensor([False, True])))
         second = type(outputs)(outputs.image_logits[1:], outputs.probabilities[1:])
-        alone = model.training_losses(second, Targets(masks[1:], labels[1:], torch.tensor([True])), config)
-        none = model.training_losses(outputs, Targets(masks, labels, torch.tensor([False, False])), config)
+        alone = model.training_losses(second, Targets(masks[1:], labels[1:], torch.tensor([True])))
+        none = model.training_losses(outputs, Targets(masks, labels, torch.tensor([False, False])))
     torch.testing.assert_close(mixed["local_loss"], alone["local_loss"])
     torch.testing.assert_close(mixed["image_loss"], F.cross_entropy(outputs.image_logits, labels))
     torch.testing.assert_close(none["loss"], none["image_loss"])
@@ -232,12 +230,12 @@ def test_text_is_cached_in_eval_only_and_refreshed_after_an_update() -> None:
 def test_training_steps_reduce_the_loss_and_touch_only_the_prompts(images: torch.Tensor) -> None:
     model = AnomalyCLIP.build(tiny_config(), seed=0)
     masks, labels = masks_and_labels()
-    targets, config = Targets(masks, labels, torch.tensor([True, True])), paper_training()
+    targets = Targets(masks, labels, torch.tensor([True, True]))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01, betas=(0.5, 0.999))
     model.train()
     history = []
     for _ in range(6):
-        loss = model.training_losses(model.training_outputs(images, ["a", "b"]), targets, config)["loss"]
+        loss = model.training_losses(model.training_outputs(images, ["a", "b"]), targets)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -19,7 +19,8 @@ from moeclip.methods.targets import Targets
 from moeclip.methods.prompts import APRIL_GAN_TEMPLATES, ensemble
 
 TINY = {"backbone": "MoECLIP-Tiny-ViT", "image_size": 64, "weights": None, "quick_gelu": False,
-        "precision": "fp32", "class_text": "folder", "feature_layers": (1, 2, 3, 4), "logit_scale": 100.0}
+        "precision": "fp32", "class_text": "folder", "feature_layers": (1, 2, 3, 4), "logit_scale": 100.0,
+        "focal_gamma": 2.0}
 PAPER = {**TINY, "backbone": "ViT-L-14-336", "image_size": 518, "weights": "openai",
          "feature_layers": (6, 12, 18, 24)}
 NAMES = ["metal_nut", "bottle"]
@@ -34,11 +35,9 @@ TEMPLATES_TAIL = ["there is the {} in the scene.", "this is a {} in the scene.",
 
 
 def train_config(**overrides: object) -> TrainConfig:
-    """The paper's April-GAN training settings (the MoECLIP-only fields at inert values)."""
+    """The paper's April-GAN training settings."""
     values = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999), "milestones": (), "gamma": 1.0,
-              "seed": 111, "focal_gamma": 2.0, "classification_loss": "bce", "lambda_etf": 0.0, "lambda_bal": 0.0,
-              "expert_constraint": "etf", "balance_unbiased": False, "release_compat": False, "augment": False,
-              "dice": "release", "focal": "paper", "num_workers": 0, "checkpoint_every": 1000, "max_steps": None}
+              "seed": 111, "augment": False, "num_workers": 0, "checkpoint_every": 1000, "max_steps": None}
     return TrainConfig.model_validate({**values, **overrides})
 
 
@@ -240,7 +239,7 @@ def test_losses_have_known_values(model: AprilGAN) -> None:
     masks = torch.zeros(2, 4, 4)
     masks[0, :2, :3] = 1  # 6 positive pixels; the second image is normal
     targets = Targets(masks=masks, labels=torch.tensor([1, 0]), known=torch.tensor([True, True]))
-    losses = model.training_losses(constant_maps(anomalous), targets, train_config())
+    losses = model.training_losses(constant_maps(anomalous), targets)
     focal, dice = expected_loss(anomalous, [6, 0], 16)
     assert losses["focal_loss"].item() == pytest.approx(focal, rel=1e-5)
     assert losses["dice_loss"].item() == pytest.approx(dice, rel=1e-5)
@@ -252,12 +251,12 @@ def test_samples_without_a_mask_are_left_out(model: AprilGAN) -> None:
     masks = torch.zeros(2, 4, 4)
     masks[1, 1:, 1:] = 1  # 9 positives, but this mask is unknown
     known = Targets(masks=masks, labels=torch.tensor([0, 1]), known=torch.tensor([True, False]))
-    losses = model.training_losses(constant_maps(anomalous), known, train_config())
+    losses = model.training_losses(constant_maps(anomalous), known)
     focal, dice = expected_loss(anomalous, [0], 16)
     assert losses["loss"].item() == pytest.approx(focal + dice, rel=1e-5)
     maps = constant_maps(anomalous).requires_grad_(True)
     none = Targets(masks=masks, labels=torch.tensor([0, 1]), known=torch.tensor([False, False]))
-    empty = model.training_losses(maps, none, train_config())["loss"]
+    empty = model.training_losses(maps, none)["loss"]
     empty.backward()
     assert empty.item() == 0 and maps.grad.abs().sum() == 0
 
@@ -277,7 +276,7 @@ def test_training_reduces_the_loss_and_updates_only_the_projections() -> None:
     history = []
     method.train()
     for _ in range(4):
-        loss = method.training_losses(method.training_outputs(images, texts), targets, config)["loss"]
+        loss = method.training_losses(method.training_outputs(images, texts), targets)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

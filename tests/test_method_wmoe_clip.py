@@ -28,15 +28,12 @@ from moeclip.methods.wmoe_clip import (
 DEMO = {"backbone": "MoECLIP-Tiny-ViT", "image_size": 64, "weights": None, "quick_gelu": False, "precision": "fp32",
         "feature_layers": (1, 2, 3, 4), "prompt_length": 4, "prompt_object": "object", "latent_dim": 16,
         "vae_hidden": 32, "ctds_injection": "projected", "experts": 4, "expert_hidden": 8, "attention_heads": 4,
-        "temperature": 0.07, "beta_kl": 0.01, "beta_rec": 1.0, "lambda_seg": 1.0, "sigma": 0.5}
+        "temperature": 0.07, "beta_kl": 0.01, "beta_rec": 1.0, "lambda_seg": 1.0, "focal_gamma": 2.0, "sigma": 0.5}
 PAPER = dict(DEMO, backbone="ViT-L-14-336", image_size=518, weights="openai", quick_gelu=True,
              feature_layers=(6, 12, 18, 24), prompt_length=12, latent_dim=768, vae_hidden=768,
              ctds_injection="direct", expert_hidden=192, sigma=4.0)
 TRAIN = TrainConfig(epochs=15, batch_size=8, lr=1e-3, betas=(0.5, 0.999), milestones=(), gamma=1.0, seed=111,
-                    focal_gamma=2.0, classification_loss="cross_entropy", lambda_etf=0.0, lambda_bal=0.0,
-                    expert_constraint="etf", balance_unbiased=False, release_compat=False, augment=False,
-                    dice="release", focal="paper", num_workers=0, checkpoint_every=1000,
-                    max_steps=None)
+                    augment=False, num_workers=0, checkpoint_every=1000, max_steps=None)
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
@@ -229,15 +226,15 @@ def _outputs(generator: torch.Generator) -> WMoEOutputs:
 
 
 def test_losses_are_the_weighted_sum_of_all_four_terms():
-    model = _tiny(lambda_seg=2.0, beta_kl=0.5, beta_rec=0.25)
+    model = _tiny(lambda_seg=2.0, beta_kl=0.5, beta_rec=0.25, focal_gamma=3.0)
     generator = torch.Generator().manual_seed(4)
     outputs = _outputs(generator)
     masks = (torch.rand(2, 16, 16, generator=generator) > 0.7).float()
     targets = Targets(masks=masks, labels=torch.tensor([1, 0]), known=torch.tensor([True, True]))
-    losses = model.training_losses(outputs, targets, TRAIN)
+    losses = model.training_losses(outputs, targets)
     maps = F.interpolate(outputs.pixel_logits.flatten(0, 1), size=(16, 16), mode="bilinear",
                          align_corners=True).softmax(dim=1).view(2, 3, 2, 16, 16)
-    seg = sum(clamped_focal_loss(maps[:, layer], masks) + dice_loss(maps[:, layer, 1], masks, "release")
+    seg = sum(clamped_focal_loss(maps[:, layer], masks, 3.0) + dice_loss(maps[:, layer, 1], masks, "release")
               + dice_loss(maps[:, layer, 0], 1 - masks, "release") for layer in range(3))
     image = F.cross_entropy(outputs.image_logits, targets.labels)
     kl = gaussian_kl(outputs.ctds.mean, outputs.ctds.log_var)
@@ -257,8 +254,8 @@ def test_segmentation_loss_ignores_samples_without_a_known_mask(tiny):
     first = WMoEOutputs(outputs.pixel_logits[:1], outputs.image_logits[:1], outputs.global_feature[:1],
                         outputs.ctds, outputs.image_size)
     alone = Targets(masks=masks[:1], labels=torch.tensor([1]), known=torch.tensor([True]))
-    torch.testing.assert_close(tiny.training_losses(outputs, half, TRAIN)["segmentation_loss"],
-                               tiny.training_losses(first, alone, TRAIN)["segmentation_loss"])
+    torch.testing.assert_close(tiny.training_losses(outputs, half)["segmentation_loss"],
+                               tiny.training_losses(first, alone)["segmentation_loss"])
 
 
 def test_a_few_steps_reduce_the_loss_and_the_frozen_clip_gets_no_gradient():
@@ -275,12 +272,12 @@ def test_a_few_steps_reduce_the_loss_and_the_frozen_clip_gets_no_gradient():
     def eval_loss() -> float:
         model.eval()
         with torch.no_grad():
-            return model.training_losses(model.training_outputs(images, ["object"] * 4), targets, TRAIN)["loss"].item()
+            return model.training_losses(model.training_outputs(images, ["object"] * 4), targets)["loss"].item()
 
     before = eval_loss()
     for _ in range(6):
         model.train()
-        loss = model.training_losses(model.training_outputs(images, ["object"] * 4), targets, TRAIN)["loss"]
+        loss = model.training_losses(model.training_outputs(images, ["object"] * 4), targets)["loss"]
         optimizer.zero_grad()
         loss.backward()
         assert all(p.grad is None for p in model.clip.parameters())

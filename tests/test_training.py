@@ -93,14 +93,26 @@ TINY = tiny_config(moe_layers=(2, 4))
 
 
 def test_release_compat_trains_without_etf_and_balance(visa_frame, tmp_path):
-    trainer = Trainer(TINY, paper_training(release_compat=True, batch_size=4), visa_frame, tmp_path / CHECKPOINT)
+    release = TINY.model_copy(update={"release_compat": True})
+    trainer = Trainer(release, paper_training(batch_size=4), visa_frame, tmp_path / CHECKPOINT)
     batch = next(iter(trainer._loader([[0, 1, 2, 3]])))
     trainer.model.eval()
-    losses = compute_losses(trainer.model, batch, trainer.config, trainer.device)
+    losses = compute_losses(trainer.model, batch, trainer.device)
     assert losses["expert_constraint_loss"].item() == 0.0 and losses["balance_loss"].item() == 0.0
+    trainer.model.config = TINY  # the same weights under the paper's objective
     trainer.model.train()
-    paper = compute_losses(trainer.model, batch, paper_training(batch_size=4), trainer.device)
+    paper = compute_losses(trainer.model, batch, trainer.device)
     assert paper["expert_constraint_loss"].item() > 0 and paper["segmentation_loss"].item() > 0
+
+
+def test_the_method_says_whether_its_training_runs_in_train_mode(visa_frame, tmp_path):
+    """The release trains in eval mode; the trainer asks the method, so the generic settings hold no such switch."""
+    for config, mode in ((TINY, True), (TINY.model_copy(update={"release_compat": True}), False)):
+        trainer = Trainer(config, paper_training(batch_size=4), visa_frame, tmp_path / str(mode) / CHECKPOINT)
+        assert trainer.model.trains_in_train_mode() is mode
+        trainer.model.train(not mode)
+        trainer._step(next(iter(trainer._loader([[0, 1, 2, 3]]))))
+        assert trainer.model.training is mode and not trainer.model.clip.training
 
 
 def test_the_learning_rate_steps_per_iteration_and_adam_uses_the_papers_betas(visa_frame, tmp_path):
@@ -112,7 +124,7 @@ def test_the_learning_rate_steps_per_iteration_and_adam_uses_the_papers_betas(vi
 
 
 def test_total_loss_adds_the_weighted_constraint_summed_over_layers_and_the_balance(visa_frame, tmp_path):
-    model_config = TINY.model_copy(update={"lora_dropout": 0.0})
+    model_config = TINY.model_copy(update={"lora_dropout": 0.0, "lambda_etf": 0.3, "lambda_bal": 0.7})
     trainer = Trainer(model_config, paper_training(batch_size=4), visa_frame, tmp_path / CHECKPOINT)
     with torch.no_grad():
         for adapter in trainer.model.moe.values():
@@ -120,8 +132,7 @@ def test_total_loss_adds_the_weighted_constraint_summed_over_layers_and_the_bala
             adapter.lora_b.normal_(std=0.1)
     trainer.model.train()
     batch = next(iter(trainer._loader([[0, 1, 2, 3]])))
-    weights = paper_training(batch_size=4, lambda_etf=0.3, lambda_bal=0.7)
-    losses = compute_losses(trainer.model, batch, weights, trainer.device)
+    losses = compute_losses(trainer.model, batch, trainer.device)
     with torch.no_grad():
         vision = trainer.model.encode_image(batch["image"])
     per_layer = [etf_loss(aux.expert_outputs).item() for aux in vision.moe.values()]

@@ -28,8 +28,9 @@ class Variant(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig overrides")
-    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig overrides")
+    model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig overrides: MoECLIP's network and "
+                                                                     "its training objective (lambda_etf, ...)")
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig overrides (generic: epochs, lr, ...)")
     train_on: tuple[str, ...] | None = Field(None, description="auxiliary datasets; default: the main training's")
     trained: bool = Field(True, description="false = evaluate the model as built (e.g. vanilla CLIP)")
     paper_row: str | None = Field(None, description="the paper's row this variant reproduces; default: its name")
@@ -121,8 +122,8 @@ class Benchmark(BaseModel):
 
 @dataclass(frozen=True)
 class Run:
-    """A fully resolved model to evaluate: what it is (MoECLIP's or another method's config), what it was
-    trained on, and how."""
+    """A fully resolved model to evaluate: what it is (MoECLIP's or another method's config: its network and its
+    losses), what it was trained on, and how it was optimised (the generic train settings)."""
 
     name: str
     paper_row: str

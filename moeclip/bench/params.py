@@ -5,6 +5,9 @@ Every hyperparameter lives in params.yaml; code only reads it through `load_prof
 A profile states every model and train field (`ModelConfig` and `TrainConfig` have no defaults, so each
 value lives once, in params.yaml); the data, tracking and runtime sections fill what they leave out with
 the defaults their fields name (as do the analysis section and the runs, reports and device paths).
+Each method owns its settings: MoECLIP's network and losses are the profile's `model`, a baseline's are its
+`methods.<name>.model`; a `train` section holds only the generic optimisation settings (`TrainConfig`),
+so a stage that runs one method depends on that method's settings alone (moeclip/bench/stages/).
 """
 from __future__ import annotations
 
@@ -90,7 +93,8 @@ class MethodSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: dict[str, Any] = Field(description="the method's config fields (moeclip/methods/<method>.py), all of them")
+    model: dict[str, Any] = Field(description="the method's config fields (moeclip/methods/<method>.py), all of "
+                                              "them: its network and its losses")
     train: TrainConfig | None = Field(description="null = training-free (evaluated as built)")
     train_by_auxiliary: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="`train` overrides for one auxiliary dataset (April-GAN: 3 epochs on MVTec)")

@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from moeclip.backbone import load_clip
-from moeclip.config import BackboneConfig, Domain, TrainConfig
+from moeclip.config import BackboneConfig, Domain
 from moeclip.losses import clamped_focal_loss, dice_loss
 from moeclip.methods.base import ZeroShotMethod, class_texts
 from moeclip.methods.targets import Targets
@@ -55,6 +55,7 @@ class AnomalyCLIPConfig(BackboneConfig):
         description="1-indexed blocks whose maps are summed; (24,) = the published 'layer 24 only' behaviour")
     temperature: float = Field(gt=0)
     lambda_local: float = Field(ge=0, description="weight of the local (focal + 2 Dice) loss (4)")
+    focal_gamma: float = Field(description="gamma of the local focal loss (the official code: 2)")
     sigma: float = Field(gt=0, description="Gaussian on the full-size test map, in pixels (4 at 518 px)")
     object_word: str
     anomaly_word: str
@@ -247,8 +248,7 @@ class AnomalyCLIP(ZeroShotMethod):
             logits = F.normalize(vision.global_embedding.float(), dim=-1) @ text.T / self.config.temperature
             return AnomalyCLIPOutputs(logits, self.local_probabilities(vision.patch_features, text, images.shape[-2:]))
 
-    def training_losses(self, outputs: AnomalyCLIPOutputs, targets: Targets,
-                        config: TrainConfig) -> dict[str, torch.Tensor]:
+    def training_losses(self, outputs: AnomalyCLIPOutputs, targets: Targets) -> dict[str, torch.Tensor]:
         """CE(global logits, label) + lambda_local * (focal + Dice(S_a, G) + Dice(S_n, 1 - G)) summed over the
         feature layers (BASELINES 3e), in float32.
 
@@ -261,7 +261,7 @@ class AnomalyCLIP(ZeroShotMethod):
         probs = outputs.probabilities.float()
         batch, layers = probs.shape[:2]
         masks = (targets.masks > 0.5).float()[:, None].expand(-1, layers, -1, -1)
-        terms = torch.vmap(partial(_local_terms, gamma=config.focal_gamma))
+        terms = torch.vmap(partial(_local_terms, gamma=self.config.focal_gamma))
         focal, dice = terms(probs.flatten(0, 1), masks.flatten(0, 1))
         weight = targets.known.float()
         count = weight.sum().clamp_min(1)

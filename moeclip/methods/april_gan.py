@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.func import vmap
 
-from moeclip.config import BackboneConfig, Domain, TrainConfig
+from moeclip.config import BackboneConfig, Domain
 from moeclip.losses import clamped_focal_loss, dice_loss
 from moeclip.methods.base import ClassText, ZeroShotMethod, class_texts
 from moeclip.methods.targets import Targets
@@ -44,6 +44,7 @@ class AprilGANConfig(BackboneConfig):
         description="1-indexed blocks whose residual stream is tapped, strictly increasing: the release pairs "
                     "its i-th linear map with the i-th tapped block in depth order")
     logit_scale: float
+    focal_gamma: float = Field(description="gamma of the training's focal loss (the release: 2)")
 
     @model_validator(mode="after")
     def _layers(self) -> AprilGANConfig:
@@ -139,7 +140,7 @@ class AprilGAN(ZeroShotMethod):
         patches, _ = self._encode_image(images)
         return self._layer_maps(patches, self.text_features(texts), images.shape[-1])
 
-    def training_losses(self, outputs: torch.Tensor, targets: Targets, config: TrainConfig) -> dict[str, torch.Tensor]:
+    def training_losses(self, outputs: torch.Tensor, targets: Targets) -> dict[str, torch.Tensor]:
         """Sum over layers of the release's focal loss (on both channels) and Dice (anomalous channel, smoothing 1).
 
         The release has no image without a mask; here such images (`targets.known` false) are left out of
@@ -150,7 +151,7 @@ class AprilGAN(ZeroShotMethod):
         probs, masks = outputs.float(), targets.masks.float()
         weight = targets.known.to(probs.dtype)
         weight = weight / weight.sum().clamp_min(1)
-        focal = partial(_focal, gamma=config.focal_gamma)
+        focal = partial(_focal, gamma=self.config.focal_gamma)
         focal_term = (_per_sample_and_layer(focal, probs, masks) * weight[:, None]).sum()
         dice_term = (_per_sample_and_layer(_dice, probs, masks) * weight[:, None]).sum()
         return {"loss": focal_term + dice_term, "focal_loss": focal_term, "dice_loss": dice_term}

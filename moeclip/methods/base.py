@@ -7,12 +7,15 @@ A method is a frozen CLIP (`self.clip`) plus the modules it adds. The benchmark 
     including the method's own smoothing but no per-class normalisation;
   - `protocol_scores(maps, scores, domain)`: that per-class normalisation and the final image score, over
     all test images of one class (evaluation only);
-  - `training_outputs(images, texts)` then `training_losses(outputs, targets, config)`: the forward
-    of one training step (run inside the method's execution context) and its losses in float32 (outside
-    it); a training-free method has `needs_training = False` and raises if asked.
+  - `training_outputs(images, texts)` then `training_losses(outputs, targets)`: the forward of one
+    training step (run inside the method's execution context) and its losses in float32 (outside it), the
+    losses as the method's own config says; a training-free method has `needs_training = False` and raises
+    if asked;
+  - `trains_in_train_mode()`: whether a training step runs the added modules in train mode.
 Checkpoints keep `trainable_state_dict()` (the added modules) and the config; the backbone is rebuilt.
 A method's config is a `BackboneConfig` (moeclip/config.py): how its CLIP is loaded and computed, plus
-its own fields; every value comes from params.yaml.
+its own fields, its loss settings among them (the generic `TrainConfig` only says how it is optimised);
+every value comes from params.yaml.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 
 from moeclip.backbone import load_clip, tokenizer_for
-from moeclip.config import BackboneConfig, Domain, TrainConfig
+from moeclip.config import BackboneConfig, Domain
 from moeclip.data.dataset import ManifestDataset
 from moeclip.methods.targets import Targets
 
@@ -128,6 +131,13 @@ class ZeroShotMethod(nn.Module):
     def training_outputs(self, images: torch.Tensor, texts: Sequence[str]) -> Any:
         raise NotImplementedError(f"{self.name} is training-free")
 
-    def training_losses(self, outputs: Any, targets: Targets, config: TrainConfig) -> dict[str, torch.Tensor]:
-        """{"loss": the total to minimise, other named terms to log}."""
+    def training_losses(self, outputs: Any, targets: Targets) -> dict[str, torch.Tensor]:
+        """{"loss": the total to minimise, other named terms to log}, weighted as `self.config` says."""
         raise NotImplementedError(f"{self.name} is training-free")
+
+    def trains_in_train_mode(self) -> bool:
+        """Whether a training step runs the added modules in train mode (dropout, a method's training-only
+        paths). True for every method as published; a method whose reference implementation trains in eval mode
+        (MoECLIP's release, `release_compat`) says so here, so that the generic trainer needs none of its
+        settings."""
+        return True

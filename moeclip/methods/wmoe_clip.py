@@ -36,7 +36,7 @@ as the paper's. The assumptions, numbered as in WMOE_CLIP.md section 7:
      v = normalize(g + sum_k pi_k o_k).
  18. No load-balancing loss.
  19. Image score: softmax([cos(v, t_n), cos(v, t_a)] / temperature)[anomalous], not fused with the map.
- 20. Segmentation loss per layer: AnomalyCLIP's clamped focal loss (gamma = train.focal_gamma) + Dice(anomalous,
+ 20. Segmentation loss per layer: AnomalyCLIP's clamped focal loss (gamma = focal_gamma) + Dice(anomalous,
      mask) + Dice(normal, 1 - mask) with smoothing 1 (AnomalyCLIP's Dice), summed over layers, weight lambda_seg,
      on bilinearly upsampled (align_corners) then softmaxed maps; averaged over the samples whose mask is known.
  21. Classification loss: 2-way cross-entropy on the image logits above.
@@ -63,7 +63,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from moeclip.config import BackboneConfig, Domain, TrainConfig
+from moeclip.config import BackboneConfig, Domain
 from moeclip.losses import clamped_focal_loss, dice_loss
 from moeclip.methods.base import ZeroShotMethod
 from moeclip.methods.targets import Targets
@@ -93,6 +93,7 @@ class WMoECLIPConfig(BackboneConfig):
     beta_kl: float = Field(ge=0)
     beta_rec: float = Field(ge=0)
     lambda_seg: float = Field(ge=0)
+    focal_gamma: float = Field(description="gamma of the segmentation's focal loss (assumption 20)")
     sigma: float = Field(gt=0, description="Gaussian blur of the test map, in input pixels")
 
     @model_validator(mode="after")
@@ -345,10 +346,11 @@ class WMoECLIP(ZeroShotMethod):
     def training_outputs(self, images: torch.Tensor, texts: Sequence[str]) -> WMoEOutputs:
         return self.forward_outputs(images, texts)
 
-    def training_losses(self, outputs: WMoEOutputs, targets: Targets, config: TrainConfig) -> dict[str, torch.Tensor]:
+    def training_losses(self, outputs: WMoEOutputs, targets: Targets) -> dict[str, torch.Tensor]:
         """L = L_img + lambda_seg L_seg + beta_kl L_KL + beta_rec L_rec (assumptions 9, 20, 21), in float32."""
         image = F.cross_entropy(outputs.image_logits.float(), targets.labels.long())
-        seg = segmentation_loss(outputs.pixel_probabilities(), targets.masks, targets.known, config.focal_gamma)
+        seg = segmentation_loss(outputs.pixel_probabilities(), targets.masks, targets.known,
+                                 self.config.focal_gamma)
         kl = gaussian_kl(outputs.ctds.mean.float(), outputs.ctds.log_var.float())
         rec = (outputs.ctds.bias.float() - outputs.global_feature.float()).pow(2).sum(dim=-1).mean()
         weights = self.config

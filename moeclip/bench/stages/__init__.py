@@ -57,7 +57,10 @@ class Stage:
     fan_out: FanOut | None
     reads: Reads
     writes: Writes
-    params: tuple[str, ...]  # params.yaml keys; {profile} and {<argument>} are filled in
+    # The params.yaml keys the stage's outputs depend on, no more: each method's settings are its own, so
+    # editing one method's settings invalidates only the stages that run it. {profile} and {<argument>} are
+    # filled in; every key must exist in every profile (DVC refuses a missing one).
+    params: tuple[str, ...]
 
     @property
     def module(self) -> str:
@@ -125,7 +128,9 @@ STAGES: tuple[Stage, ...] = (
               Output(layout.baseline_resources(a["method"]), cache=False, why="parameter counts"),
               Output(layout.baseline_metrics(a["method"]), cache=False,
                      why="auxiliary x target x metrics: the report tabulates them in Table 1")],
-          params=("main", "methods.{method}", "profiles.{profile}.methods.{method}", "profiles.{profile}.runtime")),
+          # A training-free method (WinCLIP) is built with the profile's training seed (bench/baselines.py).
+          params=("main", "methods.{method}", "profiles.{profile}.methods.{method}", "profiles.{profile}.runtime",
+                  "profiles.{profile}.train.seed")),
     Stage("experiment", "Run every variant of one experiment (a paper table or figure).", ("experiment",),
           "experiments",
           # Any main training and main result may be a variant's (the default rows reuse them).
@@ -136,17 +141,26 @@ STAGES: tuple[Stage, ...] = (
               Output(layout.experiment_resources(a["experiment"]), cache=False, why="parameter counts, time, memory"),
               Output(layout.experiment_metrics(a["experiment"]), cache=False,
                      why="variants x datasets x metrics: too wide for `dvc metrics show`; the report tabulates them")],
-          params=("experiments.{experiment}", "profiles.{profile}")),
+          # MoECLIP's settings (its variants override them), the profile's selection of variants and how it
+          # computes; `main` gives the default auxiliary dataset and the trainings a variant reuses. Not the
+          # baselines' settings (`methods`), which the stage validates but never runs.
+          params=("main", "experiments.{experiment}", "profiles.{profile}.model", "profiles.{profile}.train",
+                  "profiles.{profile}.runtime", "profiles.{profile}.experiments")),
     Stage("analysis", "Expert utilisation, inter-expert similarity and routed-patch statistics of the main model.",
           (), None,
           reads=lambda layout, plan, a: [layout.training(plan.main.auxiliary), layout.manifests()],
           writes=lambda layout, plan, a: [Output(layout.analysis())],
-          params=("profiles.{profile}.analysis", "profiles.{profile}.runtime")),
+          # `main`: the auxiliary dataset whose training is analysed and the targets its utilisation covers.
+          params=("main", "profiles.{profile}.analysis", "profiles.{profile}.runtime")),
     Stage("report", "Render every table and figure from the stages' metric files.", (), None,
           reads=lambda layout, plan, a: [layout.metrics(), layout.resources(), layout.analysis()],
           writes=lambda layout, plan, a: [Output(layout.reports, cache=False,
                                                  why="small tables and figures, read on GitHub: kept in git")],
-          params=("experiments", "methods")),
+          # Besides the plan (main, the methods' labels, experiments) and the profile's selection of variants
+          # (the rows), the banner and captions read the profile's model and train (a smoke run's backbone and
+          # max_steps), data (synthetic or not) and analysis sections; not a baseline's settings.
+          params=("main", "methods", "experiments", "profiles.{profile}.experiments", "profiles.{profile}.model",
+                  "profiles.{profile}.train", "profiles.{profile}.data", "profiles.{profile}.analysis")),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
 

@@ -29,7 +29,8 @@ def training_code() -> str:
 
 
 def checkpoint_state(checkpoint: Path, run: Run) -> str:
-    """'complete', 'partial' (resumable), 'stale' (another configuration, format or training code) or 'missing'."""
+    """'complete', 'partial' (resumable), 'stale' (another configuration: the method's own config or the generic
+    train config; another format or training code) or 'missing'."""
     if not checkpoint.is_file():
         return "missing"
     try:

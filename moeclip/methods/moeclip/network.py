@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeclip.config import Domain, ModelConfig, TrainConfig
+from moeclip.config import Domain, ModelConfig
 from moeclip.losses import (
     balance_loss,
     classification_loss,
@@ -86,6 +86,10 @@ class MoECLIP(ZeroShotMethod):
         finally:
             self.dense_inference = previous
 
+    def trains_in_train_mode(self) -> bool:
+        """The release trains in eval mode (sparse top-k, no dropout): `release_compat` does as it does."""
+        return not self.config.release_compat
+
     def prompt_texts(self, batch: Mapping[str, Sequence[str]]) -> list[str]:
         """Class descriptions or names, as `use_class_descriptions` and `description_set` say."""
         return prompt_descriptions(batch, self.config)
@@ -95,10 +99,11 @@ class MoECLIP(ZeroShotMethod):
         """The release's per-class normalisation and the domain's fusion of map maximum and S_A (SPEC 6)."""
         return per_class_protocol_scores(maps, scores, domain)
 
-    def training_losses(self, outputs: tuple[torch.Tensor, torch.Tensor, VisionOutput], targets: Targets,
-                        config: TrainConfig) -> dict[str, torch.Tensor]:
+    def training_losses(self, outputs: tuple[torch.Tensor, torch.Tensor, VisionOutput],
+                        targets: Targets) -> dict[str, torch.Tensor]:
         """L = L_seg + L_ac + lambda_etf * L_constraint + lambda_bal * L_bal (Eq. 16), in float32."""
         maps, similarities, vision = outputs
+        config = self.config
         zero = maps.new_zeros((), dtype=torch.float32)
         seg = segmentation_loss(maps, targets.masks, config.focal_gamma, targets.known, config.dice,
                                 config.focal)

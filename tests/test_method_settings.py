@@ -1,0 +1,192 @@
+"""Each method owns its settings: editing one method's settings invalidates, as `dvc status` says, the stages that
+run that method and no other.
+
+A profile's `model` is MoECLIP's settings (its network and its training objective), a baseline's
+`methods.<method>.model` that baseline's, and a `train` section only the generic optimisation settings
+(moeclip/config.py). The repository's params.yaml, dvc.yaml and dvc.lock are copied into a bare DVC repository:
+no code, data or outputs, so every stage also reports missing files, and only its params.yaml entries are read
+here. The copy's dvc.lock is given the params values of the unedited params.yaml (as if the pipeline had just
+run), so that an edit's `dvc status` names exactly the stages whose declared params it changes, even while the
+committed dvc.lock predates a params edit. Edits are made to the text, as a user makes them, so YAML merge keys
+(`<<: *demo_train`) carry them wherever they are merged.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moeclip.bench.baselines import method_runs
+from moeclip.bench.experiments import Benchmark, load_plan
+from moeclip.bench.params import ParamsError, Profile, load_profile
+from moeclip.bench.stages import STAGES
+from moeclip.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = Path(sys.executable).parent / "dvc"
+PROFILE = "demo"  # the profile dvc.yaml runs (params.yaml `profile:`)
+GENERIC_TRAINING = {"epochs", "batch_size", "lr", "betas", "milestones", "gamma", "seed", "augment", "num_workers",
+                    "checkpoint_every", "max_steps"}
+
+
+def _lookup(document: dict, key: str) -> object:
+    value = document
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _declared_params(dvc_yaml: dict, stage_name: str, document: dict) -> list[str]:
+    """The params.yaml keys dvc.yaml declares for one expanded stage ('baseline@april_gan', 'evaluate-visa@btad')."""
+    base, _, argument = stage_name.partition("@")
+    entry = dvc_yaml["stages"][base]
+    keys = entry.get("do", entry).get("params", [])
+    return [re.sub(r"\$\{(key|item|item\.\w+)\}", argument, key.replace("${profile}", document["profile"]))
+            for key in keys]
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory) -> tuple[Path, set[str]]:
+    """A bare DVC repository holding params.yaml, dvc.yaml, and a dvc.lock whose params are params.yaml's; and
+    the stages whose params `dvc status` reports changed before any edit (none)."""
+    repo = tmp_path_factory.mktemp("settings")
+    subprocess.run([str(DVC), "init", "--no-scm", "-q"], cwd=repo, check=True, capture_output=True)
+    for name in ("params.yaml", "dvc.yaml"):
+        (repo / name).write_text((ROOT / name).read_text())
+    document = yaml.safe_load((ROOT / "params.yaml").read_text())
+    dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())
+    for name, stage in lock["stages"].items():
+        keys = _declared_params(dvc_yaml, name, document)
+        stage.pop("params", None)
+        if keys:
+            stage["params"] = {"params.yaml": {key: _lookup(document, key) for key in keys}}
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    return repo, _params_changed(repo)
+
+
+def _params_changed(repo: Path) -> set[str]:
+    """The stages whose params.yaml entries `dvc status` reports changed (its other reports are missing files)."""
+    done = subprocess.run([str(DVC), "status", "--json"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return {stage for stage, changes in json.loads(done.stdout).items()
+            for change in changes if isinstance(change, dict) and "params.yaml" in change.get("changed deps", {})}
+
+
+def _in_profile(text: str, old: str, new: str) -> str:
+    """params.yaml's text with `old` replaced by `new` inside the demo profile's section, where it occurs once."""
+    start = text.index(f"\n  {PROFILE}:\n")
+    end = next((match.start() for match in re.finditer(r"\n {0,2}\S", text) if match.start() > start), len(text))
+    section = text[start:end]
+    assert section.count(old) == 1, f"{old!r} is not in profile '{PROFILE}' once"
+    return text[:start] + section.replace(old, new) + text[end:]
+
+
+# Each edit of the demo profile: the text edit, a check that the edited profile holds it (and only it), and the
+# stages whose params it must change.
+def _moeclip_edit(text: str) -> str:
+    return _in_profile(text, "    model:\n      <<: *paper_model\n", "    model:\n      <<: *paper_model\n"
+                                                                      "      lambda_etf: 0.02\n")
+
+
+def _moeclip_holds(benchmark: Benchmark, profile: Profile) -> None:
+    assert profile.model.lambda_etf == 0.02
+    assert all(run.model.focal_gamma == 2.0 for run in method_runs(benchmark, profile, "april_gan"))
+
+
+def _baseline_edit(text: str) -> str:
+    return _in_profile(text, "model: {<<: *april_gan_paper, ", "model: {<<: *april_gan_paper, focal_gamma: 3.0, ")
+
+
+def _baseline_holds(benchmark: Benchmark, profile: Profile) -> None:
+    assert all(run.model.focal_gamma == 3.0 for run in method_runs(benchmark, profile, "april_gan"))
+    assert all(run.model.focal_gamma == 2.0 for run in method_runs(benchmark, profile, "anomalyclip"))
+    assert profile.model.focal_gamma == 2.0
+
+
+def _generic_edit(text: str) -> str:
+    return _in_profile(text, "      batch_size: 8\n", "      batch_size: 4\n")
+
+
+def _generic_holds(benchmark: Benchmark, profile: Profile) -> None:
+    assert profile.train.batch_size == 4
+    assert all(run.train.batch_size == 4 for method in ("april_gan", "anomalyclip", "wmoe_clip")
+               for run in method_runs(benchmark, profile, method))
+
+
+def _moeclip_stages(benchmark: Benchmark) -> set[str]:
+    """The stages that run MoECLIP's settings (the trainings and experiments), and the report, whose banner reads
+    the profile's model and train sections."""
+    return {*(f"train@{auxiliary}" for auxiliary in benchmark.main.targets),
+            *(f"experiment@{key}" for key in benchmark.experiments), "report"}
+
+
+EDITS: dict[str, tuple[Callable[[str], str], Callable[[Benchmark, Profile], None],
+                       Callable[[Benchmark], set[str]]]] = {
+    # A MoECLIP-only setting: MoECLIP's stages, no baseline.
+    "moeclip lambda_etf": (_moeclip_edit, _moeclip_holds, _moeclip_stages),
+    # A baseline's own setting: its stage alone (the report reads only the methods' labels).
+    "april_gan focal_gamma": (_baseline_edit, _baseline_holds, lambda benchmark: {"baseline@april_gan"}),
+    # The control: a generic training setting the baselines' `train` merge (`<<: *demo_train`) reaches them, so
+    # the comparison does see a baseline stage depending on an edit; WinCLIP trains nothing and keeps its results.
+    "generic batch_size": (_generic_edit, _generic_holds, lambda benchmark: _moeclip_stages(benchmark) | {
+        "baseline@april_gan", "baseline@anomalyclip", "baseline@wmoe_clip"}),
+}
+
+
+def test_the_copied_lock_matches_the_unedited_params(repository):
+    _, before = repository
+    assert before == set()
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_an_edit_to_one_methods_settings_invalidates_only_the_stages_that_run_it(repository, edit):
+    change, holds, expected = EDITS[edit]
+    repo, before = repository
+    params = repo / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(change(original))
+        benchmark, profile = load_plan(params, PROFILE)
+        holds(benchmark, profile)
+        changed = _params_changed(repo) - before
+    finally:
+        params.write_text(original)
+    assert changed == expected(benchmark), (f"{edit}: unexpected {sorted(changed - expected(benchmark))}, "
+                                            f"missing {sorted(expected(benchmark) - changed)}")
+
+
+def test_the_training_section_is_generic_and_a_loss_setting_there_is_refused_naming_it(tmp_path):
+    assert set(TrainConfig.model_fields) == GENERIC_TRAINING
+    text = (ROOT / "params.yaml").read_text()
+    old_layout = tmp_path / "params.yaml"
+    old_layout.write_text(_in_profile(text, "      batch_size: 8\n", "      batch_size: 8\n      lambda_etf: 0.02\n"))
+    with pytest.raises(ParamsError, match=r"profile 'demo' in '.*' is invalid: train\.lambda_etf: extra inputs are "
+                                          r"not permitted; methods\.april_gan\.train\.lambda_etf: extra"):
+        load_profile(old_layout, PROFILE)
+
+
+def test_every_declared_params_key_exists_in_every_profile():
+    """DVC refuses to run a stage whose params key is missing: every profile (`dvc exp run -S profile=...`) must
+    hold every key the stages declare."""
+    document = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name in document["profiles"]:
+        benchmark, _ = load_plan(ROOT / "params.yaml", name)
+        calls = {"datasets": [{"dataset": d} for d in benchmark.datasets],
+                 "trainings": [{"auxiliary": a} for a in benchmark.main.targets],
+                 "evaluations": [{"auxiliary": a, "target": t} for a, ts in benchmark.main.targets.items() for t in ts],
+                 "methods": [{"method": m} for m in benchmark.methods],
+                 "experiments": [{"experiment": e} for e in benchmark.experiments], None: [{}]}
+        for stage in STAGES:
+            for args in calls[stage.fan_out]:
+                for key in stage.params_keys(name, args):
+                    try:
+                        _lookup(document, key)
+                    except KeyError:
+                        pytest.fail(f"profile '{name}': stage {stage.label(args)} declares '{key}', which is missing")
