@@ -4,7 +4,7 @@ The key of a stage call hashes what its declaration (moeclip/bench/stages/) says
   - the stage, its arguments (params path, dataset / auxiliary / target / experiment, profile) and
     the working directory (every stage path is relative to it),
   - the values of the params.yaml keys the stage declares (as DVC tracks them),
-  - its code: the package files the stage imports (digested once per flow run, see `stage_code_digest`),
+  - its code, through the code stamp it reads (written by the `code` stage, moeclip/bench/stages/code.py),
   - size and modification time of every file it reads (a re-prepared manifest or a retrained
     checkpoint invalidates what was computed from it).
 The flow runs a call whose outputs are missing on disk even when its key has a cached result
@@ -22,16 +22,9 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
-from moeclip.bench.dvcfile import PACKAGE_ROOT, stage_code
 from moeclip.bench.experiments import Benchmark, load_plan
 from moeclip.bench.params import Profile, read_params
 from moeclip.bench.stages import Stage, get_stage
-from moeclip.bench.stages.common import code_digest
-
-
-def stage_code_digest(stage: Stage) -> str:
-    """A digest of the stage's code (a fresh interpreter imports its module: seconds, so once per flow run)."""
-    return code_digest(PACKAGE_ROOT, stage_code(stage))
 
 
 def params_values(document: dict[str, Any], keys: list[str]) -> list[Any]:
@@ -58,10 +51,9 @@ def outputs_exist(stage: Stage, benchmark: Benchmark, profile: Profile, args: di
 
 @dataclass
 class StageCache(CachePolicy):
-    """The cache policy of one stage (see the module docstring); `code` is its stage_code_digest."""
+    """The cache policy of one stage (see the module docstring)."""
 
     stage: str = ""
-    code: str = ""
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
@@ -72,4 +64,4 @@ class StageCache(CachePolicy):
         reads, _ = stage.paths(profile.layout, benchmark, args)
         values = params_values(read_params(params), stage.params_keys(profile.name, args))
         return hash_objects(self.stage, {name: str(value) for name, value in inputs.items()}, str(Path.cwd().resolve()),
-                            values, self.code, [fingerprint(path) for path in reads], raise_on_failure=True)
+                            values, [fingerprint(path) for path in reads], raise_on_failure=True)

@@ -12,7 +12,6 @@ near the number of GPUs.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -22,7 +21,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from moeclip.bench.experiments import load_plan
 from moeclip.bench.stages import STAGES, Stage, get_stage
-from pipelines.caching import StageCache, outputs_exist, stage_code_digest
+from pipelines.caching import StageCache, outputs_exist
 from pipelines.plan import plan_stages, waits_for
 
 MAX_WORKERS = int(os.environ.get("ZSAD_MAX_WORKERS", "2"))
@@ -66,9 +65,6 @@ def zsad_benchmark(params: str = "params.yaml", profile: str | None = None, data
     if report and not plan.complete:
         logger.info("report skipped: it needs every dataset, experiment and the analysis, and this run left some out")
     calls = plan.calls(report)
-    used = list(dict.fromkeys(name for name, _ in calls))
-    with ThreadPoolExecutor() as pool:
-        code = dict(zip(used, pool.map(lambda name: stage_code_digest(get_stage(name)), used)))
     create_tracking_store(active.tracking.uri)
     waits = waits_for(calls, benchmark, active)
     runs: dict[str, PrefectFuture] = {}
@@ -76,7 +72,7 @@ def zsad_benchmark(params: str = "params.yaml", profile: str | None = None, data
         stage = get_stage(name)
         label = stage.label(args)
         rerun = refresh or not outputs_exist(stage, benchmark, active, args)  # outputs gone: run despite a cache
-        runs[label] = TASKS[name].with_options(cache_policy=StageCache(stage=name, code=code[name]),
+        runs[label] = TASKS[name].with_options(cache_policy=StageCache(stage=name),
                                                refresh_cache=rerun).submit(
             params=path, profile_name=active.name, wait_for=[runs[other] for other in waits[label]], **args)
     wait(list(runs.values()))  # let independent stages finish before a failure ends the run

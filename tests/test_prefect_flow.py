@@ -105,12 +105,18 @@ def test_cache_keys_follow_the_stages_declared_inputs(small_params: Path, monkey
     raw.mkdir(parents=True)
     (raw / "image.png").write_bytes(b"one")
 
-    def key(stage: str, code: str = "code") -> str | None:
+    def key(stage: str) -> str | None:
         inputs = {"params": small_params, "dataset": "visa", "profile_name": "tiny"}
-        return StageCache(stage=stage, code=code).compute_key(None, inputs, {})
+        return StageCache(stage=stage).compute_key(None, inputs, {})
 
+    stamp = profile.layout.code("prepare")  # the stage's code, as the code stage stamps it
+    stamp.parent.mkdir(parents=True)
+    stamp.write_text('{"digest": "one"}')
     first, fetched = key("prepare"), key("fetch")
-    assert key("prepare") == first and key("prepare", "other code") != first
+    assert key("prepare") == first
+    stamp.write_text('{"digest": "other code"}')
+    assert key("prepare") != first and key("fetch") == fetched
+    first = key("prepare")
     (raw / "image.png").write_bytes(b"changed")
     assert key("prepare") != first and key("fetch") == fetched  # prepare reads the raw folder, fetch writes it
     document = yaml.safe_load(small_params.read_text())
@@ -131,6 +137,9 @@ def test_a_call_waits_for_the_calls_that_write_what_it_reads(small_params: Path)
     benchmark, profile = load_plan(small_params)
     plan = plan_stages(benchmark, profile)
     waits = waits_for(plan.calls(report=True), benchmark, profile)
+    assert waits.pop("code") == []
+    assert all(calls[0] == "code" for calls in waits.values())  # every stage reads its code stamp
+    waits = {label: calls[1:] for label, calls in waits.items()}
     assert waits["fetch@visa"] == []
     assert waits["prepare@visa"] == ["fetch@visa"]
     assert waits["train@visa"] == ["prepare@visa"]

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from benchmarks.bench_pipeline import stage_environment
-from moeclip.bench.dvcfile import PACKAGE_ROOT, folded, package_files, render, stage_code
+from moeclip.bench.dvcfile import PACKAGE_ROOT, folded, package_files, render, stages_code
 from moeclip.bench.experiments import load_plan
 from moeclip.bench.stages import STAGES, get_stage
 from moeclip.bench.stages.common import code_digest
@@ -33,7 +33,8 @@ def test_every_stage_has_a_module_with_its_run_and_dvc_names_its_calls():
 
 
 def test_a_stages_code_is_the_package_files_it_imports_and_no_others():
-    fetch, train, report = (set(stage_code(get_stage(name))) for name in ("fetch", "train", "report"))
+    code = stages_code([get_stage(name) for name in ("fetch", "train", "report")])
+    fetch, train, report = (set(code[name]) for name in ("fetch", "train", "report"))
     entry = {"moeclip/bench/launch.py", "moeclip/bench/warm.py", "moeclip/bench/stages/cli.py",
              "moeclip/bench/stages/__init__.py"}
     assert entry <= fetch & train & report

@@ -2,18 +2,20 @@
 
 `moeclip dvc-yaml` writes it and `moeclip dvc-yaml --check` says whether the committed file is
 current (a test runs the check). Paths carry `${profile}`, so `dvc repro` follows params.yaml's
-`profile:` without a new rendering. A stage's code is the package files its module imports, found by
-importing it in a fresh interpreter (`stage_code`; a folder stands for its files where the stage
-imports every one of them); the `code` stage stamps them, and each stage depends on its stamp. The
+`profile:` without a new rendering. A stage's code is the package files its module imports (`stages_code`;
+a folder stands for its files where the stage imports every one of them); the `code` stage stamps them,
+and each stage depends on its stamp. The
 per-auxiliary evaluation stages and the plots follow params.yaml's main plan and report, so an edit
 there may need a new rendering (the check says so).
 """
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -22,7 +24,7 @@ import yaml
 from moeclip.bench.experiments import Benchmark
 from moeclip.bench.layout import RunLayout
 from moeclip.bench.reports.render import figure_files
-from moeclip.bench.stages import STAGES, Output, Stage
+from moeclip.bench.stages import STAGES, Output, Stage, get_stage
 
 # The stage's entry (the launcher and `moeclip stage`) runs in every stage's process.
 ENTRY_MODULES = ("moeclip.bench.launch", "moeclip.bench.stages.cli")
@@ -42,17 +44,48 @@ HEADER = """\
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the moeclip package
 
 
-def stage_code(stage: Stage) -> list[str]:
-    """The package files (relative to PACKAGE_ROOT) that the stage's process imports, as DVC dependencies."""
-    modules = (*ENTRY_MODULES, stage.module)
-    probe = ("import importlib\n"
-             f"for name in {modules!r}:\n    importlib.import_module(name)\n"
-             "from moeclip.bench.stages import imported_code\nprint('\\n'.join(imported_code()))")
+def stages_code(stages: Sequence[Stage]) -> dict[str, list[str]]:
+    """Each stage's code: the package files (relative to PACKAGE_ROOT) that its process imports.
+
+    One fresh interpreter imports every stage's module (torch, open_clip and MLflow once), drops the
+    package's own modules and forks a child per stage that imports that stage's afresh, as the warm stage
+    server does: a child loads what the stage's process loads, in a fraction of a second.
+    """
+    probe = f"from moeclip.bench.dvcfile import probe_stages; probe_stages({[stage.name for stage in stages]!r})"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=PACKAGE_ROOT,
                           env={**os.environ, "MOECLIP_WARM": "0"}, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"importing stage '{stage.name}' failed:\n{done.stderr[-3000:]}")
-    return folded(done.stdout.split(), PACKAGE_ROOT)
+        raise RuntimeError(f"importing the stages failed:\n{done.stderr[-3000:]}")
+    return {name: folded(files, PACKAGE_ROOT) for name, files in json.loads(done.stdout).items()}
+
+
+def probe_stages(names: list[str]) -> None:
+    """In `stages_code`'s interpreter: print {stage: the package files its module imports} as JSON."""
+    from moeclip.bench.warm import forget_package
+
+    modules = {name: get_stage(name).module for name in names}
+    for module in modules.values():  # every third-party module the stages need, imported once
+        importlib.import_module(module)
+    forget_package()
+    found = {}
+    for name, module in modules.items():
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: import the stage as its own process would, report what was loaded
+            os.close(read)
+            for entry in (*ENTRY_MODULES, module):
+                importlib.import_module(entry)
+            with os.fdopen(write, "w") as out:
+                json.dump(sys.modules["moeclip.bench.stages"].imported_code(), out)
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as answer:
+            text = answer.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            raise RuntimeError(f"importing stage '{name}' failed")
+        found[name] = json.loads(text)
+    print(json.dumps(found))
 
 
 def package_files(root: Path, folder: str) -> set[str]:

@@ -195,7 +195,7 @@ def _run_child(connection: socket.socket) -> None:
     os._exit(code)
 
 
-def _forget_package() -> None:
+def forget_package() -> None:
     """Drop the package's own modules (torch, MLflow and the rest stay imported): each child imports again
     what its stage uses (0.1 s), so the package files a stage records as its code are its own."""
     for name in [name for name in sys.modules if name == "moeclip" or name.startswith("moeclip.")]:
@@ -216,7 +216,7 @@ def serve(path: Path, import_path: list[str]) -> None:
         from sqlalchemy.orm import configure_mappers
 
         configure_mappers()  # MLflow's ORM classes, set up on first use otherwise (0.6 s in every stage)
-        _forget_package()
+        forget_package()
         listener = _listen(path)
     finally:
         _starting_marker(path).unlink(missing_ok=True)
