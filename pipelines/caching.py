@@ -4,7 +4,7 @@ The key of a stage call hashes what its declaration (moeclip/bench/stages/) says
   - the stage, its arguments (params path, dataset / auxiliary / target / experiment, profile) and
     the working directory (every stage path is relative to it),
   - the values of the params.yaml keys the stage declares (as DVC tracks them),
-  - its code, through the code stamp it reads (written by the `code` stage, moeclip/bench/stages/code.py),
+  - its code, through the stamp it reads (written by the `stamps` stage, moeclip/bench/stages/stamps.py),
   - size and modification time of every file it reads (a re-prepared manifest or a retrained
     checkpoint invalidates what was computed from it).
 The flow runs a call whose outputs are missing on disk even when its key has a cached result
@@ -23,19 +23,8 @@ from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
 from moeclip.bench.experiments import Benchmark, load_plan
-from moeclip.bench.params import Profile, read_params
+from moeclip.bench.params import Profile, params_values, read_params
 from moeclip.bench.stages import Stage, get_stage
-
-
-def params_values(document: dict[str, Any], keys: list[str]) -> list[Any]:
-    """The values at dotted params.yaml keys (None where a key is absent)."""
-    values = []
-    for key in keys:
-        value: Any = document
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        values.append(value)
-    return values
 
 
 def fingerprint(path: Path) -> list[tuple[str, int, int]]:

@@ -33,7 +33,7 @@ class StagePlan:
         values = {"datasets": [(d,) for d in self.datasets], "trainings": [(a,) for a in self.trainings],
                   "evaluations": list(self.evaluations), "methods": [(m,) for m in self.methods],
                   "experiments": [(e,) for e in self.experiments]}
-        once = {"code": True, "analysis": self.analysis, "report": report and self.complete}
+        once = {"stamps": True, "analysis": self.analysis, "report": report and self.complete}
         return [(stage.name, dict(zip(stage.arguments, call))) for stage in STAGES
                 for call in (values[stage.fan_out] if stage.fan_out else [()] if once[stage.name] else [])]
 

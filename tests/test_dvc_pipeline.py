@@ -16,7 +16,7 @@ import yaml
 from benchmarks.bench_pipeline import clone_working_tree, run_repro, stage_environment
 from moeclip.bench.dvcfile import folded
 from moeclip.bench.experiments import experiment_runs, load_plan
-from moeclip.bench.stages import CODE_STAGE
+from moeclip.bench.stages import STAMP_STAGE
 
 # The whole demo pipeline, measured with benchmarks/bench_pipeline.py (reports/pipeline-time/): 336 s on
 # 2 idle cores, 470 s with one core kept busy (experiments run two single-threaded variants at once).
@@ -104,34 +104,64 @@ def test_dvc_metrics_and_plots_work(clone):
     assert (clone / "plots" / "index.html").is_file()
 
 
-def test_a_params_edit_invalidates_only_what_depends_on_it(clone):
-    params = clone / "params.yaml"
-    original = params.read_text()
+def _status_after(clone: Path, path: Path, edited: str) -> set[str]:
+    """The stages `dvc status` names once `path` holds `edited` and the stamps are written again (then undone)."""
+    original = path.read_text()
     try:
-        document = yaml.safe_load(original)
-        document["experiments"]["table11"]["variants"]["0.4"]["model"]["router_noise"] = 0.5
-        params.write_text(yaml.safe_dump(document, sort_keys=False))
-        status = _run(["dvc", "status"], clone).stdout
+        path.write_text(edited)
+        assert _changed(_run(["dvc", "status"], clone).stdout) == {STAMP_STAGE}  # what an edit touches directly
+        _run(["dvc", "repro", STAMP_STAGE], clone)  # the stamps say which calls' code or settings changed
+        return _changed(_run(["dvc", "status"], clone).stdout)
     finally:
-        params.write_text(original)
-    changed = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith(("\t", " "))}
-    assert changed == {"experiment@table11", "report"}, status
+        path.write_text(original)
+        _run(["dvc", "repro", STAMP_STAGE], clone)
+
+
+def _changed(status: str) -> set[str]:
+    return {line.rstrip(":") for line in status.splitlines() if line and not line.startswith(("\t", " "))}
+
+
+def _edited_params(clone: Path, edit) -> str:
+    document = yaml.safe_load((clone / "params.yaml").read_text())
+    edit(document)
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def test_a_params_edit_invalidates_only_what_depends_on_it(clone):
+    def noise(document):
+        document["experiments"]["table11"]["variants"]["0.4"]["model"]["router_noise"] = 0.5
+    assert _status_after(clone, clone / "params.yaml", _edited_params(clone, noise)) == {"experiment@table11", "report"}
+
+
+def test_a_method_setting_invalidates_that_methods_stages_and_no_others(clone):
+    """MoECLIP's lambda_etf reaches its trainings, experiments and the report, no baseline; a baseline's focal
+    gamma only its own stage."""
+    benchmark, _ = load_plan(clone / "params.yaml")
+
+    def moeclip(document):
+        document["profiles"]["demo"]["model"]["lambda_etf"] = 0.02
+
+    def april_gan(document):
+        document["profiles"]["demo"]["methods"]["april_gan"]["model"]["focal_gamma"] = 3.0
+    assert _status_after(clone, clone / "params.yaml", _edited_params(clone, moeclip)) == {
+        *(f"train@{auxiliary}" for auxiliary in benchmark.main.targets),
+        *(f"experiment@{key}" for key in benchmark.experiments), "report"}
+    assert _status_after(clone, clone / "params.yaml", _edited_params(clone, april_gan)) == {"baseline@april_gan"}
 
 
 def _stage_code(clone: Path) -> dict[str, tuple[list[str], list[str]]]:
-    """Per locked stage but the code stage: (the package files it recorded having run, the files of its code
-    stamp, which it depends on in dvc.lock)."""
+    """Per locked call but the stamps stage: (the package files it recorded having run, the files its stamp
+    lists, which is its one code and settings entry in dvc.lock)."""
     locked = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
     runs = clone / "runs" / "demo"
     code = {}
     for name, stage in locked.items():
-        if name == CODE_STAGE:
+        if name == STAMP_STAGE:
             continue
-        kind = name.split("@")[0].split("-")[0]  # 'evaluate-visa@mvtec' -> 'evaluate'
-        assert [dep["path"] for dep in stage["deps"] if dep["path"].startswith(("moeclip", "runs/demo/code"))] \
-            == [f"runs/demo/code/{kind}.json"], name  # one code entry per stage: its stamp
+        assert [dep["path"] for dep in stage["deps"] if dep["path"].startswith(("moeclip", "runs/demo/stamps"))] \
+            == [f"runs/demo/stamps/{name}.json"] and "params" not in stage, name
         code[name] = (json.loads((runs / "usage" / f"{name}.json").read_text())["code"],
-                      json.loads((runs / "code" / f"{kind}.json").read_text())["files"])
+                      json.loads((runs / "stamps" / f"{name}.json").read_text())["code"]["files"])
     return code
 
 
@@ -152,13 +182,4 @@ def test_an_edit_to_a_module_invalidates_exactly_the_stages_that_import_it(clone
     importers = {name for name, (recorded, _) in code.items() if module in recorded}
     assert importers and importers != set(code)
     path = clone / module
-    original = path.read_text()
-    try:
-        path.write_text(original + "\n# an edit\n")
-        _run(["dvc", "repro", CODE_STAGE], clone)  # the stamps say which stages' code changed
-        status = _run(["dvc", "status"], clone).stdout
-    finally:
-        path.write_text(original)
-        _run(["dvc", "repro", CODE_STAGE], clone)
-    changed = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith(("\t", " "))}
-    assert changed == importers, status
+    assert _status_after(clone, path, path.read_text() + "\n# an edit\n") == importers

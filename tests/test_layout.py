@@ -22,31 +22,30 @@ def test_dvc_stages_read_and_write_the_layouts_paths():
     layout = profile.layout
     locked = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
     expected: dict[str, tuple[set[Path], set[Path]]] = {}
-    stamped = ("fetch", "prepare", "train", "evaluate", "baseline", "experiment", "analysis", "report")
-    expected["code"] = ({layout.code(kind) for kind in stamped}, {Path("moeclip")})
+    expected["stamps"] = ({layout.stamps()}, {Path("moeclip")})
     for dataset in benchmark.datasets:
-        expected[f"fetch@{dataset}"] = ({layout.raw(dataset)}, {layout.code("fetch")})
-        expected[f"prepare@{dataset}"] = ({layout.manifest(dataset)}, {layout.raw(dataset), layout.code("prepare")})
+        expected[f"fetch@{dataset}"] = ({layout.raw(dataset)}, set())
+        expected[f"prepare@{dataset}"] = ({layout.manifest(dataset)}, {layout.raw(dataset)})
     for auxiliary, targets in benchmark.main.targets.items():
-        expected[f"train@{auxiliary}"] = ({layout.training(auxiliary)},
-                                          {layout.manifest(auxiliary), layout.code("train")})
+        expected[f"train@{auxiliary}"] = ({layout.training(auxiliary)}, {layout.manifest(auxiliary)})
         for target in targets:
             expected[f"evaluate-{auxiliary}@{target}"] = (
                 {layout.evaluation(auxiliary, target), layout.evaluation_metrics(auxiliary, target)},
-                {layout.training(auxiliary), layout.manifest(target), layout.code("evaluate")})
+                {layout.training(auxiliary), layout.manifest(target)})
     for experiment in benchmark.experiments:
         expected[f"experiment@{experiment}"] = (
             {layout.experiment(experiment), layout.experiment_metrics(experiment),
              layout.experiment_resources(experiment)},
-            {layout.manifests(), layout.main_metrics(), layout.trainings(), layout.code("experiment")})
+            {layout.manifests(), layout.main_metrics(), layout.trainings()})
     for method in benchmark.methods:
         expected[f"baseline@{method}"] = (
             {layout.baseline(method), layout.baseline_metrics(method), layout.baseline_resources(method)},
-            {layout.manifests(), layout.code("baseline")})
-    expected["analysis"] = ({layout.analysis()}, {layout.manifests(), layout.training(benchmark.main.auxiliary),
-                                                  layout.code("analysis")})
-    expected["report"] = ({layout.reports}, {layout.metrics(), layout.resources(), layout.analysis(),
-                                             layout.code("report")})
+            {layout.manifests()})
+    expected["analysis"] = ({layout.analysis()}, {layout.manifests(), layout.training(benchmark.main.auxiliary)})
+    expected["report"] = ({layout.reports}, {layout.metrics(), layout.resources(), layout.analysis()})
+    for name, (_, deps) in expected.items():  # every call but the stamps stage's also reads its stamp
+        if name != "stamps":
+            deps.add(layout.stamp(name))
     assert set(locked) == set(expected)
     for name, (outs, deps) in expected.items():
         assert _data_paths(locked[name]) == ({p.as_posix() for p in outs}, {p.as_posix() for p in deps}), name

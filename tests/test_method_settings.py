@@ -1,21 +1,15 @@
-"""Each method owns its settings: editing one method's settings invalidates, as `dvc status` says, the stages that
-run that method and no other.
+"""Each method owns its settings: editing one method's settings changes the stamps (what DVC reruns, see
+moeclip/bench/stages/stamps.py) of the stage calls that run that method and of no other.
 
 A profile's `model` is MoECLIP's settings (its network and its training objective), a baseline's
 `methods.<method>.model` that baseline's, and a `train` section only the generic optimisation settings
-(moeclip/config.py). The repository's params.yaml, dvc.yaml and dvc.lock are copied into a bare DVC repository:
-no code, data or outputs, so every stage also reports missing files, and only its params.yaml entries are read
-here. The copy's dvc.lock is given the params values of the unedited params.yaml (as if the pipeline had just
-run), so that an edit's `dvc status` names exactly the stages whose declared params it changes, even while the
-committed dvc.lock predates a params edit. Edits are made to the text, as a user makes them, so YAML merge keys
-(`<<: *demo_train`) carry them wherever they are merged.
+(moeclip/config.py). Each call's stamp holds the values of the params.yaml keys its stage declares; edits are
+made to the text, as a user makes them, so YAML merge keys (`<<: *demo_train`) carry them wherever they are
+merged. tests/test_dvc_pipeline.py checks the same edits through `dvc status` on a reproduced demo.
 """
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,10 +20,10 @@ from moeclip.bench.baselines import method_runs
 from moeclip.bench.experiments import Benchmark, load_plan
 from moeclip.bench.params import ParamsError, Profile, load_profile
 from moeclip.bench.stages import STAGES
+from moeclip.bench.stages.stamps import call_stamps
 from moeclip.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-DVC = Path(sys.executable).parent / "dvc"
 PROFILE = "demo"  # the profile dvc.yaml runs (params.yaml `profile:`)
 GENERIC_TRAINING = {"epochs", "batch_size", "lr", "betas", "milestones", "gamma", "seed", "augment", "num_workers",
                     "checkpoint_every", "max_steps"}
@@ -42,41 +36,12 @@ def _lookup(document: dict, key: str) -> object:
     return value
 
 
-def _declared_params(dvc_yaml: dict, stage_name: str, document: dict) -> list[str]:
-    """The params.yaml keys dvc.yaml declares for one expanded stage ('baseline@april_gan', 'evaluate-visa@btad')."""
-    base, _, argument = stage_name.partition("@")
-    entry = dvc_yaml["stages"][base]
-    keys = entry.get("do", entry).get("params", [])
-    return [re.sub(r"\$\{(key|item|item\.\w+)\}", argument, key.replace("${profile}", document["profile"]))
-            for key in keys]
+NO_CODE = {stage.name: {} for stage in STAGES}  # settings alone: the code part of a stamp is not edited here
 
 
-@pytest.fixture(scope="module")
-def repository(tmp_path_factory) -> tuple[Path, set[str]]:
-    """A bare DVC repository holding params.yaml, dvc.yaml, and a dvc.lock whose params are params.yaml's; and
-    the stages whose params `dvc status` reports changed before any edit (none)."""
-    repo = tmp_path_factory.mktemp("settings")
-    subprocess.run([str(DVC), "init", "--no-scm", "-q"], cwd=repo, check=True, capture_output=True)
-    for name in ("params.yaml", "dvc.yaml"):
-        (repo / name).write_text((ROOT / name).read_text())
-    document = yaml.safe_load((ROOT / "params.yaml").read_text())
-    dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())
-    for name, stage in lock["stages"].items():
-        keys = _declared_params(dvc_yaml, name, document)
-        stage.pop("params", None)
-        if keys:
-            stage["params"] = {"params.yaml": {key: _lookup(document, key) for key in keys}}
-    (repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
-    return repo, _params_changed(repo)
-
-
-def _params_changed(repo: Path) -> set[str]:
-    """The stages whose params.yaml entries `dvc status` reports changed (its other reports are missing files)."""
-    done = subprocess.run([str(DVC), "status", "--json"], cwd=repo, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return {stage for stage, changes in json.loads(done.stdout).items()
-            for change in changes if isinstance(change, dict) and "params.yaml" in change.get("changed deps", {})}
+def _settings(params: Path) -> dict[str, dict]:
+    """Each call's settings, as its stamp holds them."""
+    return {label: stamp["params"] for label, stamp in call_stamps(params, PROFILE, NO_CODE).items()}
 
 
 def _in_profile(text: str, old: str, new: str) -> str:
@@ -140,24 +105,18 @@ EDITS: dict[str, tuple[Callable[[str], str], Callable[[Benchmark, Profile], None
 }
 
 
-def test_the_copied_lock_matches_the_unedited_params(repository):
-    _, before = repository
-    assert before == set()
-
-
 @pytest.mark.parametrize("edit", EDITS)
-def test_an_edit_to_one_methods_settings_invalidates_only_the_stages_that_run_it(repository, edit):
+def test_an_edit_to_one_methods_settings_invalidates_only_the_stages_that_run_it(tmp_path, edit):
     change, holds, expected = EDITS[edit]
-    repo, before = repository
-    params = repo / "params.yaml"
-    original = params.read_text()
-    try:
-        params.write_text(change(original))
-        benchmark, profile = load_plan(params, PROFILE)
-        holds(benchmark, profile)
-        changed = _params_changed(repo) - before
-    finally:
-        params.write_text(original)
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    before = _settings(params)
+    params.write_text(change(params.read_text()))
+    benchmark, profile = load_plan(params, PROFILE)
+    holds(benchmark, profile)
+    after = _settings(params)
+    assert set(after) == set(before)
+    changed = {label for label in after if after[label] != before[label]}
     assert changed == expected(benchmark), (f"{edit}: unexpected {sorted(changed - expected(benchmark))}, "
                                             f"missing {sorted(expected(benchmark) - changed)}")
 
@@ -173,8 +132,8 @@ def test_the_training_section_is_generic_and_a_loss_setting_there_is_refused_nam
 
 
 def test_every_declared_params_key_exists_in_every_profile():
-    """DVC refuses to run a stage whose params key is missing: every profile (`dvc exp run -S profile=...`) must
-    hold every key the stages declare."""
+    """A stamp takes a missing key as null, so a setting added later would not count as a change: every profile
+    (`dvc exp run -S profile=...`) holds every key the stages declare."""
     document = yaml.safe_load((ROOT / "params.yaml").read_text())
     for name in document["profiles"]:
         benchmark, _ = load_plan(ROOT / "params.yaml", name)

@@ -109,7 +109,7 @@ def test_cache_keys_follow_the_stages_declared_inputs(small_params: Path, monkey
         inputs = {"params": small_params, "dataset": "visa", "profile_name": "tiny"}
         return StageCache(stage=stage).compute_key(None, inputs, {})
 
-    stamp = profile.layout.code("prepare")  # the stage's code, as the code stage stamps it
+    stamp = profile.layout.stamp("prepare@visa")  # the call's code and settings, as the stamps stage stamps them
     stamp.parent.mkdir(parents=True)
     stamp.write_text('{"digest": "one"}')
     first, fetched = key("prepare"), key("fetch")
@@ -137,8 +137,8 @@ def test_a_call_waits_for_the_calls_that_write_what_it_reads(small_params: Path)
     benchmark, profile = load_plan(small_params)
     plan = plan_stages(benchmark, profile)
     waits = waits_for(plan.calls(report=True), benchmark, profile)
-    assert waits.pop("code") == []
-    assert all(calls[0] == "code" for calls in waits.values())  # every stage reads its code stamp
+    assert waits.pop("stamps") == []
+    assert all(calls[0] == "stamps" for calls in waits.values())  # every call reads its stamp
     waits = {label: calls[1:] for label, calls in waits.items()}
     assert waits["fetch@visa"] == []
     assert waits["prepare@visa"] == ["fetch@visa"]

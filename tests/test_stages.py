@@ -9,7 +9,7 @@ import yaml
 from benchmarks.bench_pipeline import stage_environment
 from moeclip.bench.dvcfile import PACKAGE_ROOT, folded, package_files, render, stages_code
 from moeclip.bench.experiments import load_plan
-from moeclip.bench.stages import STAGES, get_stage
+from moeclip.bench.stages import STAGES, get_stage, plan_calls
 from moeclip.bench.stages.common import code_digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def test_dvc_yaml_is_what_the_stage_declarations_render():
 
 
 def test_every_stage_has_a_module_with_its_run_and_dvc_names_its_calls():
-    assert [stage.name for stage in STAGES] == ["code", "fetch", "prepare", "train", "evaluate", "baseline",
+    assert [stage.name for stage in STAGES] == ["stamps", "fetch", "prepare", "train", "evaluate", "baseline",
                                                 "experiment", "analysis", "report"]
     assert all(callable(stage.function()) for stage in STAGES)
     assert get_stage("fetch").label({"dataset": "visa"}) == "fetch@visa"
@@ -65,19 +65,28 @@ def test_package_data_belongs_to_the_module_that_reads_it():
 
 
 def test_a_stage_records_the_code_it_ran_which_is_what_its_stamp_lists(tmp_path):
-    """The code stage stamps each stage with the probe's files and their digest; `moeclip stage` keeps the
-    package files it loaded in its usage record, the same files; every stage depends on its stamp alone."""
+    """The stamps stage stamps each call with the probe's files, their digest and the call's settings;
+    `moeclip stage` keeps the package files it loaded in its usage record, the same files; every call depends
+    on its stamp alone, and the stamps stage on the package and every setting."""
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     env = {**stage_environment(tmp_path, warm=False), "PYTHONPATH": str(ROOT)}
-    for command in (["moeclip", "stage", "code"], ["moeclip", "stage", "fetch", "btad"]):
+    for command in (["moeclip", "stage", "stamps"], ["moeclip", "stage", "fetch", "btad"]):
         done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-    stamps = {stage.name: json.loads((tmp_path / f"runs/demo/code/{stage.name}.json").read_text())
-              for stage in STAGES if stage.name != "code"}
-    assert all(stamp["digest"] == code_digest(PACKAGE_ROOT, stamp["files"]) for stamp in stamps.values())
-    assert "moeclip/training.py" in stamps["train"]["files"] and "moeclip/training.py" not in stamps["fetch"]["files"]
+    benchmark, _ = load_plan(tmp_path / "params.yaml")
+    stamps = {path.stem: json.loads(path.read_text()) for path in (tmp_path / "runs/demo/stamps").glob("*.json")
+              if path.name != "_code.json"}
+    assert set(stamps) == {stage.label(args) for stage, args in plan_calls(benchmark)}
+    assert {"fetch@btad", "train@visa", "evaluate-visa@mvtec", "baseline@winclip", "report"} <= set(stamps)
+    assert all(stamp["code"]["digest"] == code_digest(PACKAGE_ROOT, stamp["code"]["files"])
+               for stamp in stamps.values())
+    train, fetch = stamps["train@visa"], stamps["fetch@btad"]
+    assert "moeclip/training.py" in train["code"]["files"] and "moeclip/training.py" not in fetch["code"]["files"]
+    assert fetch["params"] == {"profiles.demo.data": yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]
+                                                               ["demo"]["data"]}
     recorded = json.loads((tmp_path / "runs/demo/usage/fetch@btad.json").read_text())["code"]
-    assert folded(recorded, PACKAGE_ROOT) == stamps["fetch"]["files"]
+    assert folded(recorded, PACKAGE_ROOT) == fetch["code"]["files"]
     dvc_stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert dvc_stages["code"]["deps"] == ["moeclip"]
-    assert dvc_stages["fetch"]["do"]["deps"] == ["runs/${profile}/code/fetch.json"]
+    assert dvc_stages["stamps"]["deps"] == ["moeclip"] and dvc_stages["stamps"]["params"] == [{"params.yaml": None}]
+    assert dvc_stages["fetch"]["do"]["deps"] == ["runs/${profile}/stamps/fetch@${item}.json"]
+    assert "params" not in dvc_stages["fetch"]["do"]

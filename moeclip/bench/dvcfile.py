@@ -3,8 +3,8 @@
 `moeclip dvc-yaml` writes it and `moeclip dvc-yaml --check` says whether the committed file is
 current (a test runs the check). Paths carry `${profile}`, so `dvc repro` follows params.yaml's
 `profile:` without a new rendering. A stage's code is the package files its module imports (`stages_code`;
-a folder stands for its files where the stage imports every one of them); the `code` stage stamps them,
-and each stage depends on its stamp. The
+a folder stands for its files where the stage imports every one of them); the `stamps` stage stamps each
+call with its code and settings, and each call depends on its stamp. The
 per-auxiliary evaluation stages and the plots follow params.yaml's main plan and report, so an edit
 there may need a new rendering (the check says so).
 """
@@ -24,7 +24,7 @@ import yaml
 from moeclip.bench.experiments import Benchmark
 from moeclip.bench.layout import RunLayout
 from moeclip.bench.reports.render import figure_files
-from moeclip.bench.stages import STAGES, Output, Stage, get_stage
+from moeclip.bench.stages import STAGES, STAMP_STAGE, Output, Stage, get_stage
 
 # The stage's entry (the launcher and `moeclip stage`) runs in every stage's process.
 ENTRY_MODULES = ("moeclip.bench.launch", "moeclip.bench.stages.cli")
@@ -34,14 +34,16 @@ HEADER = """\
 # The benchmark pipeline, rendered by `moeclip dvc-yaml` from the stage declarations in
 # moeclip/bench/stages/ and params.yaml's plan: edit those, then render again (a test checks it).
 # Paths carry the active profile (params.yaml `profile:`), so profiles keep separate data, runs
-# and reports. Each stage depends on its code stamp, which the `code` stage writes from exactly the
-# package files the stage imports (so an edit reruns just the stages that import what it changed).
+# and reports. Each call depends on its stamp, which the `stamps` stage writes from exactly the package
+# files the call's stage imports and the params.yaml values it declares (so an edit reruns just the calls
+# whose code or settings it changed; `dvc repro stamps && dvc status` names them).
 #   fetch@<dataset> -> prepare@<dataset> -> train@<aux> -> evaluate-<aux>@<target> ----> report
 #                                        -> baseline@<method> (trains, evaluates) ---/
 #                                        -> experiment@<table/figure> --------------/
 #                                        -> analysis -------------------------------/
 """
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the moeclip package
+PARAMS_FILE = "params.yaml"
 
 
 def stages_code(stages: Sequence[Stage]) -> dict[str, list[str]]:
@@ -139,7 +141,8 @@ def _body(stage: Stage, benchmark: Benchmark, args: Mapping[str, str]) -> dict[s
     body: dict[str, Any] = {
         "cmd": command, "desc": stage.summary,
         "deps": [path.as_posix() for path in stage.inputs(TEMPLATE_LAYOUT, benchmark, args)],
-        "params": stage.params_keys("${profile}", args),
+        # The stamps stage tracks every setting, each other stage its own through its stamp.
+        "params": [{PARAMS_FILE: None}] if stage.name == STAMP_STAGE else [],
         "outs": [_output(output) for output in writes if not output.metric],
         "metrics": [_output(output) for output in writes if output.metric]}
     return {key: value for key, value in body.items() if value}

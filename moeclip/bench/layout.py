@@ -103,9 +103,13 @@ class RunLayout:
     def analysis(self) -> Path:
         return self.runs / "analysis"
 
-    def code(self, stage: str) -> Path:
-        """A stage's code stamp: the package files it imports and their digest (the `code` stage writes it)."""
-        return self.runs / "code" / f"{stage}.json"
+    def stamps(self) -> Path:
+        """Every stage call's stamp (the `stamps` stage writes them)."""
+        return self.runs / "stamps"
+
+    def stamp(self, label: str) -> Path:
+        """One stage call's stamp ('train@visa'): its code and its settings, what DVC sees of them."""
+        return self.stamps() / f"{label}.json"
 
     def usage(self, stage: str) -> Path:
         """The last run of a stage: wall time and peak memory (a log, not a DVC output)."""

@@ -140,6 +140,17 @@ class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyam
         return super().construct_mapping(node, deep)
 
 
+def params_values(document: dict[str, Any], keys: list[str]) -> list[Any]:
+    """The values at dotted params.yaml keys (None where a key is absent)."""
+    values = []
+    for key in keys:
+        value: Any = document
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        values.append(value)
+    return values
+
+
 def read_params(path: Path) -> dict[str, Any]:
     """The parsed params file; errors name the file."""
     path = Path(path)

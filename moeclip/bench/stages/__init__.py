@@ -2,10 +2,11 @@
 
 A stage is one module of this package with a `run(params, *arguments, profile_name)` function; its
 code is everything that module imports (at its top, so a lazy import deeper down cannot escape the
-list). The `code` stage, first of all, writes each other stage's code stamp (those files and their
-digest, runs/<profile>/code/<stage>.json), and each stage reads its stamp: DVC then reruns exactly the
-stages whose code an edit changed, while dvc.lock holds one code entry per stage instead of its file
-list. Everything else derives from the declarations below:
+list). The `stamps` stage, first of all, writes each stage call's stamp (runs/<profile>/stamps/<call>.json):
+its code (those files and their digest) and its settings (the values of the params.yaml keys it
+declares). Each call depends on its stamp alone, so DVC reruns exactly the calls whose code or settings
+an edit changed, while dvc.lock holds one entry per call for both instead of every file and every
+settings value of every call. Everything else derives from the declarations below:
   - dvc.yaml, rendered by `moeclip dvc-yaml` (moeclip/bench/dvcfile.py): deps, params, outs, metrics;
   - `moeclip stage <name> ...` (stages/cli.py);
   - the Prefect flow's tasks, their order (a call waits for the calls that write what it reads) and
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from moeclip.bench.layout import RunLayout
 
 PACKAGE = "moeclip"
-CODE_STAGE = "code"
+STAMP_STAGE = "stamps"
 # Package data read by a module (not imported, so not seen in sys.modules): the module's code includes it.
 PACKAGE_DATA = {"moeclip/backbone.py": ("moeclip/configs/MoECLIP-Tiny-ViT.json",),
                 "moeclip/bench/reports/paper.py": ("moeclip/bench/reports/paper_results.yaml",
@@ -77,8 +78,8 @@ class Stage:
         return f"{self.name}@{args[self.arguments[0]]}" if self.arguments else self.name
 
     def inputs(self, layout: RunLayout, plan: Benchmark, args: Mapping[str, str]) -> list[Path]:
-        """What one call reads: its declared reads and, but for the code stage, its code stamp."""
-        stamp = [] if self.name == CODE_STAGE else [layout.code(self.name)]
+        """What one call reads: its declared reads and, but for the stamps stage, its stamp."""
+        stamp = [] if self.name == STAMP_STAGE else [layout.stamp(self.label(args))]
         return self.reads(layout, plan, args) + stamp
 
     def paths(self, layout: RunLayout, plan: Benchmark, args: Mapping[str, str]) -> tuple[list[Path], list[Path]]:
@@ -90,10 +91,12 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage(CODE_STAGE, "Stamp each stage's code: the package files it imports, and their digest.", (), None,
+    Stage(STAMP_STAGE, "Stamp each stage call with its code and settings (what the call depends on besides files).",
+          (), None,
           reads=lambda layout, plan, a: [Path(PACKAGE)],
-          writes=lambda layout, plan, a: [Output(layout.code(stage.name), cache=False)
-                                          for stage in STAGES if stage.name != CODE_STAGE],
+          writes=lambda layout, plan, a: [Output(layout.stamps(), persist=True, cache=False,
+                                                 why="a stamp whose code and settings did not change is not "
+                                                     "rewritten, so nothing downstream sees an edit it is not in")],
           params=()),
     Stage("fetch", "Download (or synthesise, for a synthetic profile) one dataset.", ("dataset",), "datasets",
           reads=lambda layout, plan, a: [],
@@ -163,6 +166,17 @@ STAGES: tuple[Stage, ...] = (
                   "profiles.{profile}.train", "profiles.{profile}.data", "profiles.{profile}.analysis")),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def plan_calls(plan: Benchmark) -> list[tuple[Stage, dict[str, str]]]:
+    """Every call of the plan's pipeline as dvc.yaml expands it, the stamps stage's own aside."""
+    calls = {"datasets": [{"dataset": dataset} for dataset in plan.datasets],
+             "trainings": [{"auxiliary": auxiliary} for auxiliary in plan.main.targets],
+             "evaluations": [{"auxiliary": auxiliary, "target": target}
+                             for auxiliary, targets in plan.main.targets.items() for target in targets],
+             "methods": [{"method": method} for method in plan.methods],
+             "experiments": [{"experiment": experiment} for experiment in plan.experiments], None: [{}]}
+    return [(stage, args) for stage in STAGES if stage.name != STAMP_STAGE for args in calls[stage.fan_out]]
 
 
 def get_stage(name: str) -> Stage:
