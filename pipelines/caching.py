@@ -28,8 +28,10 @@ from moeclip.bench.stages import Stage, get_stage
 
 
 def fingerprint(path: Path) -> list[tuple[str, int, int]]:
-    """(path, size, mtime) of a file or of every file under a folder; empty when missing. Cheap: no reads."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    """(path, size, mtime) of a file or of every file under a folder (bytecode caches aside, as DVC ignores them);
+    empty when missing. Cheap: no reads."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() \
+        else [path] if path.is_file() else []
     return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 

@@ -220,7 +220,7 @@ def test_served_deployment_runs_to_completion_then_from_cache(tmp_path: Path) ->
         assert first["state"]["type"] == "COMPLETED"
         assert first["parameters"]["profile"] == "demo"
         assert set(_task_states(api, first["id"])) == {
-            "fetch@visa", "fetch@mvtec", "prepare@visa", "prepare@mvtec", "train@visa", "train@mvtec",
+            "stamps", "fetch@visa", "fetch@mvtec", "prepare@visa", "prepare@mvtec", "train@visa", "train@mvtec",
             "evaluate-visa@mvtec", "evaluate-mvtec@visa"}
         assert (work / "runs/demo/train/visa/checkpoint.pt").is_file()
         assert (work / "runs/demo/train/mvtec/checkpoint.pt").is_file()

@@ -21,7 +21,9 @@ from mlflow.tracking import MlflowClient
 
 from benchmarks.bench_pipeline import stage_environment, wait_for_server
 from moeclip.bench import warm
+from moeclip.bench.dvcfile import stages_code
 from moeclip.bench.params import RuntimeConfig
+from moeclip.bench.stages import get_stage
 from moeclip.bench.stages.experiment import in_processes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,9 +201,9 @@ def test_kept_evaluations_follow_the_evaluation_code(tmp_path):
     assert code_digest(tmp_path, ("metrics", "cost.py")) == before
     (tmp_path / "metrics/auc.py").write_text("AUC = 2\n")
     assert code_digest(tmp_path, ("metrics", "cost.py")) != before
-    # Every such path is a dependency of the experiment stages, so DVC re-runs them after an edit there.
-    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["experiment"]["do"]["deps"]
-    assert {f"moeclip/{path}" for path in EVALUATION_CODE} <= set(deps)
+    # Every such path is in the experiment stage's code stamp, so DVC re-runs it after an edit there.
+    code = stages_code([get_stage("experiment")])["experiment"]
+    assert {f"moeclip/{path}" for path in EVALUATION_CODE} <= set(code)
     assert all((PACKAGE_FOLDER / path).exists() for path in EVALUATION_CODE)
 
 
@@ -225,6 +227,6 @@ def test_a_finished_training_made_with_other_training_code_is_trained_again(tmp_
     assert checkpoint_state(checkpoint, run) == "complete"
     annotate_checkpoint(checkpoint, training_code="0" * 16)
     assert checkpoint_state(checkpoint, run) == "stale"
-    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]["deps"]
-    assert {f"moeclip/{path}" for path in TRAINING_CODE} <= set(deps)  # and DVC re-runs the stage after an edit
+    code = stages_code([get_stage("train")])["train"]
+    assert {f"moeclip/{path}" for path in TRAINING_CODE} <= set(code)  # and DVC re-runs the stage after an edit
     assert all((PACKAGE_FOLDER / path).exists() for path in TRAINING_CODE)

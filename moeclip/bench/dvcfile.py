@@ -24,7 +24,7 @@ import yaml
 from moeclip.bench.experiments import Benchmark
 from moeclip.bench.layout import RunLayout
 from moeclip.bench.reports.render import figure_files
-from moeclip.bench.stages import STAGES, STAMP_STAGE, Output, Stage, get_stage
+from moeclip.bench.stages import ALL_PARAMS, STAGES, Output, Stage, get_stage
 
 # The stage's entry (the launcher and `moeclip stage`) runs in every stage's process.
 ENTRY_MODULES = ("moeclip.bench.launch", "moeclip.bench.stages.cli")
@@ -141,8 +141,8 @@ def _body(stage: Stage, benchmark: Benchmark, args: Mapping[str, str]) -> dict[s
     body: dict[str, Any] = {
         "cmd": command, "desc": stage.summary,
         "deps": [path.as_posix() for path in stage.inputs(TEMPLATE_LAYOUT, benchmark, args)],
-        # The stamps stage tracks every setting, each other stage its own through its stamp.
-        "params": [{PARAMS_FILE: None}] if stage.name == STAMP_STAGE else [],
+        # The stamps stage tracks every setting (the whole file), each other stage its own through its stamp.
+        "params": [{PARAMS_FILE: None}] if ALL_PARAMS in stage.params else [],
         "outs": [_output(output) for output in writes if not output.metric],
         "metrics": [_output(output) for output in writes if output.metric]}
     return {key: value for key, value in body.items() if value}

@@ -141,9 +141,12 @@ class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyam
 
 
 def params_values(document: dict[str, Any], keys: list[str]) -> list[Any]:
-    """The values at dotted params.yaml keys (None where a key is absent)."""
+    """The values at dotted params.yaml keys (None where a key is absent; the empty key is the whole file)."""
     values = []
     for key in keys:
+        if not key:
+            values.append(document)
+            continue
         value: Any = document
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None

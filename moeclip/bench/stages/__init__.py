@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 PACKAGE = "moeclip"
 STAMP_STAGE = "stamps"
+ALL_PARAMS = ""  # the params key that stands for the whole params file (the stamps stage's)
 # Package data read by a module (not imported, so not seen in sys.modules): the module's code includes it.
 PACKAGE_DATA = {"moeclip/backbone.py": ("moeclip/configs/MoECLIP-Tiny-ViT.json",),
                 "moeclip/bench/reports/paper.py": ("moeclip/bench/reports/paper_results.yaml",
@@ -97,7 +98,7 @@ STAGES: tuple[Stage, ...] = (
           writes=lambda layout, plan, a: [Output(layout.stamps(), persist=True, cache=False,
                                                  why="a stamp whose code and settings did not change is not "
                                                      "rewritten, so nothing downstream sees an edit it is not in")],
-          params=()),
+          params=(ALL_PARAMS,)),
     Stage("fetch", "Download (or synthesise, for a synthetic profile) one dataset.", ("dataset",), "datasets",
           reads=lambda layout, plan, a: [],
           writes=lambda layout, plan, a: [Output(layout.raw(a["dataset"]), persist=True,
