@@ -19,7 +19,7 @@ import yaml
 from moeclip.bench.baselines import method_runs
 from moeclip.bench.experiments import Benchmark, load_plan
 from moeclip.bench.params import ParamsError, Profile, load_profile
-from moeclip.bench.stages import STAGES
+from moeclip.bench.stages import STAGES, plan_calls
 from moeclip.bench.stages.stamps import call_stamps
 from moeclip.config import TrainConfig
 
@@ -137,15 +137,9 @@ def test_every_declared_params_key_exists_in_every_profile():
     document = yaml.safe_load((ROOT / "params.yaml").read_text())
     for name in document["profiles"]:
         benchmark, _ = load_plan(ROOT / "params.yaml", name)
-        calls = {"datasets": [{"dataset": d} for d in benchmark.datasets],
-                 "trainings": [{"auxiliary": a} for a in benchmark.main.targets],
-                 "evaluations": [{"auxiliary": a, "target": t} for a, ts in benchmark.main.targets.items() for t in ts],
-                 "methods": [{"method": m} for m in benchmark.methods],
-                 "experiments": [{"experiment": e} for e in benchmark.experiments], None: [{}]}
-        for stage in STAGES:
-            for args in calls[stage.fan_out]:
-                for key in stage.params_keys(name, args):
-                    try:
-                        _lookup(document, key)
-                    except KeyError:
-                        pytest.fail(f"profile '{name}': stage {stage.label(args)} declares '{key}', which is missing")
+        for stage, args in plan_calls(benchmark):
+            for key in stage.params_keys(name, args):
+                try:
+                    _lookup(document, key)
+                except KeyError:
+                    pytest.fail(f"profile '{name}': stage {stage.label(args)} declares '{key}', which is missing")
