@@ -120,9 +120,11 @@ def test_cache_keys_follow_the_stages_declared_inputs(small_params: Path, monkey
     (raw / "image.png").write_bytes(b"changed")
     assert key("prepare") != first and key("fetch") == fetched  # prepare reads the raw folder, fetch writes it
     document = yaml.safe_load(small_params.read_text())
+    stamped = key("stamps")
     document["experiments"]["industrial"]["title"] = "Renamed"
     small_params.write_text(yaml.safe_dump(document, sort_keys=False) + "# an edit\n")
     assert key("fetch") == fetched  # fetch declares only the profile's data section
+    assert key("stamps") != stamped  # the stamps stage depends on every setting
     document["profiles"]["tiny"]["data"] = {"per_class": 3}
     small_params.write_text(yaml.safe_dump(document, sort_keys=False))
     assert key("fetch") != fetched
