@@ -36,12 +36,14 @@ def _lookup(document: dict, key: str) -> object:
     return value
 
 
-NO_CODE = {stage.name: {} for stage in STAGES}  # settings alone: the code part of a stamp is not edited here
+def _no_code(_: object) -> dict[str, dict]:
+    """Settings alone: the code part of a stamp is not edited here."""
+    return {stage.name: {} for stage in STAGES}
 
 
 def _settings(params: Path) -> dict[str, dict]:
     """Each call's settings, as its stamp holds them."""
-    return {label: stamp["params"] for label, stamp in call_stamps(params, PROFILE, NO_CODE).items()}
+    return {label: stamp["params"] for label, stamp in call_stamps(params, PROFILE, _no_code)[1].items()}
 
 
 def _in_profile(text: str, old: str, new: str) -> str:

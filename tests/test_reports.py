@@ -134,7 +134,7 @@ def test_report_renders_every_table_with_all_rows(tmp_path, monkeypatch):
     assert "not** paper results" in readme and "![fig6_number_of_experts_k.png](fig6_number_of_experts_k.png)" in readme
     # Beside each experiment, its variants' sizes; time and memory only where they were measured.
     table5 = (out / "table5.md").read_text()
-    assert "| Variant   |   Params (M) |   Trainable (M) |" in table5 and "| Tiny@80   |        5.500 |           0.020 |" in table5
+    assert "| Variant   |   Params (M) |   Trainable (M) |" in table5 and "| Tiny@80   |        4.500 |           0.020 |" in table5
     assert "Wall time" not in table5
     assert "|   Wall time (s) |   Peak RSS (GiB) |" in (out / "table13.md").read_text()
     assert readme.count(": size and cost") == len(benchmark.experiments)

@@ -87,6 +87,7 @@ def test_a_stage_records_the_code_it_ran_which_is_what_its_stamp_lists(tmp_path)
     recorded = json.loads((tmp_path / "runs/demo/usage/fetch@btad.json").read_text())["code"]
     assert folded(recorded, PACKAGE_ROOT) == fetch["code"]["files"]
     dvc_stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert dvc_stages["stamps"]["deps"] == ["moeclip"] and dvc_stages["stamps"]["params"] == [{"params.yaml": None}]
+    # every setting as the file (5 lock lines), one tracked key so DVC treats it as a params file
+    assert dvc_stages["stamps"]["deps"] == ["moeclip", "params.yaml"] and dvc_stages["stamps"]["params"] == ["profile"]
     assert dvc_stages["fetch"]["do"]["deps"] == ["runs/${profile}/stamps/fetch@${item}.json"]
     assert "params" not in dvc_stages["fetch"]["do"]

@@ -47,6 +47,10 @@ def test_demo_runs_prepare_train_and_evaluate_with_mlflow(quick_params, tmp_path
     assert "manifest.mvtec.sha256" in evaluation.data.params
     artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
     assert {"per_class.csv", "summary.json", "figures"} <= artifacts
+    # `tracking.figures_per_dataset` (1 in the demo profile): one example map per dataset, though every class of a
+    # dataset has an example (some datasets have none to show)
+    figures = [Path(a.path).name.split("-")[0] for a in client.list_artifacts(evaluation.info.run_id, "figures")]
+    assert len(figures) == len(set(figures)) and {"mvtec", "btad"} <= set(figures) <= targets
 
 
 def test_train_stops_and_resumes_from_its_checkpoint(quick_params, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -44,50 +45,64 @@ HEADER = """\
 """
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the moeclip package
 PARAMS_FILE = "params.yaml"
+PROFILE_KEY = "profile"  # params.yaml's choice of profile
 
 
 def stages_code(stages: Sequence[Stage]) -> dict[str, list[str]]:
     """Each stage's code: the package files (relative to PACKAGE_ROOT) that its process imports.
 
-    One fresh interpreter imports every stage's module (torch, open_clip and MLflow once), drops the
-    package's own modules and forks a child per stage that imports that stage's afresh, as the warm stage
-    server does: a child loads what the stage's process loads, in a fraction of a second.
+    Every stage's module is imported once (torch, open_clip and MLflow with them; in a warm stage process
+    they already are), then a forked child per stage drops the package's own modules and imports that
+    stage's afresh, as the warm stage server does: a child loads what the stage's process loads, in a
+    fraction of a second. A process with other threads must not fork: there a fresh interpreter probes.
     """
-    probe = f"from moeclip.bench.dvcfile import probe_stages; probe_stages({[stage.name for stage in stages]!r})"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=PACKAGE_ROOT,
-                          env={**os.environ, "MOECLIP_WARM": "0"}, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"importing the stages failed:\n{done.stderr[-3000:]}")
-    return {name: folded(files, PACKAGE_ROOT) for name, files in json.loads(done.stdout).items()}
+    names = [stage.name for stage in stages]
+    if threading.active_count() == 1:
+        found = probe_stages(names)
+    else:
+        probe = f"import json; from moeclip.bench.dvcfile import probe_stages; print(json.dumps(probe_stages({names!r})))"
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=PACKAGE_ROOT,
+                              env={**os.environ, "MOECLIP_WARM": "0"}, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"importing the stages failed:\n{done.stderr[-3000:]}")
+        found = json.loads(done.stdout)
+    return {name: folded(files, PACKAGE_ROOT) for name, files in found.items()}
 
 
-def probe_stages(names: list[str]) -> None:
-    """In `stages_code`'s interpreter: print {stage: the package files its module imports} as JSON."""
-    from moeclip.bench.warm import forget_package
-
+def probe_stages(names: list[str]) -> dict[str, list[str]]:
+    """{stage: the package files its module imports}, each found in a forked child of this single-threaded
+    process."""
     modules = {name: get_stage(name).module for name in names}
     for module in modules.values():  # every third-party module the stages need, imported once
         importlib.import_module(module)
-    forget_package()
-    found = {}
-    for name, module in modules.items():
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: import the stage as its own process would, report what was loaded
-            os.close(read)
+    return {name: _imported_in_child(module) for name, module in modules.items()}
+
+
+def _imported_in_child(module: str) -> list[str]:
+    """The package files a fresh import of the stage `module` (and the stage entry) loads, in a forked child."""
+    from moeclip.bench.warm import forget_package
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: import the stage as its own process would, report what was loaded
+        os.close(read)
+        status = 1
+        try:
+            forget_package()
             for entry in (*ENTRY_MODULES, module):
                 importlib.import_module(entry)
             with os.fdopen(write, "w") as out:
                 json.dump(sys.modules["moeclip.bench.stages"].imported_code(), out)
-            os._exit(0)
-        os.close(write)
-        with os.fdopen(read) as answer:
-            text = answer.read()
-        _, status = os.waitpid(pid, 0)
-        if status != 0:
-            raise RuntimeError(f"importing stage '{name}' failed")
-        found[name] = json.loads(text)
-    print(json.dumps(found))
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        text = answer.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise RuntimeError(f"importing the stage module '{module}' failed")
+    return json.loads(text)
 
 
 def package_files(root: Path, folder: str) -> set[str]:
@@ -138,11 +153,16 @@ def _body(stage: Stage, benchmark: Benchmark, args: Mapping[str, str]) -> dict[s
     command = " ".join(["moeclip stage", stage.name, *(args[name] for name in stage.arguments),
                         "--profile ${profile}"])
     writes = stage.writes(TEMPLATE_LAYOUT, benchmark, args)
+    whole_file = ALL_PARAMS in stage.params
     body: dict[str, Any] = {
         "cmd": command, "desc": stage.summary,
-        "deps": [path.as_posix() for path in stage.inputs(TEMPLATE_LAYOUT, benchmark, args)],
-        # The stamps stage tracks every setting (the whole file), each other stage its own through its stamp.
-        "params": [{PARAMS_FILE: None}] if ALL_PARAMS in stage.params else [],
+        # The stamps stage depends on every setting, each other stage on its own through its stamp. The
+        # file as a dependency costs dvc.lock 5 lines where its tracked values cost 1,100, which DVC reads
+        # and writes back after every stage (1.3 s each); one tracked key keeps it a params file, so
+        # `dvc params diff` and `dvc exp run -S` still see every setting.
+        "deps": [path.as_posix() for path in stage.inputs(TEMPLATE_LAYOUT, benchmark, args)]
+        + ([PARAMS_FILE] if whole_file else []),
+        "params": [PROFILE_KEY] if whole_file else [],
         "outs": [_output(output) for output in writes if not output.metric],
         "metrics": [_output(output) for output in writes if output.metric]}
     return {key: value for key, value in body.items() if value}

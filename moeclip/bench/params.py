@@ -48,6 +48,8 @@ class TrackingConfig(BaseModel):
 
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "zsad-bench"
+    figures_per_dataset: int = Field(3, ge=0, description="example anomaly maps each evaluation logs per dataset "
+                                                          "(rendering one costs about 0.3 s on a CPU)")
 
 
 class AnalysisConfig(BaseModel):

@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     from moeclip.methods.base import ZeroShotMethod
     from moeclip.training import TrainResult
 
-FIGURES_PER_DATASET = 3
-
 
 def fetch_profile_dataset(profile: Profile, dataset: str) -> Path:
     """The raw folder of one dataset: generated for a synthetic profile, else fetched (or found in place)."""
@@ -137,13 +135,13 @@ def _write_results(evaluation: Evaluation, summary: pd.DataFrame, out_dir: Path)
     write_text_atomically(out_dir / "summary.json", json.dumps(json.loads(summary.to_json(orient="index")), indent=2))
 
 
-def _log_figures(run, evaluation: Evaluation) -> None:
+def _log_figures(run, evaluation: Evaluation, per_dataset_limit: int) -> None:
     from moeclip.data.transforms import read_image
     from moeclip.figures import anomaly_map_figure
 
     per_dataset: dict[str, int] = {}
     for example in evaluation.examples:
-        if per_dataset.setdefault(example.dataset, 0) >= FIGURES_PER_DATASET:
+        if per_dataset.setdefault(example.dataset, 0) >= per_dataset_limit:
             continue
         per_dataset[example.dataset] += 1
         size = example.amap.shape[::-1]
@@ -178,5 +176,5 @@ def evaluate_checkpoint(checkpoint: Path, manifests: Mapping[str, Path], out_dir
         summary = summarize(evaluation.per_class)
         _write_results(evaluation, summary, Path(out_dir))
         run.log_metrics_table(evaluation.per_class, summary)
-        _log_figures(run, evaluation)
+        _log_figures(run, evaluation, tracking.figures_per_dataset)
     return summary

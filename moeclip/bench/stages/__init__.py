@@ -61,7 +61,7 @@ class Stage:
     writes: Writes
     # The params.yaml keys the stage's outputs depend on, no more: each method's settings are its own, so
     # editing one method's settings invalidates only the stages that run it. {profile} and {<argument>} are
-    # filled in; every key must exist in every profile (DVC refuses a missing one).
+    # filled in. The stamps stage records their values in each call's stamp (an absent key as null).
     params: tuple[str, ...]
 
     @property

@@ -11,6 +11,7 @@ changed.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +35,21 @@ def stage_code(profile: Profile) -> dict[str, dict[str, Any]]:
     return stages
 
 
-def call_stamps(params: Path, profile_name: str | None, code: dict[str, dict[str, Any]]) -> dict[str, dict]:
-    """{call label: its stamp} for every call of the plan, `code` giving each stage's code."""
+def call_stamps(params: Path, profile_name: str | None,
+                code: Callable[[Profile], dict[str, dict[str, Any]]]) -> tuple[Profile, dict[str, dict]]:
+    """The profile and {call label: its stamp} for every call of its plan, `code(profile)` giving each stage's
+    code."""
     benchmark, profile = load_plan(params, profile_name)
-    document = read_params(params)
+    document, code_of = read_params(params), code(profile)
     stamps = {}
     for stage, args in plan_calls(benchmark):
         keys = stage.params_keys(profile.name, args)
-        stamps[stage.label(args)] = {"code": code[stage.name], "params": dict(zip(keys, params_values(document, keys)))}
-    return stamps
+        stamps[stage.label(args)] = {"code": code_of[stage.name], "params": dict(zip(keys, params_values(document, keys)))}
+    return profile, stamps
 
 
 def run(params: Path, profile_name: str | None = None) -> Path:
-    _, profile = load_plan(params, profile_name)
-    stamps = call_stamps(params, profile_name, stage_code(profile))
+    profile, stamps = call_stamps(params, profile_name, stage_code)
     for label, stamp in stamps.items():
         path = profile.layout.stamp(label)
         if not path.is_file() or json.loads(path.read_text()) != stamp:
