@@ -1,41 +1,77 @@
-"""The `zsad-benchmark` Prefect flow: the declared stages (moeclip/bench/stages/) as tasks, fanned out per
-dataset, training, baseline and experiment.
+"""The `zsad-benchmark` Prefect flow: every unit of the plan (moeclip/bench/units.py) as its own task, on a
+local process pool or on a Ray cluster.
 
-Each task is a stage's `run`, unchanged, so the flow and `dvc repro` produce the same files. A call
-waits for every call that writes a path it reads (what DVC derives from dvc.yaml), and its cache
-key follows the stage's declared inputs (pipelines/caching.py). Tasks run in a process pool: a
-training draws its dropout from the global torch RNG, which threads would share (and so lose the
-seed's reproducibility), and a process per stage is also what DVC gives each stage.
-ZSAD_MAX_WORKERS (default 2) caps how many stages run at once; stages are CPU/GPU heavy, so keep it
-near the number of GPUs.
+A stage call that does one thing (fetch, prepare, a main training or evaluation, the analysis, the
+report) is one task, cached by its declared inputs (pipelines/caching.py). An experiment or a baseline is
+split: each training and each (trained model, dataset) evaluation is a task of its own, named for the
+Prefect UI (`train/table9/1, 3`, `evaluate/table9/1, 3/mvtec`), then the call's gathering task writes its
+metrics. Units are the functions `dvc repro` runs, on the same arguments, and each is idempotent, so the
+flow and `dvc repro` write the same files and either continues what the other did.
+
+Engines (`engine`): `local`, a pool of ZSAD_MAX_WORKERS processes (default 2; keep it near the number
+of GPUs); `ray`, Ray through prefect-ray: a cluster the flow starts on this machine, or an existing one
+by `ray_address` (`ray start --head` on one machine, `ray start --address=...` on the others). On Ray a
+unit that runs a model asks for a GPU when the cluster has any (Ray pins it to one), for a CPU otherwise;
+a unit whose worker dies is run again elsewhere (a training resumes from its checkpoint).
+Tasks run in processes, not threads: a training draws its dropout from the global torch RNG, which
+threads would share.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import import_module
 from pathlib import Path
+from typing import Any, Literal
 
 from mlflow.tracking import MlflowClient
 from prefect import Task, flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, wait
-from prefect.task_runners import ProcessPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
-from moeclip.bench.experiments import load_plan
+from moeclip.bench.experiments import Benchmark, load_plan
+from moeclip.bench.params import Profile, RuntimeConfig
 from moeclip.bench.stages import STAGES, Stage, get_stage
+from moeclip.bench.units import Unit, check_units
 from pipelines.caching import StageCache, outputs_exist
 from pipelines.plan import plan_stages, waits_for
 
 MAX_WORKERS = int(os.environ.get("ZSAD_MAX_WORKERS", "2"))
 FETCH_RETRY_DELAYS = [30, 120, 600]  # seconds; downloads fail transiently (servers, rate limits)
+UNIT_NAMES = {"fetch": "fetch/{dataset}", "prepare": "prepare/{dataset}", "train": "train/{auxiliary}",
+              "evaluate": "evaluate/{auxiliary}/{target}"}  # single-unit calls; the others keep DVC's name
+SPLIT_STAGES = ("experiment", "baseline")  # calls made of several units and a gathering step
+Engine = Literal["local", "ray"]
 
 
 def stage_task(stage: Stage) -> Task:
-    """The stage's `run` as a task named as DVC names the stage's calls."""
+    """The stage's `run` as a task named like the unit it is."""
     retries = FETCH_RETRY_DELAYS if stage.name == "fetch" else []
-    return task(stage.function(), name=stage.name, task_run_name=stage.label({a: f"{{{a}}}" for a in stage.arguments}),
-                retries=len(retries), retry_delay_seconds=retries)
+    name = UNIT_NAMES.get(stage.name) or stage.label({a: f"{{{a}}}" for a in stage.arguments})
+    return task(stage.function(), name=stage.name, task_run_name=name, retries=len(retries),
+                retry_delay_seconds=retries)
 
 
 TASKS = {stage.name: stage_task(stage) for stage in STAGES}
+
+
+@task(name="unit", task_run_name="{name}", cache_policy=NO_CACHE)
+def run_unit(name: str, unit: Unit, root: str, runtime: RuntimeConfig) -> Any:
+    """One unit in the repository `root` (a worker's directory may be another), pinned like a stage."""
+    from moeclip.runtime import pin_runtime
+
+    os.chdir(root)
+    pin_runtime(runtime.threads, runtime.deterministic)
+    return unit.run()
+
+
+@task(name="gather", task_run_name="{label}")
+def gather(label: str, stage: str, params: Path, profile_name: str, args: dict[str, str]) -> str:
+    """A split call's last step: its metrics from its units' results."""
+    benchmark, profile = load_plan(params, profile_name)
+    return str(import_module(get_stage(stage).module).gather(benchmark, profile, *args.values()))
 
 
 def create_tracking_store(uri: str) -> None:
@@ -44,20 +80,75 @@ def create_tracking_store(uri: str) -> None:
     MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
-@flow(name="zsad-benchmark", task_runner=ProcessPoolTaskRunner(max_workers=MAX_WORKERS))
+def task_runner(engine: Engine, ray_address: str | None, workers: int) -> TaskRunner:
+    """The engine's task runner; a Ray worker gets this process's Prefect API and package path."""
+    if engine == "local":
+        return ProcessPoolTaskRunner(max_workers=workers)
+    from prefect.settings import PREFECT_API_URL
+    from prefect_ray import RayTaskRunner
+
+    env = {name: value for name, value in os.environ.items()
+           if name.startswith(("MOECLIP_", "MLFLOW_", "HF_", "PREFECT_")) or name == "PYTHONPATH"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path.cwd().resolve()), env.get("PYTHONPATH")]))
+    if PREFECT_API_URL.value():
+        env["PREFECT_API_URL"] = PREFECT_API_URL.value()  # else each worker starts a server of its own
+    init: dict[str, Any] = {"runtime_env": {"env_vars": env}}
+    if ray_address is None:
+        init["num_cpus"] = workers
+    return RayTaskRunner(address=ray_address, init_kwargs=init)
+
+
+@contextmanager
+def _resources(engine: Engine, gpu: bool) -> Iterator[None]:
+    """What a unit asks Ray for: a GPU when it runs a model and the cluster has one, else a CPU."""
+    if engine == "local":
+        yield
+        return
+    import ray
+    from prefect_ray.context import remote_options
+
+    wants_gpu = gpu and ray.cluster_resources().get("GPU", 0) > 0
+    with remote_options(num_gpus=1) if wants_gpu else remote_options(num_cpus=1):
+        yield
+
+
+def _check_cluster(engine: Engine, profile: Profile) -> None:
+    """A file-based tracking store cannot be shared by several machines: refused before any work."""
+    if engine == "ray":
+        import ray
+
+        from moeclip.bench.tracking import check_tracking_for_cluster
+
+        check_tracking_for_cluster(profile.tracking.uri, sum(node["Alive"] for node in ray.nodes()))
+
+
+@flow(name="zsad-benchmark")
 def zsad_benchmark(params: str = "params.yaml", profile: str | None = None, datasets: list[str] | None = None,
-                   experiments: list[str] | None = None, report: bool = True, refresh: bool = False) -> dict[str, str]:
-    """Run the benchmark of `params` (paths relative to the working directory); returns each stage's output path.
+                   experiments: list[str] | None = None, report: bool = True, refresh: bool = False,
+                   engine: Engine = "local", ray_address: str | None = None,
+                   workers: int = MAX_WORKERS) -> dict[str, str]:
+    """Run the benchmark of `params` (paths relative to the working directory); returns each call's output path.
 
     profile: default the params file's `profile:`. datasets: a subset of params.yaml's datasets
     (default all); trainings, evaluations, baselines, experiments and the analysis that read a
     left-out dataset are skipped. experiments: default all that the datasets allow, [] for none.
     report: render the tables and figures, possible only when nothing was left out.
     refresh: ignore cached results and run every stage again.
+    engine: `local` (a process pool of `workers`) or `ray` (a local Ray cluster of `workers` CPUs, or the
+    cluster at `ray_address`).
     """
+    runner = task_runner(engine, ray_address, workers)
+    return run_plan.with_options(task_runner=runner)(params, profile, datasets, experiments, report, refresh, engine)
+
+
+@flow(name="zsad-benchmark-units")
+def run_plan(params: str, profile: str | None, datasets: list[str] | None, experiments: list[str] | None,
+             report: bool, refresh: bool, engine: Engine) -> dict[str, str]:
+    """The plan's units on the task runner chosen by `zsad_benchmark`."""
     logger = get_run_logger()
     path = Path(params)
     benchmark, active = load_plan(path, profile)
+    _check_cluster(engine, active)
     plan = plan_stages(benchmark, active, datasets, experiments)
     logger.info("profile %s: %d datasets, %d trainings, %d evaluations, baselines %s, experiments %s, analysis %s",
                 active.name, len(plan.datasets), len(plan.trainings), len(plan.evaluations), list(plan.methods),
@@ -67,13 +158,35 @@ def zsad_benchmark(params: str = "params.yaml", profile: str | None = None, data
     calls = plan.calls(report)
     create_tracking_store(active.tracking.uri)
     waits = waits_for(calls, benchmark, active)
-    runs: dict[str, PrefectFuture] = {}
+    done: dict[str, PrefectFuture] = {}  # each call's last task
+    every: list[PrefectFuture] = []
     for name, args in calls:
         stage = get_stage(name)
         label = stage.label(args)
-        rerun = refresh or not outputs_exist(stage, benchmark, active, args)  # outputs gone: run despite a cache
-        runs[label] = TASKS[name].with_options(cache_policy=StageCache(stage=name),
-                                               refresh_cache=rerun).submit(
-            params=path, profile_name=active.name, wait_for=[runs[other] for other in waits[label]], **args)
-    wait(list(runs.values()))  # let independent stages finish before a failure ends the run
-    return {label: str(future.result()) for label, future in runs.items()}
+        before = [done[other] for other in waits[label]]
+        if name in SPLIT_STAGES:
+            futures = _submit_units(stage, benchmark, active, args, before, engine)
+            every += futures
+            done[label] = gather.submit(label, name, path, active.name, args, wait_for=before + futures)
+        else:
+            rerun = refresh or not outputs_exist(stage, benchmark, active, args)  # outputs gone: run despite a cache
+            with _resources(engine, name in ("train", "evaluate", "analysis")):
+                done[label] = TASKS[name].with_options(cache_policy=StageCache(stage=name), refresh_cache=rerun).submit(
+                    params=path, profile_name=active.name, wait_for=before, **args)
+        every.append(done[label])
+    wait(every)  # let independent units finish before a failure ends the run
+    return {label: str(future.result()) for label, future in done.items()}
+
+
+def _submit_units(stage: Stage, benchmark: Benchmark, profile: Profile, args: dict[str, str],
+                  before: list[PrefectFuture], engine: Engine) -> list[PrefectFuture]:
+    """Every unit of a split call, each after the calls it reads from and the units of its own call it needs."""
+    units = import_module(stage.module).units(benchmark, profile, *args.values())
+    check_units(units)
+    root = str(Path.cwd().resolve())
+    submitted: dict[str, PrefectFuture] = {}
+    for unit in units:
+        with _resources(engine, unit.gpu):
+            submitted[unit.name] = run_unit.submit(unit.name, unit, root, profile.runtime,
+                                                   wait_for=before + [submitted[name] for name in unit.after])
+    return list(submitted.values())

@@ -24,7 +24,7 @@ from moeclip.bench import warm
 from moeclip.bench.dvcfile import stages_code
 from moeclip.bench.params import RuntimeConfig
 from moeclip.bench.stages import get_stage
-from moeclip.bench.stages.experiment import in_processes
+from moeclip.bench.units import in_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,7 +191,7 @@ def test_a_warm_stage_reports_errors_and_exit_status_like_a_fresh_process(tmp_pa
 def test_kept_evaluations_follow_the_evaluation_code(tmp_path):
     """A variant's kept results are keyed by the code that computed them, so an edit there re-evaluates."""
     from moeclip.bench.stages.common import PACKAGE_FOLDER, code_digest
-    from moeclip.bench.stages.experiment import EVALUATION_CODE
+    from moeclip.bench.stages.results import EVALUATION_CODE
 
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/auc.py").write_text("AUC = 1\n")
