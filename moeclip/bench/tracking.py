@@ -17,6 +17,7 @@ import re
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,6 +98,27 @@ def tracking_uri_default() -> str:
     """The params schema's default store (a SQLite file in the current directory: no server, and
     `mlflow ui` opens it directly), for runs started without a profile."""
     return TrackingConfig.model_fields["uri"].default
+
+
+# Schemes of stores that live in files on one machine. Only one node can write them safely: SQLite's locks
+# do not hold on network filesystems, and the file store has none.
+_LOCAL_SCHEMES = {"": "a local directory", "file": "a local directory", "sqlite": "a SQLite database file"}
+
+
+def check_tracking_for_cluster(uri: str, nodes: int) -> None:
+    """Refuse a tracking URI that the nodes of a cluster cannot share: on more than one node, a store in
+    local files (`sqlite:`, `file:`, or a plain path such as `mlruns`) would be written by several
+    processes on several machines at once. Servers (`http(s)://`, `databricks`) and database servers
+    (`postgresql://`, `mysql://`, ...) are accepted; on one node, anything is."""
+    if nodes <= 1:
+        return
+    scheme = urllib.parse.urlparse(uri).scheme.lower().split("+")[0]  # `sqlite+pysqlite` is SQLite
+    if uri.strip().lower() == "databricks" or scheme not in _LOCAL_SCHEMES:
+        return
+    raise MoeclipError(
+        f"tracking URI {uri!r} is {_LOCAL_SCHEMES[scheme]}, which {nodes} nodes cannot write safely at once; "
+        f"use an MLflow tracking server instead: start one on the head node and set the profile's "
+        f"tracking.uri to its http(s):// address, e.g. http://head:5000 (see docs/several-machines.md)")
 
 
 def _now_ms() -> int:
