@@ -215,12 +215,13 @@ def simulate(units: Sequence[PlannedUnit], gpus: int) -> Schedule:
 
 def critical_path(units: Sequence[PlannedUnit]) -> tuple[list[str], float]:
     """The longest chain of units by seconds, first unit first, and its length in seconds: a lower bound of
-    the makespan on any number of GPUs. Among equally long chains, the earliest-planned units win."""
+    the makespan on any number of GPUs. Among chains equally long in seconds, the one with more units (so
+    zero-second units such as a final report stay on it), then the earliest-planned units."""
     units = list(units)
     waits, order = _waits(units)
     seconds = {unit.name: unit.seconds for unit in units}
     position = {unit.name: index for index, unit in enumerate(units)}
-    longest: dict[str, float] = {}
+    longest: dict[str, tuple[float, int]] = {}  # (seconds, units) of the longest chain ending with the unit
     previous: dict[str, str | None] = {}
     for name in order:
         best = None
@@ -228,11 +229,12 @@ def critical_path(units: Sequence[PlannedUnit]) -> tuple[list[str], float]:
             if best is None or longest[other] > longest[best]:
                 best = other
         previous[name] = best
-        longest[name] = seconds[name] + (longest[best] if best is not None else 0.0)
+        length, count = longest[best] if best is not None else (0.0, 0)
+        longest[name] = (length + seconds[name], count + 1)
     if not longest:
         return [], 0.0
     last: str | None = max(longest, key=lambda name: (longest[name], -position[name]))
-    length, chain = longest[last], []
+    length, chain = longest[last][0], []
     while last is not None:
         chain.append(last)
         last = previous[last]
