@@ -30,7 +30,8 @@ from tiny_models import PARAMS, randomised, tiny_config
 TOY = DatasetSpec(
     name="toy", display_name="Toy parts", table_name="Toy", domain="industrial", layout="mvtec",
     classes={"gear": "metal gear", "felt": "gray felt"}, pixel_metrics=True, image_metrics=True,
-    expected_normal=4, expected_anomalous=4, source=Source(manual=True, instructions="the toy's maker"),
+    expected_normal=4, expected_anomalous=4, test_images=8, train_images=8,
+    source=Source(manual=True, instructions="the toy's maker"),
     real_size=(96, 80),
     demo=DemoPlan("class_folders", {"gear": "metal_nut", "felt": "carpet"}, "{c}/test/good/{i:03d}.png",
                   "{c}/test/broken/{i:03d}.png", "{c}/ground_truth/broken/{i:03d}_mask.png"),
