@@ -33,15 +33,13 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
 from moeclip.bench.experiments import Benchmark, load_plan
 from moeclip.bench.params import Profile, RuntimeConfig
-from moeclip.bench.stages import STAGES, Stage, get_stage
+from moeclip.bench.stages import STAGES, Stage, get_stage, unit_name, waits_for
 from moeclip.bench.units import Unit, check_units
 from pipelines.caching import StageCache, outputs_exist
-from pipelines.plan import plan_stages, waits_for
+from pipelines.plan import plan_stages
 
 MAX_WORKERS = int(os.environ.get("ZSAD_MAX_WORKERS", "2"))
 FETCH_RETRY_DELAYS = [30, 120, 600]  # seconds; downloads fail transiently (servers, rate limits)
-UNIT_NAMES = {"fetch": "fetch/{dataset}", "prepare": "prepare/{dataset}", "train": "train/{auxiliary}",
-              "evaluate": "evaluate/{auxiliary}/{target}"}  # single-unit calls; the others keep DVC's name
 SPLIT_STAGES = ("experiment", "baseline")  # calls made of several units and a gathering step
 Engine = Literal["local", "ray"]
 
@@ -49,7 +47,7 @@ Engine = Literal["local", "ray"]
 def stage_task(stage: Stage) -> Task:
     """The stage's `run` as a task named like the unit it is."""
     retries = FETCH_RETRY_DELAYS if stage.name == "fetch" else []
-    name = UNIT_NAMES.get(stage.name) or stage.label({a: f"{{{a}}}" for a in stage.arguments})
+    name = unit_name(stage, {a: f"{{{a}}}" for a in stage.arguments})
     return task(stage.function(), name=stage.name, task_run_name=name, retries=len(retries),
                 retry_delay_seconds=retries)
 
@@ -134,21 +132,12 @@ def zsad_benchmark(params: str = "params.yaml", profile: str | None = None, data
     left-out dataset are skipped. experiments: default all that the datasets allow, [] for none.
     report: render the tables and figures, possible only when nothing was left out.
     refresh: ignore cached results and run every stage again.
-    engine: `local` (a process pool of `workers`) or `ray` (a local Ray cluster of `workers` CPUs, or the
-    cluster at `ray_address`).
+    engine: `local` (a process pool of `workers`) or `ray` (a Ray cluster of `workers` CPUs started here,
+    or the cluster at `ray_address`).
     """
-    runner = task_runner(engine, ray_address, workers)
-    return run_plan.with_options(task_runner=runner)(params, profile, datasets, experiments, report, refresh, engine)
-
-
-@flow(name="zsad-benchmark-units")
-def run_plan(params: str, profile: str | None, datasets: list[str] | None, experiments: list[str] | None,
-             report: bool, refresh: bool, engine: Engine) -> dict[str, str]:
-    """The plan's units on the task runner chosen by `zsad_benchmark`."""
     logger = get_run_logger()
     path = Path(params)
     benchmark, active = load_plan(path, profile)
-    _check_cluster(engine, active)
     plan = plan_stages(benchmark, active, datasets, experiments)
     logger.info("profile %s: %d datasets, %d trainings, %d evaluations, baselines %s, experiments %s, analysis %s",
                 active.name, len(plan.datasets), len(plan.trainings), len(plan.evaluations), list(plan.methods),
@@ -156,29 +145,33 @@ def run_plan(params: str, profile: str | None, datasets: list[str] | None, exper
     if report and not plan.complete:
         logger.info("report skipped: it needs every dataset, experiment and the analysis, and this run left some out")
     calls = plan.calls(report)
-    create_tracking_store(active.tracking.uri)
-    waits = waits_for(calls, benchmark, active)
-    done: dict[str, PrefectFuture] = {}  # each call's last task
-    every: list[PrefectFuture] = []
-    for name, args in calls:
-        stage = get_stage(name)
-        label = stage.label(args)
-        before = [done[other] for other in waits[label]]
-        if name in SPLIT_STAGES:
-            futures = _submit_units(stage, benchmark, active, args, before, engine)
-            every += futures
-            done[label] = gather.submit(label, name, path, active.name, args, wait_for=before + futures)
-        else:
-            rerun = refresh or not outputs_exist(stage, benchmark, active, args)  # outputs gone: run despite a cache
-            with _resources(engine, name in ("train", "evaluate", "analysis")):
-                done[label] = TASKS[name].with_options(cache_policy=StageCache(stage=name), refresh_cache=rerun).submit(
-                    params=path, profile_name=active.name, wait_for=before, **args)
-        every.append(done[label])
-    wait(every)  # let independent units finish before a failure ends the run
-    return {label: str(future.result()) for label, future in done.items()}
+    waits = waits_for(calls, benchmark, active.layout)
+    with task_runner(engine, ray_address, workers) as runner:
+        _check_cluster(engine, active)
+        create_tracking_store(active.tracking.uri)
+        done: dict[str, PrefectFuture] = {}  # each call's last task
+        every: list[PrefectFuture] = []
+        for name, args in calls:
+            stage = get_stage(name)
+            label = stage.label(args)
+            before = [done[other] for other in waits[label]]
+            if name in SPLIT_STAGES:
+                futures = _submit_units(runner, stage, benchmark, active, args, before, engine)
+                every += futures
+                done[label] = runner.submit(gather, {"label": label, "stage": name, "params": path,
+                                                     "profile_name": active.name, "args": args}, before + futures)
+            else:
+                rerun = refresh or not outputs_exist(stage, benchmark, active, args)  # outputs gone: run despite a cache
+                with _resources(engine, name in ("train", "evaluate", "analysis")):
+                    done[label] = runner.submit(
+                        TASKS[name].with_options(cache_policy=StageCache(stage=name), refresh_cache=rerun),
+                        {"params": path, "profile_name": active.name, **args}, before)
+            every.append(done[label])
+        wait(every)  # let independent units finish before a failure ends the run
+        return {label: str(future.result()) for label, future in done.items()}
 
 
-def _submit_units(stage: Stage, benchmark: Benchmark, profile: Profile, args: dict[str, str],
+def _submit_units(runner: TaskRunner, stage: Stage, benchmark: Benchmark, profile: Profile, args: dict[str, str],
                   before: list[PrefectFuture], engine: Engine) -> list[PrefectFuture]:
     """Every unit of a split call, each after the calls it reads from and the units of its own call it needs."""
     units = import_module(stage.module).units(benchmark, profile, *args.values())
@@ -187,6 +180,7 @@ def _submit_units(stage: Stage, benchmark: Benchmark, profile: Profile, args: di
     submitted: dict[str, PrefectFuture] = {}
     for unit in units:
         with _resources(engine, unit.gpu):
-            submitted[unit.name] = run_unit.submit(unit.name, unit, root, profile.runtime,
-                                                   wait_for=before + [submitted[name] for name in unit.after])
+            submitted[unit.name] = runner.submit(run_unit, {"name": unit.name, "unit": unit, "root": root,
+                                                            "runtime": profile.runtime},
+                                                 before + [submitted[name] for name in unit.after])
     return list(submitted.values())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from moeclip.bench.experiments import Benchmark, experiment_datasets
 from moeclip.bench.params import Profile
-from moeclip.bench.stages import STAGES, get_stage
+from moeclip.bench.stages import STAGES
 from moeclip.bench.stages import analysis as analysis_stage
 
 
@@ -41,26 +41,6 @@ class StagePlan:
 def analysis_datasets(benchmark: Benchmark, profile: Profile) -> set[str]:
     """The datasets the analysis stage needs: those it reads and the main training's."""
     return {benchmark.main.auxiliary, *analysis_stage.datasets(benchmark, profile)}
-
-
-def overlaps(written: list[Path], read: list[Path]) -> bool:
-    """Whether a call writing `written` must run before one reading `read` (a path, or one inside the other)."""
-    return any(w == r or r in w.parents or w in r.parents for w in written for r in read)
-
-
-def waits_for(calls: list[tuple[str, dict[str, str]]], benchmark: Benchmark,
-              profile: Profile) -> dict[str, list[str]]:
-    """For each call (by its DVC name), the earlier calls that write what it reads: what DVC derives from
-    dvc.yaml. Calls come in declaration order, so every writer precedes its readers."""
-    written: dict[str, list[Path]] = {}
-    waits: dict[str, list[str]] = {}
-    for name, args in calls:
-        stage = get_stage(name)
-        reads, writes = stage.paths(profile.layout, benchmark, args)
-        label = stage.label(args)
-        waits[label] = [other for other, paths in written.items() if overlaps(paths, reads)]
-        written[label] = writes
-    return waits
 
 
 def _unknown(kind: str, asked: Iterable[str], known: Sequence[str]) -> None:

@@ -19,7 +19,8 @@ from moeclip.bench.experiments import load_plan
 from moeclip.bench.stages import get_stage
 from server_processes import free_port, start_group, stop_group
 from pipelines.caching import StageCache, outputs_exist
-from pipelines.plan import plan_stages, waits_for
+from moeclip.bench.stages import waits_for
+from pipelines.plan import plan_stages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,7 +139,7 @@ def test_cache_keys_follow_the_stages_declared_inputs(small_params: Path, monkey
 def test_a_call_waits_for_the_calls_that_write_what_it_reads(small_params: Path) -> None:
     benchmark, profile = load_plan(small_params)
     plan = plan_stages(benchmark, profile)
-    waits = waits_for(plan.calls(report=True), benchmark, profile)
+    waits = waits_for(plan.calls(report=True), benchmark, profile.layout)
     assert waits.pop("stamps") == []
     assert all(calls[0] == "stamps" for calls in waits.values())  # every call reads its stamp
     waits = {label: calls[1:] for label, calls in waits.items()}
@@ -154,7 +155,7 @@ def test_a_call_waits_for_the_calls_that_write_what_it_reads(small_params: Path)
     assert sorted(waits["baseline@winclip"]) == sorted(prepares)
     assert sorted(waits["report"]) == sorted(evaluations + ["baseline@winclip", "experiment@industrial",
                                                             "experiment@medical", "analysis"])
-    assert "report" not in waits_for(plan.calls(report=False), benchmark, profile)
+    assert "report" not in waits_for(plan.calls(report=False), benchmark, profile.layout)
 
 
 # -- a served deployment, run to completion on a local Prefect server -----------------------------

@@ -247,6 +247,32 @@ def report(
     typer.echo(f"tables and figures in {render(config, profile)}")
 
 
+@app.command()
+def plan(
+    config: Path = CONFIG_OPTION,
+    profile: str = typer.Option("paper", help="the profile to plan (default the paper's)"),
+    gpus: list[int] = typer.Option([1, 2, 4, 8, 16, 32], help="GPU counts to simulate (repeat the option)"),
+    units: bool = typer.Option(False, help="also list every unit with its estimated time"),
+) -> None:
+    """Estimate the plan's time on N GPUs: its units, their cost on one H100, the critical path, and the
+    makespan and GPU-hours of the flow's scheduling simulated for each GPU count."""
+    from moeclip.bench.experiments import load_plan
+    from moeclip.bench.planning import planned_units
+    from moeclip.bench.schedule import format_table
+
+    benchmark, chosen = load_plan(config, profile)
+    planned = planned_units(benchmark, chosen)
+    if units:
+        table = Table("unit", "GPU", "estimate (h)", title=f"Units of profile {chosen.name}")
+        for unit in planned:
+            table.add_row(unit.name, "yes" if unit.gpu else "", f"{unit.seconds / 3600:.3f}")
+        Console(width=160).print(table)
+    gpu_units = [unit for unit in planned if unit.gpu]
+    typer.echo(f"profile {chosen.name}: {len(planned)} units, {len(gpu_units)} on a GPU "
+               f"({sum(unit.seconds for unit in gpu_units) / 3600:.1f} GPU-hours at the release's H100 speed)\n")
+    typer.echo(format_table(planned, gpus))
+
+
 @app.command("dvc-yaml")
 def dvc_yaml(
     config: Path = CONFIG_OPTION,

@@ -20,6 +20,15 @@ from moeclip.runtime import pin_runtime
 
 
 @dataclass(frozen=True)
+class Workload:
+    """What a unit pushes through its model, for the planner's estimate of its time (moeclip/bench/planning.py)."""
+
+    images: int             # images of one pass (a training's epoch, an evaluation's test set)
+    image_size: int
+    epochs: int = 0         # a training's passes; 0 for an evaluation
+
+
+@dataclass(frozen=True)
 class Unit:
     """One schedulable piece of work of a stage call."""
 
@@ -28,9 +37,25 @@ class Unit:
     work: Callable[..., Any]    # a module-level function, so a process pool or Ray can ship it
     args: tuple[Any, ...]
     after: tuple[str, ...] = ()  # units of the same call whose outputs it reads
+    workload: Workload | None = None  # None: no model work worth costing (building an untrained model)
 
     def run(self) -> Any:
         return self.work(*self.args)
+
+
+def training_workload(run: Any) -> Workload:
+    """A run's training: an epoch reads every image of its auxiliary datasets (their published sizes)."""
+    from moeclip.data.registry import get_dataset
+
+    return Workload(sum(get_dataset(name).train_images for name in run.train_on), run.model.image_size,
+                    run.train.epochs)
+
+
+def evaluation_workload(run: Any, dataset: str) -> Workload:
+    """A run's evaluation on `dataset`: its published test set."""
+    from moeclip.data.registry import get_dataset
+
+    return Workload(get_dataset(dataset).test_images, run.model.image_size)
 
 
 def check_units(units: Sequence[Unit]) -> None:

@@ -180,6 +180,36 @@ def plan_calls(plan: Benchmark) -> list[tuple[Stage, dict[str, str]]]:
     return [(stage, args) for stage in STAGES if stage.name != STAMP_STAGE for args in calls[stage.fan_out]]
 
 
+def overlaps(written: list[Path], read: list[Path]) -> bool:
+    """Whether a call writing `written` must run before one reading `read` (a path, or one inside the other)."""
+    return any(w == r or r in w.parents or w in r.parents for w in written for r in read)
+
+
+def waits_for(calls: list[tuple[str, dict[str, str]]], benchmark: Benchmark,
+              layout: RunLayout) -> dict[str, list[str]]:
+    """For each call (by its DVC name), the earlier calls that write what it reads: what DVC derives from
+    dvc.yaml. Calls come in declaration order, so every writer precedes its readers."""
+    written: dict[str, list[Path]] = {}
+    waits: dict[str, list[str]] = {}
+    for name, args in calls:
+        stage = get_stage(name)
+        reads, writes = stage.paths(layout, benchmark, args)
+        label = stage.label(args)
+        waits[label] = [other for other, paths in written.items() if overlaps(paths, reads)]
+        written[label] = writes
+    return waits
+
+
+# The unit a single-unit call is, by its stage (the Prefect UI's task names); the others keep DVC's name.
+UNIT_NAMES = {"fetch": "fetch/{dataset}", "prepare": "prepare/{dataset}", "train": "train/{auxiliary}",
+              "evaluate": "evaluate/{auxiliary}/{target}"}
+
+
+def unit_name(stage: Stage, args: Mapping[str, str]) -> str:
+    """A single-unit call's task name: 'train/visa', 'evaluate/visa/mvtec', 'report'."""
+    return UNIT_NAMES[stage.name].format(**args) if stage.name in UNIT_NAMES else stage.label(args)
+
+
 def get_stage(name: str) -> Stage:
     if name not in BY_NAME:
         raise ValueError(f"no stage '{name}' (stages: {', '.join(BY_NAME)})")

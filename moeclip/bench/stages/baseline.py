@@ -21,7 +21,7 @@ from moeclip.bench.params import Profile
 from moeclip.bench.stages.common import computing_plan, summary_values, write_json
 from moeclip.bench.stages.results import evaluation_key, keep_result, kept_result, only_result
 from moeclip.bench.stages.trained import ensure_trained, model_parameters
-from moeclip.bench.units import Unit, run_units
+from moeclip.bench.units import Unit, evaluation_workload, run_units, training_workload
 from moeclip.bench.workflows import evaluate_checkpoint, untrained_checkpoint
 
 
@@ -58,10 +58,11 @@ def units(benchmark: Benchmark, profile: Profile, method: str) -> list[Unit]:
         source = folder / "trainings" / run.name
         checkpoint = checkpoint_in(source) if run.trained else source / "untrained.pt"
         name = f"{'train' if run.trained else 'build'}/{method}/{run.name}"
-        trainings.append(Unit(name, run.trained, train_baseline, (profile, run, source, method)))
+        trainings.append(Unit(name, run.trained, train_baseline, (profile, run, source, method),
+                              workload=training_workload(run) if run.trained else None))
         evaluations += [Unit(f"evaluate/{method}/{run.name}/{target}", True, evaluate_baseline,
-                             (profile, run, checkpoint, target, folder, method), (name,))
-                        for target in benchmark.table1_trainings[run.name]]
+                             (profile, run, checkpoint, target, folder, method), (name,),
+                             evaluation_workload(run, target)) for target in benchmark.table1_trainings[run.name]]
     return trainings + evaluations
 
 

@@ -27,7 +27,7 @@ from moeclip.bench.params import Profile
 from moeclip.bench.stages.common import computing_plan, summary_values, write_json
 from moeclip.bench.stages.results import evaluation_key, keep_result, kept_result, only_result
 from moeclip.bench.stages.trained import ensure_trained, model_parameters
-from moeclip.bench.units import Unit, run_units
+from moeclip.bench.units import Unit, evaluation_workload, run_units, training_workload
 from moeclip.bench.workflows import evaluate_checkpoint, untrained_checkpoint
 from moeclip.cost import measure_cost
 from moeclip.errors import MoeclipError
@@ -138,13 +138,14 @@ def units(benchmark: Benchmark, profile: Profile, experiment: str) -> list[Unit]
         else:
             source = trainings[str(run.training_key)] = (f"train/{experiment}/{run.name}",
                                                          _training_checkpoint(folder, run))
-            models.append(Unit(source[0], True, train_variant, (profile, run, folder, experiment)))
+            models.append(Unit(source[0], True, train_variant, (profile, run, folder, experiment),
+                               workload=training_workload(run)))
         if _reuses_main_evaluation(benchmark, profile, run, experiment):
             continue
         after = (source[0],) if source[0] else ()
         evaluations += [Unit(f"evaluate/{experiment}/{run.name}/{dataset}", True, evaluate_variant,
-                             (profile, run, source[1], dataset, folder, experiment), after)
-                        for dataset in spec.datasets]
+                             (profile, run, source[1], dataset, folder, experiment), after,
+                             evaluation_workload(run, dataset)) for dataset in spec.datasets]
         if spec.cost:
             evaluations.append(Unit(f"cost/{experiment}/{run.name}", True, variant_cost,
                                     (profile, run, source[1], folder), after))
