@@ -222,9 +222,9 @@ def test_served_deployment_runs_to_completion_then_from_cache(tmp_path: Path) ->
         first = _run_deployment(prefect, work, env, api, tmp_path / "serve.log")
         assert first["state"]["type"] == "COMPLETED"
         assert first["parameters"]["profile"] == "demo"
-        assert set(_task_states(api, first["id"])) == {
-            "stamps", "fetch@visa", "fetch@mvtec", "prepare@visa", "prepare@mvtec", "train@visa", "train@mvtec",
-            "evaluate-visa@mvtec", "evaluate-mvtec@visa"}
+        assert set(_task_states(api, first["id"])) == {  # each unit's task named for the Prefect UI
+            "stamps", "fetch/visa", "fetch/mvtec", "prepare/visa", "prepare/mvtec", "train/visa", "train/mvtec",
+            "evaluate/visa/mvtec", "evaluate/mvtec/visa"}
         assert (work / "runs/demo/train/visa/checkpoint.pt").is_file()
         assert (work / "runs/demo/train/mvtec/checkpoint.pt").is_file()
         assert set(json.loads((work / "runs/demo/metrics/evaluate/visa/mvtec.json").read_text())) == {
@@ -236,7 +236,7 @@ def test_served_deployment_runs_to_completion_then_from_cache(tmp_path: Path) ->
         second = _run_deployment(prefect, work, env, api, tmp_path / "serve.log")
         assert second["state"]["type"] == "COMPLETED"
         states = _task_states(api, second["id"])
-        assert states.pop("evaluate-visa@mvtec") == "Completed"  # its output was gone: run again
+        assert states.pop("evaluate/visa/mvtec") == "Completed"  # its output was gone: run again
         assert set(states.values()) == {"Cached"}
         assert (work / "runs/demo/metrics/evaluate/visa/mvtec.json").is_file()
     finally:
