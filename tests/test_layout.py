@@ -22,7 +22,7 @@ def test_dvc_stages_read_and_write_the_layouts_paths():
     layout = profile.layout
     locked = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
     expected: dict[str, tuple[set[Path], set[Path]]] = {}
-    expected["stamps"] = ({layout.stamps()}, {Path("moeclip")})
+    expected["stamps"] = ({layout.stamps()}, {Path("moeclip"), Path("params.yaml")})  # every setting, as a file
     for dataset in benchmark.datasets:
         expected[f"fetch@{dataset}"] = ({layout.raw(dataset)}, set())
         expected[f"prepare@{dataset}"] = ({layout.manifest(dataset)}, {layout.raw(dataset)})

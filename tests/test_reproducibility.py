@@ -82,39 +82,48 @@ def test_other_thread_count_gives_the_same_printed_numbers(runs):
 MAIN_RESULTS = "runs/demo/metrics/evaluate/visa/mvtec.json"
 
 
-def _experiment(source: Path, folder: Path, workers: int, main_results: bool) -> tuple[dict, dict[str, bytes]]:
-    """Table 9's demo variants ('1' and '3' train, '1, 3, 5' is the main training) in a copy of `source`;
-    without the main results, the default row is evaluated in the stage."""
+def _experiment(source: Path, folder: Path, workers: int) -> tuple[dict, dict[str, bytes]]:
+    """Table 9's demo variants ('1' trains, '1, 3, 5' is the main training) in a copy of `source`."""
     shutil.copytree(source, folder)
-    if not main_results:
-        (folder / MAIN_RESULTS).unlink()
     document = yaml.safe_load((folder / "params.yaml").read_text())
     document["profiles"]["demo"]["runtime"]["workers"] = workers
+    document["profiles"]["demo"]["experiments"]["table9"] = {"only": ["1", "3", "1, 3, 5"]}
     (folder / "params.yaml").write_text(yaml.safe_dump(document))
-    result = subprocess.run(["moeclip", "stage", "experiment", "table9"], cwd=folder, capture_output=True, text=True,
-                            env={**_environment(folder, False), "MOECLIP_WARM": "0"}, timeout=600)
+    result = _run_experiment(folder)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoints = {path.relative_to(folder).as_posix(): path.read_bytes()
                    for path in sorted((folder / "runs/demo/experiments/table9").rglob("checkpoint.pt"))}
     return json.loads((folder / "runs/demo/metrics/experiments/table9.json").read_text()), checkpoints
 
 
-def test_an_experiment_gives_the_same_bytes_with_one_or_two_workers_and_reused_main_results(runs, tmp_path):
+def _run_experiment(folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["moeclip", "stage", "experiment", "table9"], cwd=folder, capture_output=True, text=True,
+                          env={**_environment(folder, False), "MOECLIP_WARM": "0"}, timeout=600)
+
+
+def test_an_experiment_gives_the_same_bytes_with_one_or_two_workers_and_reuses_main_results(runs, tmp_path):
     source = runs["cold-1"][0].parents[4]
-    one_metrics, one_checkpoints = _experiment(source, tmp_path / "one", 1, main_results=False)
-    two_metrics, two_checkpoints = _experiment(source, tmp_path / "two", 2, main_results=True)
+    one_metrics, one_checkpoints = _experiment(source, tmp_path / "one", 1)
+    two_metrics, two_checkpoints = _experiment(source, tmp_path / "two", 2)
     assert list(one_metrics) == ["1", "3", "1, 3, 5"]  # the params' order, whatever order the workers finish in
     assert len(one_checkpoints) == 2  # '1' and '3' trained; '1, 3, 5' is the main training
     assert json.dumps(two_metrics) == json.dumps(one_metrics)
     assert two_checkpoints == one_checkpoints
     assert two_metrics["1, 3, 5"] == {"mvtec": json.loads((source / MAIN_RESULTS).read_text())}
-    evaluated = {path.parent.name for path in (tmp_path / "two/runs/demo/experiments/table9/variants").glob("*/*.json")}
+    variants = tmp_path / "two/runs/demo/experiments/table9/variants"
+    evaluated = {path.relative_to(variants).parts[0] for path in variants.glob("*/results/*/*.json")}
     assert evaluated == {"1", "3"}  # the default row was read from the main results, not evaluated again
     client = MlflowClient(f"sqlite:///{tmp_path / 'one/mlflow.db'}")
     names = [run.info.run_name for run in client.search_runs([e.experiment_id for e in client.search_experiments()])]
-    assert len(names) == len(set(names))  # a variant's training and evaluation are told apart
-    assert {"train/table9/1", "evaluate/table9/1", "train/table9/3", "evaluate/table9/3",
-            "evaluate/table9/1, 3, 5", "train/visa", "model/visa", "evaluate/visa/mvtec"} == set(names)
+    assert len(names) == len(set(names))  # a variant's training and its evaluation on each dataset are told apart
+    assert {"train/table9/1", "evaluate/table9/1/mvtec", "train/table9/3", "evaluate/table9/3/mvtec",
+            "train/visa", "model/visa", "evaluate/visa/mvtec"} == set(names)
+    (tmp_path / "two" / MAIN_RESULTS).unlink()  # a default row without its main results: said before any training
+    missing = _run_experiment(tmp_path / "two")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1] == (
+        f"error: experiment 'table9' reuses main results that are missing: {MAIN_RESULTS} "
+        f"(run `dvc repro` for the evaluate stages first)")
 
 
 def _threads_and_pid(_: int) -> tuple[int, int]:

@@ -44,7 +44,6 @@ HEADER = """\
 #                                        -> analysis -------------------------------/
 """
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the moeclip package
-PARAMS_FILE = "params.yaml"
 PROFILE_KEY = "profile"  # params.yaml's choice of profile
 
 
@@ -156,12 +155,11 @@ def _body(stage: Stage, benchmark: Benchmark, args: Mapping[str, str]) -> dict[s
     whole_file = ALL_PARAMS in stage.params
     body: dict[str, Any] = {
         "cmd": command, "desc": stage.summary,
-        # The stamps stage depends on every setting, each other stage on its own through its stamp. The
-        # file as a dependency costs dvc.lock 5 lines where its tracked values cost 1,100, which DVC reads
-        # and writes back after every stage (1.3 s each); one tracked key keeps it a params file, so
-        # `dvc params diff` and `dvc exp run -S` still see every setting.
-        "deps": [path.as_posix() for path in stage.inputs(TEMPLATE_LAYOUT, benchmark, args)]
-        + ([PARAMS_FILE] if whole_file else []),
+        # The stamps stage reads params.yaml as a file (every setting), each other stage its own settings
+        # through its stamp. The file as a dependency costs dvc.lock 5 lines where its tracked values
+        # cost 1,100, which DVC reads and writes back after every stage (1.3 s each); one tracked key keeps
+        # it a params file, so `dvc params diff` and `dvc exp run -S` still see every setting.
+        "deps": [path.as_posix() for path in stage.inputs(TEMPLATE_LAYOUT, benchmark, args)],
         "params": [PROFILE_KEY] if whole_file else [],
         "outs": [_output(output) for output in writes if not output.metric],
         "metrics": [_output(output) for output in writes if output.metric]}

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 PACKAGE = "moeclip"
 STAMP_STAGE = "stamps"
 ALL_PARAMS = ""  # the params key that stands for the whole params file (the stamps stage's)
+PARAMS_FILE = "params.yaml"
 # Package data read by a module (not imported, so not seen in sys.modules): the module's code includes it.
 PACKAGE_DATA = {"moeclip/backbone.py": ("moeclip/configs/MoECLIP-Tiny-ViT.json",),
                 "moeclip/bench/reports/paper.py": ("moeclip/bench/reports/paper_results.yaml",
@@ -94,7 +95,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage(STAMP_STAGE, "Stamp each stage call with its code and settings (what the call depends on besides files).",
           (), None,
-          reads=lambda layout, plan, a: [Path(PACKAGE)],
+          reads=lambda layout, plan, a: [Path(PACKAGE), Path(PARAMS_FILE)],
           writes=lambda layout, plan, a: [Output(layout.stamps(), persist=True, cache=False,
                                                  why="a stamp whose code and settings did not change is not "
                                                      "rewritten, so nothing downstream sees an edit it is not in")],

@@ -212,5 +212,17 @@ def run(params: Path, experiment: str, profile_name: str | None = None) -> Path:
     slugs = [variant_slug(run.name) for run in experiment_runs(benchmark, profile, experiment)]
     if len(set(slugs)) != len(slugs):
         raise MoeclipError(f"experiment '{experiment}' has variant names that map to the same folder: {slugs}")
+    missing = [str(path) for path in _reused_main_results(benchmark, profile, experiment) if not path.is_file()]
+    if missing:  # said before any training starts
+        raise MoeclipError(f"experiment '{experiment}' reuses main results that are missing: {', '.join(missing)} "
+                           f"(run `dvc repro` for the evaluate stages first)")
     run_units(units(benchmark, profile, experiment), profile.runtime)
     return gather(benchmark, profile, experiment)
+
+
+def _reused_main_results(benchmark: Benchmark, profile: Profile, experiment: str) -> list[Path]:
+    """The main evaluations' metric files the experiment's default rows take as theirs."""
+    return [profile.layout.evaluation_metrics(auxiliary, dataset)
+            for run in experiment_runs(benchmark, profile, experiment)
+            if (auxiliary := _reuses_main_evaluation(benchmark, profile, run, experiment))
+            for dataset in benchmark.experiments[experiment].datasets]
