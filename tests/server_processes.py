@@ -1,11 +1,11 @@
 """Helpers of the tests that start servers (MLflow, Prefect) as child processes on loopback ports."""
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 from pathlib import Path
+
+from moeclip.bench.processes import stop_group  # noqa: F401 - the tests stop their servers with it
 
 
 def free_port() -> int:
@@ -20,14 +20,3 @@ def start_group(command: list[str], cwd: Path, env: dict[str, str], log: Path) -
     with log.open("wb") as out:
         return subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-
-
-def stop_group(process: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM the process group, SIGKILL it after `grace_s` seconds."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()

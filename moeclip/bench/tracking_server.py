@@ -37,6 +37,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from moeclip.bench.processes import stop_group
 from moeclip.errors import MoeclipError
 
 ADMIN_USERNAME_VAR = "MLFLOW_AUTH_ADMIN_USERNAME"
@@ -130,13 +131,7 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float = 120) -
 
 def stop_tracking_server(process: subprocess.Popen, grace_s: float = 15) -> None:
     """SIGTERM the server's process group, SIGKILL it after `grace_s` seconds."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    stop_group(process, grace_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
