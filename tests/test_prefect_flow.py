@@ -242,3 +242,20 @@ def test_served_deployment_runs_to_completion_then_from_cache(tmp_path: Path) ->
     finally:
         for process in reversed(processes):
             stop_group(process, 30)
+
+
+def test_a_ray_run_on_several_nodes_refuses_a_file_based_tracking_store(small_params: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from moeclip.errors import MoeclipError
+    from pipelines.flow import _check_cluster
+
+    _, profile = load_plan(small_params)
+    assert profile.tracking.uri.startswith("sqlite:")
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
+    with pytest.raises(MoeclipError, match=r"^tracking URI 'sqlite:[^']*' is a SQLite database file, which 2 nodes"):
+        _check_cluster("ray", profile)
+    _check_cluster("local", profile)  # one machine: any store
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    _check_cluster("ray", profile)
