@@ -32,6 +32,7 @@ from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
 from moeclip.bench.experiments import Benchmark, load_plan
+from moeclip.bench.launch import CPU_KERNEL_PINS
 from moeclip.bench.params import Profile, RuntimeConfig
 from moeclip.bench.stages import STAGES, Stage, get_stage, unit_name, waits_for
 from moeclip.bench.units import Unit, check_units
@@ -78,15 +79,25 @@ def create_tracking_store(uri: str) -> None:
     MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
+def pin_cpu_kernels() -> None:
+    """The CPU kernels a `moeclip` process pins (moeclip/bench/launch.py), in this process's environment:
+    the process pool's and a local Ray cluster's workers inherit them (an existing cluster's workers get
+    them from `task_runner`), so the flow's numbers are `dvc repro`'s to the bit. Unpinned, MKL's own code
+    path moved a demo training's weights by 1e-3, and numbers of reports/demo with them."""
+    for name, value in CPU_KERNEL_PINS.items():
+        os.environ.setdefault(name, value)
+
+
 def task_runner(engine: Engine, ray_address: str | None, workers: int) -> TaskRunner:
-    """The engine's task runner; a Ray worker gets this process's Prefect API and package path."""
+    """The engine's task runner; a Ray worker gets this process's Prefect API, package path and CPU kernels."""
     if engine == "local":
         return ProcessPoolTaskRunner(max_workers=workers)
     from prefect.settings import PREFECT_API_URL
     from prefect_ray import RayTaskRunner
 
     env = {name: value for name, value in os.environ.items()
-           if name.startswith(("MOECLIP_", "MLFLOW_", "HF_", "PREFECT_")) or name == "PYTHONPATH"}
+           if name.startswith(("MOECLIP_", "MLFLOW_", "HF_", "PREFECT_"))
+           or name in ("PYTHONPATH", *CPU_KERNEL_PINS)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path.cwd().resolve()), env.get("PYTHONPATH")]))
     if PREFECT_API_URL.value():
         env["PREFECT_API_URL"] = PREFECT_API_URL.value()  # else each worker starts a server of its own
@@ -146,6 +157,7 @@ def zsad_benchmark(params: str = "params.yaml", profile: str | None = None, data
         logger.info("report skipped: it needs every dataset, experiment and the analysis, and this run left some out")
     calls = plan.calls(report)
     waits = waits_for(calls, benchmark, active.layout)
+    pin_cpu_kernels()
     with task_runner(engine, ray_address, workers) as runner:
         _check_cluster(engine, active)
         create_tracking_store(active.tracking.uri)
