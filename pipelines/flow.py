@@ -93,7 +93,6 @@ def task_runner(engine: Engine, ray_address: str | None, workers: int) -> TaskRu
     if engine == "local":
         return ProcessPoolTaskRunner(max_workers=workers)
     from prefect.settings import PREFECT_API_URL
-    from prefect_ray import RayTaskRunner
 
     env = {name: value for name, value in os.environ.items()
            if name.startswith(("MOECLIP_", "MLFLOW_", "HF_", "PREFECT_"))
@@ -104,7 +103,43 @@ def task_runner(engine: Engine, ray_address: str | None, workers: int) -> TaskRu
     init: dict[str, Any] = {"runtime_env": {"env_vars": env}}
     if ray_address is None:
         init["num_cpus"] = workers
-    return RayTaskRunner(address=ray_address, init_kwargs=init)
+    return _ray_task_runner(ray_address, init)
+
+
+def _ray_task_runner(address: str | None, init_kwargs: dict[str, Any]) -> TaskRunner:
+    """prefect-ray's runner, with a task's `wait_for` futures made Ray dependencies of the task, and Ray's
+    name of a task its unit's (`train/visa`, `evaluate/table9/1, 3/mvtec`), not its function's (`unit`):
+    what Ray's dashboard, `ray list tasks`, its errors and a worker's process title (`ray::train/visa`) show.
+
+    prefect-ray (0.6) hands Ray only the futures among a task's parameters; the futures of `wait_for`
+    (how this flow orders its calls) are waited on inside the task, by a worker Ray has already started
+    for it. A worker blocked there lends its CPU back, so Ray starts another worker for the next task, and
+    so on: every unit of the plan soon sits in a process of its own (about 1 GB each), importing torch on
+    cores the running units need. Here Ray starts a task once what it waits for is done, as the local
+    process pool does (it waits for `wait_for` before it submits). A task whose upstream Ray task failed
+    as such (its worker died more often than Ray retries) fails on that error without running."""
+    from prefect_ray import RayTaskRunner
+    from prefect_ray.task_runners import PrefectRayFuture
+
+    class DependentRayTaskRunner(RayTaskRunner):
+        _waits: list[Any] = []  # the Ray futures of the task being submitted
+
+        def submit(self, task: Task, parameters: dict[str, Any], wait_for: Any = None,
+                   dependencies: Any = None) -> PrefectFuture:
+            self._waits = [future.wrapped_future for future in wait_for or ()
+                           if isinstance(future, PrefectRayFuture)]
+            if isinstance(task.task_run_name, str):  # this flow's names are templates of string parameters
+                task = task.with_options(name=task.task_run_name.format(**parameters))
+            try:
+                return super().submit(task, parameters, wait_for, dependencies)
+            finally:
+                self._waits = []
+
+        def _exchange_prefect_for_ray_futures(self, parameters: dict[str, Any]) -> tuple[dict[str, Any], list]:
+            exchanged, upstream = super()._exchange_prefect_for_ray_futures(parameters)
+            return exchanged, upstream + self._waits  # Ray runs the task when its arguments are ready
+
+    return DependentRayTaskRunner(address=address, init_kwargs=init_kwargs)
 
 
 @contextmanager
