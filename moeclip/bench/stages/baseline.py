@@ -19,7 +19,7 @@ from moeclip.bench.experiments import Benchmark, Run
 from moeclip.bench.layout import checkpoint_in
 from moeclip.bench.params import Profile
 from moeclip.bench.stages.common import computing_plan, summary_values, write_json
-from moeclip.bench.stages.results import evaluation_key, keep_result, kept_result, only_result
+from moeclip.bench.stages.results import evaluation_key, keep_only, keep_result, kept_result, only_result
 from moeclip.bench.stages.trained import ensure_trained, model_parameters
 from moeclip.bench.units import Unit, evaluation_workload, run_units, training_workload
 from moeclip.bench.workflows import evaluate_checkpoint, untrained_checkpoint
@@ -70,6 +70,12 @@ def gather(benchmark: Benchmark, profile: Profile, method: str) -> Path:
     """The method's metrics ({auxiliary: {target: metrics}}) and parameter counts from its evaluations' files."""
     runs = method_runs(benchmark, profile, method)
     folder = profile.layout.baseline(method)
+    keep_only(folder, {"trainings", "evaluations", "results"})
+    for part in ("trainings", "evaluations", "results"):  # auxiliary datasets, then targets, the plan no longer has
+        keep_only(folder / part, {run.name for run in runs})
+    for run in runs:
+        for part in ("evaluations", "results"):
+            keep_only(folder / part / run.name, set(benchmark.table1_trainings[run.name]))
     metrics = {run.name: {target: only_result(folder / "results" / run.name / target)
                           for target in benchmark.table1_trainings[run.name]} for run in runs}
     write_json(profile.layout.baseline_resources(method), model_parameters(runs[0].model))

@@ -25,13 +25,18 @@ from moeclip.bench.experiments import Benchmark, Run, experiment_runs, main_run
 from moeclip.bench.layout import checkpoint_in
 from moeclip.bench.params import Profile
 from moeclip.bench.stages.common import computing_plan, summary_values, write_json
-from moeclip.bench.stages.results import evaluation_key, keep_result, kept_result, only_result
+from moeclip.bench.stages.results import evaluation_key, keep_only, keep_result, kept_result, only_result
 from moeclip.bench.stages.trained import ensure_trained, model_parameters
 from moeclip.bench.units import Unit, evaluation_workload, run_units, training_workload
 from moeclip.bench.workflows import evaluate_checkpoint, untrained_checkpoint
 from moeclip.cost import measure_cost
 from moeclip.errors import MoeclipError
 from moeclip.resources import measured
+
+# What a variant's folder holds: its training (or untrained build), kept results and evaluation tables per
+# dataset, its cost, and its units' usage where the profile measures time.
+VARIANT_PARTS = {"trainings", "untrained.pt", "results", "tables", "cost", "usage"}
+
 
 def variant_slug(name: str) -> str:
     """A folder name for a variant ('w/o FOFS & ETF Loss' -> 'w-o-fofs-etf-loss')."""
@@ -62,14 +67,14 @@ def _reuses_main_evaluation(benchmark: Benchmark, profile: Profile, run: Run, ex
 def train_variant(profile: Profile, run: Run, folder: Path, experiment: str) -> Path:
     """Unit: the variant's own training (kept, resumed or trained) in `folder`, earlier configurations' removed."""
     with _usage(profile, folder, "train"):
-        _prune(folder / "trainings", {str(run.training_key)})
+        keep_only(folder / "trainings", {str(run.training_key)})
         return ensure_trained(profile, run, _training_checkpoint(folder, run), f"train/{experiment}/{run.name}",
                               {"experiment": experiment, "variant": run.name}).checkpoint
 
 
 def build_variant(profile: Profile, run: Run, folder: Path) -> Path:
     """Unit: an untrained variant (vanilla CLIP) built as its checkpoint."""
-    _prune(folder / "trainings", set())
+    keep_only(folder / "trainings", set())
     return untrained_checkpoint(run.model, profile.train.seed, folder / "untrained.pt")
 
 
@@ -169,15 +174,16 @@ def gather(benchmark: Benchmark, profile: Profile, experiment: str) -> Path:
             metrics[run.name] = {dataset: _read(profile.layout.evaluation_metrics(auxiliary, dataset))
                                  for dataset in spec.datasets}
         else:
+            keep_only(folder, VARIANT_PARTS)
             for part in ("results", "tables"):  # datasets the experiment no longer has
-                _prune(folder / part, set(spec.datasets))
+                keep_only(folder / part, set(spec.datasets))
             metrics[run.name] = {dataset: only_result(folder / "results" / dataset) for dataset in spec.datasets}
             if spec.cost:
                 metrics[run.name]["cost"] = only_result(folder / "cost")
         resources[run.name] = model_parameters(run.model)
         if profile.runtime.measure_time:
             resources[run.name] |= _summed_usage(folder / "usage")
-    _prune(profile.layout.variants(experiment), {variant_slug(run.name) for run in runs})
+    keep_only(profile.layout.variants(experiment), {variant_slug(run.name) for run in runs})
     write_json(profile.layout.experiment_resources(experiment), resources)
     write_json(profile.layout.experiment_metrics(experiment), metrics)
     return profile.layout.experiment_metrics(experiment)
@@ -197,14 +203,6 @@ def _summed_usage(folder: Path) -> dict[str, float | None]:
     cuda = [part["cuda_peak_gib"] for part in parts if part["cuda_peak_gib"] is not None]
     return {"seconds": round(sum(part["seconds"] for part in parts), 3),
             "peak_rss_gib": max(part["peak_rss_gib"] for part in parts), "cuda_peak_gib": max(cuda) if cuda else None}
-
-
-def _prune(folder: Path, keep: set[str]) -> None:
-    """Remove sub-folders no current variant uses, so the stage's output holds only live results."""
-    if folder.is_dir():
-        for child in folder.iterdir():
-            if child.is_dir() and child.name not in keep:
-                shutil.rmtree(child)
 
 
 def run(params: Path, experiment: str, profile_name: str | None = None) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,12 @@ def only_result(folder: Path) -> Any:
     if len(files) != 1:
         raise MoeclipError(f"'{folder}' should hold one result and holds {len(files)}: run its unit again")
     return json.loads(files[0].read_text())
+
+
+def keep_only(folder: Path, names: set[str]) -> None:
+    """Remove every entry of `folder` not named in `names` (results of variants, datasets or layouts a run no
+    longer has), so a stage's output holds only live results and is the same files whatever ran before."""
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.name not in names:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
