@@ -35,13 +35,12 @@ from moeclip.bench.experiments import Benchmark, load_plan
 from moeclip.bench.launch import CPU_KERNEL_PINS
 from moeclip.bench.params import Profile, RuntimeConfig
 from moeclip.bench.stages import STAGES, Stage, get_stage, unit_name, waits_for
-from moeclip.bench.units import Unit, check_units
+from moeclip.bench.units import SPLIT_STAGES, Unit, check_units
 from pipelines.caching import StageCache, outputs_exist
 from pipelines.plan import plan_stages
 
 MAX_WORKERS = int(os.environ.get("ZSAD_MAX_WORKERS", "2"))
 FETCH_RETRY_DELAYS = [30, 120, 600]  # seconds; downloads fail transiently (servers, rate limits)
-SPLIT_STAGES = ("experiment", "baseline")  # calls made of several units and a gathering step
 Engine = Literal["local", "ray"]
 
 

@@ -16,10 +16,9 @@ from moeclip.bench.experiments import Benchmark, main_run
 from moeclip.bench.params import Profile
 from moeclip.bench.schedule import PlannedUnit, evaluation_seconds, training_seconds
 from moeclip.bench.stages import STAGES, Stage, plan_calls, unit_name, waits_for
-from moeclip.bench.units import Workload
+from moeclip.bench.units import SPLIT_STAGES, Workload
 from moeclip.data.registry import get_dataset
 
-SPLIT_STAGES = ("experiment", "baseline")  # calls made of several units and a gathering step
 
 
 def seconds(workload: Workload | None) -> float:

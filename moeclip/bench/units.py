@@ -19,6 +19,10 @@ from moeclip.bench.stages import add_worker_code, imported_code
 from moeclip.runtime import pin_runtime
 
 
+# The stages whose calls are several units and a gathering step (their modules have `units` and `gather`).
+SPLIT_STAGES = ("experiment", "baseline")
+
+
 @dataclass(frozen=True)
 class Workload:
     """What a unit pushes through its model, for the planner's estimate of its time (moeclip/bench/planning.py)."""
