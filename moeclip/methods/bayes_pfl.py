@@ -24,8 +24,9 @@ transformer.py, loss.py, train.py, test.py, metric_and_visualization.py, train.s
   (align_corners True) to the input size and softmaxed, loss = focal (class-balanced: the mean over anomalous
   pixels plus the mean over normal pixels of -(1 - p_t)^2 log(p_t + 1e-8)) + Dice on the anomalous channel
   (1 - (2 sum(p g) + 1e-5) / (sum p + sum g + 1e-5) over the whole batch); plus 0.01 x the three flow KL terms
-  (sum over the batch of log q(z_0) - log N(z_K; 0, I) - sum log|det|, divided by the batch size, the image-
-  agnostic ones too although they have one sample); plus the orthogonality loss (per state, the mean over
+  (sum over the batch of log q(z_0) - log N(z_K; 0, I), minus the summed log|det|, divided by the batch size;
+  for an image-agnostic distribution, which has one sample, loss.py's (batch, D) zero log-variance repeats the
+  first sum's term once per image, not the log-det: (B (log q - log p) - log|det|) / B); plus the orthogonality loss (per state, the mean over
   images and prompt pairs of the squared cosine between different prompts of the bank, diagonal counted as 0);
 - test (test.py): R = 10 samples of each distribution; every (sample, prompt) pair gives a normal/anomalous
   text pair; image score = mean over the B x R pairs of softmax(image logits)[anomalous]; map = mean over the
@@ -147,10 +148,12 @@ class FlowSample:
     variance: torch.Tensor
 
     def kl(self, batch: int) -> torch.Tensor:
-        """sum(log q(z_0) - log N(z_K; 0, I) - log|det|) / batch (loss.py; the 2 pi terms cancel)."""
+        """(sum over the batch of log q(z_0) - log N(z_K; 0, I), minus the summed log|det|) / batch (loss.py; the
+        2 pi terms cancel). A state's one sample counts once per image in the first sum (loss.py's zero log-
+        variance of shape (batch, D) broadcasts it) but once in the log-det sum."""
         log_q = (-0.5 * (self.variance.log() + (self.z0 - self.mean) ** 2 / self.variance)).sum(dim=-1)
         log_p = (-0.5 * self.zk ** 2).sum(dim=-1)
-        return ((log_q - log_p).sum() - self.log_det.sum()) / batch
+        return ((log_q - log_p).expand(*log_q.shape[:-1], batch).sum() - self.log_det.sum()) / batch
 
 
 def planar_flows(z: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
