@@ -1,33 +1,36 @@
 """Bayes-PFL (moeclip/methods/bayes_pfl.py) against closed-form values and straightforward reference computations of
 the official code's rules, on the tiny random-weight ViT (4 blocks, width 64, embedding 32, 8x8 grid at 64 px).
 
-Mutation checks (each applied alone to the module; the test named catches it):
+Mutation checks (each applied alone to the module; the first test that fails):
   feature taps one block late (`index + 1 in layers`)           -> test_vision_taps_raw_block_outputs
   EOS row one too far (`+ length` instead of `+ length - 1`)      -> test_text_embeddings_match_per_sequence_reference
   normal / anomalous state vectors swapped                        -> test_text_embeddings_match_per_sequence_reference
-  context sample of another image (no transpose)                  -> test_text_embeddings_match_per_sequence_reference
-  class renaming dropped (`CLASS_NAMES.get` -> the folder name)   -> test_class_names_are_renamed_and_lower_cased
-  log-det epsilon 1e-5 -> 1e-8                                    -> test_planar_flow_at_a_singular_point
+  context sample of another image                                 -> test_text_embeddings_match_per_sequence_reference
+  test_samples ignored (fixed 10)                                 -> test_text_embeddings_match_per_sequence_reference
+  class renaming dropped (the folder name as it is)               -> test_class_names_are_renamed_and_lower_cased
+  log-det epsilon 1e-5 -> 1e-8                                    -> test_planar_flows_closed_form (and ..._singular_point)
   tanh' as (1 - a) instead of (1 - a^2)                           -> test_planar_flows_closed_form
   variance exp(h) instead of exp(h / 2)                           -> test_gaussian_encoder_variance_and_draw
   state KL without the per-image repetition                       -> test_kl_of_an_image_agnostic_sample
   KL log-det not subtracted                                       -> test_kl_of_image_specific_samples
   kl_weight / orthogonal_weight ignored                           -> test_total_loss_weights_each_term
+  Dice on the normal channel against 1 - mask                     -> test_total_loss_weights_each_term
   orthogonality diagonal kept                                     -> test_orthogonality_loss
-  focal not class-balanced (plain mean) / gamma ignored           -> test_balanced_focal_loss
-  Dice epsilon dropped / background channel                       -> test_batch_dice_loss
-  RCA scale by head width / residual dropped                      -> test_residual_cross_attention
-  upsampling align_corners False                                  -> test_map_logits_upsample_with_aligned_corners
+  focal not class-balanced (plain mean) / gamma fixed at 2        -> test_balanced_focal_loss
+  Dice epsilon 1e-5 -> 1e-12                                      -> test_batch_dice_loss
+  RCA scaled by the head width / residual dropped                 -> test_residual_cross_attention
+  upsampling with align_corners False                             -> test_map_logits_upsample_with_aligned_corners
   class mapping skipped in the image logits                       -> test_image_logits
   test score: sum instead of mean / normal channel                -> test_predict_matches_reference_means
-  test_samples ignored (fixed 10)                                 -> test_predict_matches_reference_means
-  sample_seed ignored / noise from the global RNG                 -> test_test_noise_is_seeded_and_leaves_the_global_rng
-  per-call noise different per batch position                     -> test_an_images_numbers_do_not_depend_on_its_batch
-  protocol alpha / top-k / sigma / medical rule                   -> test_protocol_scores_industrial_and_medical
-  learning-rate multipliers swapped                               -> test_optimiser_groups_and_learning_rates
-  training draws in another order / prompt index fixed to 0       -> test_training_draws_in_the_official_order
+  sample_seed ignored / test noise from the global RNG            -> test_test_noise_is_seeded_and_leaves_the_global_rng
+  context noise differing with the batch position                 -> test_an_images_numbers_do_not_depend_on_its_batch
+  score_alpha and 1 - alpha swapped / top-k -> max / sigma fixed /
+  medical sets fused like industrial ones                         -> test_protocol_scores_industrial_and_medical
+  flow and temperature learning-rate multipliers swapped          -> test_optimiser_groups_and_learning_rates
+  training draws in another order / prompt index fixed at 0       -> test_training_draws_in_the_official_order
   samples with unknown masks in the segmentation terms            -> test_samples_with_unknown_masks_only_train_the_rest
-  prompt bank means (+0.5 normal, -0.5 anomalous) swapped         -> test_initialisation
+  prompt bank means swapped / RCA query re-initialised N(0, 0.02) /
+  state flow u scaled to 0.02 N(0, 1)                             -> test_initialisation
 """
 from __future__ import annotations
 
@@ -312,14 +315,16 @@ def test_predict_matches_reference_means(model: BayesPFL, images: torch.Tensor) 
     torch.testing.assert_close(maps, torch.stack(map_terms).mean(0))
 
 
-def test_protocol_scores_industrial_and_medical(model: BayesPFL) -> None:
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_protocol_scores_industrial_and_medical(alpha: float) -> None:
+    model = BayesPFL.build(config(score_alpha=alpha), seed=0)
     maps = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(2))
     scores = torch.tensor([0.2, 0.6, 0.4])
     smoothed, final = model.protocol_scores(maps, scores, "industrial")
     torch.testing.assert_close(smoothed, gaussian_blur(maps, 1.0))
     peak = maps.flatten(1).sort(dim=1, descending=True).values[:, :31].mean(dim=1)
     peak = (peak - peak.min()) / (peak.max() - peak.min())
-    torch.testing.assert_close(final, 0.5 * torch.tensor([0.0, 1.0, 0.5]) + 0.5 * peak)
+    torch.testing.assert_close(final, alpha * torch.tensor([0.0, 1.0, 0.5]) + (1 - alpha) * peak)
     _, medical = model.protocol_scores(maps, scores, "medical")
     torch.testing.assert_close(medical, torch.tensor([0.0, 1.0, 0.5]))
 
