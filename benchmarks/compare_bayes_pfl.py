@@ -265,7 +265,8 @@ def compare(checkout: Path, backbone: str, image_size: int, layers: list[int], s
     step = {name: (mine[name].detach().reshape(their_params[name].shape) - their_params[name].detach()).abs()
             for name in mine}
     step_diff, step_worst = max((value.max().item(), name) for name, value in step.items())
-    clear = max(torch.where(their_grads[name].abs() > ADAM_CLEAR, value, 0).max().item() for name, value in step.items())
+    clear = max(torch.where(their_grads[name].abs() > ADAM_CLEAR, value, 0).max().item()
+                for name, value in step.items())
     return {"backbone": f"{backbone} @ {image_size}", "max_abs_map": (maps - their_maps).abs().max().item(),
             "max_abs_score": (scores - their_scores).abs().max().item(),
             "loss_ours": losses["loss"].item(), "loss_theirs": their_losses["loss"].item(),

@@ -8,7 +8,7 @@ Mutation checks (each applied alone to the module; the first test that fails):
   context sample of another image                                 -> test_text_embeddings_match_per_sequence_reference
   test_samples ignored (fixed 10)                                 -> test_text_embeddings_match_per_sequence_reference
   class renaming dropped (the folder name as it is)               -> test_class_names_are_renamed_and_lower_cased
-  log-det epsilon 1e-5 -> 1e-8                                    -> test_planar_flows_closed_form (and ..._singular_point)
+  log-det epsilon 1e-5 -> 1e-8                                    -> test_planar_flows_closed_form
   tanh' as (1 - a) instead of (1 - a^2)                           -> test_planar_flows_closed_form
   variance exp(h) instead of exp(h / 2)                           -> test_gaussian_encoder_variance_and_draw
   state KL without the per-image repetition                       -> test_kl_of_an_image_agnostic_sample
@@ -45,6 +45,7 @@ from moeclip.config import TrainConfig
 from moeclip.methods.anomalyclip import gaussian_blur
 from moeclip.methods.bayes_pfl import (BayesPFL, BayesPFLConfig, FlowSample, GaussianEncoder, ResidualCrossAttention,
                                        balanced_focal_loss, batch_dice_loss, orthogonality_loss, planar_flows)
+from moeclip.methods.execution import Execution
 from moeclip.methods.targets import Targets
 from moeclip.training import build_optimizer, train_step
 
@@ -414,7 +415,7 @@ def test_one_generic_training_step_moves_every_trained_group(images: torch.Tenso
     before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
     batch = {"image": images, "mask": targets().masks[:, None], "label": targets().labels,
              "has_mask": [True, True], "class_name": NAMES, "description": ["pcb", "bottle"]}
-    losses = train_step(model, optimizer, scheduler, batch, torch.device("cpu"), model_execution_default())
+    losses = train_step(model, optimizer, scheduler, batch, torch.device("cpu"), Execution())
     assert math.isfinite(losses["loss"]) and set(losses) >= {"loss", "kl_loss", "orthogonal_loss"}
     after = model.trainable_state_dict()
     for key in ("prompts.context", "temperatures.pixel", "context_flow.u.weight", "normal_flow.state",
@@ -422,7 +423,3 @@ def test_one_generic_training_step_moves_every_trained_group(images: torch.Tenso
         assert not torch.equal(before[key], after[key]), key
     assert not any(p.requires_grad for p in model.clip.parameters())
 
-
-def model_execution_default():
-    from moeclip.methods.execution import Execution
-    return Execution()

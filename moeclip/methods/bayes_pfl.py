@@ -26,8 +26,9 @@ transformer.py, loss.py, train.py, test.py, metric_and_visualization.py, train.s
   (1 - (2 sum(p g) + 1e-5) / (sum p + sum g + 1e-5) over the whole batch); plus 0.01 x the three flow KL terms
   (sum over the batch of log q(z_0) - log N(z_K; 0, I), minus the summed log|det|, divided by the batch size;
   for an image-agnostic distribution, which has one sample, loss.py's (batch, D) zero log-variance repeats the
-  first sum's term once per image, not the log-det: (B (log q - log p) - log|det|) / B); plus the orthogonality loss (per state, the mean over
-  images and prompt pairs of the squared cosine between different prompts of the bank, diagonal counted as 0);
+  first sum's term once per image, not the log-det: (B (log q - log p) - log|det|) / B); plus the orthogonality
+  loss (per state, the mean over images and prompt pairs of the squared cosine between different prompts of the
+  bank, the diagonal counted as 0);
 - test (test.py): R = 10 samples of each distribution; every (sample, prompt) pair gives a normal/anomalous
   text pair; image score = mean over the B x R pairs of softmax(image logits)[anomalous]; map = mean over the
   feature layers and the B x R pairs of the anomalous softmax of the upsampled logits; then per class:
@@ -408,7 +409,8 @@ class BayesPFL(ZeroShotMethod):
     def image_logits(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """exp(tau_image) <normalise(mapped t), normalise(g)>: (N, T, 2, D), (N, E) -> (N, T, 2)."""
         mapped = F.normalize(self.class_mapping(text), dim=-1)
-        return self.temperatures["image"].exp() * (mapped @ F.normalize(image.float(), dim=-1)[:, None, :, None])[..., 0]
+        unit = F.normalize(image.float(), dim=-1)[:, None, :, None]
+        return self.temperatures["image"].exp() * (mapped @ unit)[..., 0]
 
     def map_logits(self, text: torch.Tensor, tokens: torch.Tensor, layer: int, size: int) -> torch.Tensor:
         """One layer's logits exp(tau_pixel) F_s t'^T, upsampled bilinearly (align_corners True):
