@@ -61,7 +61,7 @@ Decisions and differences (the code is followed where it and the paper differ):
 - the official top-k is 20 instead of 2000 for seven small-object classes (capsules, macaroni1/2, pipe_fryum,
   screw, cashew, chewinggum); `protocol_scores` does not see the class, so one `topk` serves all classes.
 - `predict` returns the unsmoothed maps (the image score needs them); the Gaussian is applied per image in
-  `protocol_scores`.
+  `protocol_scores`. Its min-max is the project's `min_max` (the official adds 1e-8 to the range).
 - the backbone's GELU is exact (their own CLIP uses nn.GELU on OpenAI weights: quick_gelu false), the position
   table is resized bicubically with antialias, as theirs.
 """
