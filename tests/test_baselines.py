@@ -39,8 +39,8 @@ def test_the_paper_profile_runs_the_baselines_as_their_authors_did():
     assert april_gan[0].model.feature_layers == (6, 12, 18, 24) and not april_gan[0].model.quick_gelu
     assert anomalyclip[0].model.feature_layers == (24,) and anomalyclip[0].model.dpam_from == 6
     bayes_pfl = method_runs(benchmark, paper, "bayes_pfl")  # train.sh and test.sh
-    assert {(run.train.lr, run.train.batch_size, run.train.seed, run.train.epochs) for run in bayes_pfl} == \
-        {(0.0001, 32, 333, 30)}
+    assert {(run.train.lr, run.train.batch_size, run.train.seed, run.train.epochs, run.train.augment)
+            for run in bayes_pfl} == {(0.0001, 32, 333, 30, True)}
     model = bayes_pfl[0].model
     assert (model.backbone, model.image_size, model.feature_layers, model.quick_gelu) == \
         ("ViT-L-14-336", 518, (6, 12, 18, 24), False)

@@ -48,6 +48,11 @@ Decisions and differences (the code is followed where it and the paper differ):
   prompts x10, flow parameters (u, w, b, state vectors) x10, temperatures x100, everything else x1
   (`parameter_groups`). The official cosine schedule with 10 % warm-up is not available in the generic
   trainer (MultiStepLR with no milestones: a constant rate).
+- training data: the official datasets.py augments every training image (albumentations: rotate +-30,
+  RandomRotate90, brightness/contrast, Gauss noise, one of blur / colour jitter / Gaussian blur, each p 0.5)
+  and, training on MVTec-AD, replaces an image by a 2x2 mosaic of four anomalous images of its class with
+  p 0.4. The paper profile uses the project's training augmentation instead (SPEC 7: rotation +-30, shift,
+  colour jitter, each p 0.5; `augment: true`); the other operations and the mosaic are left out.
 - test-time samples are drawn from a generator seeded by `sample_seed` in the official order (context, normal,
   anomalous; R each), on the CPU, never from the global RNG. The same R noise vectors serve every image
   (common random numbers), so an image's numbers do not depend on its batch or position; the official code
