@@ -61,14 +61,15 @@ def compute_losses(model: ZeroShotMethod, batch: Mapping[str, Any], device: torc
 
 def build_optimizer(model: ZeroShotMethod, config: TrainConfig,
                     device: torch.device) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.MultiStepLR]:
-    """Adam over the trainable parameters and the MultiStepLR schedule (SPEC 7).
+    """Adam over the trainable parameters, in the method's groups (`parameter_groups`: each its multiple of
+    the configured lr), and the MultiStepLR schedule (SPEC 7).
 
     On CUDA the fused Adam kernel updates all parameters in one launch.
     """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    groups = [{"params": params, "lr": config.lr * scale} for params, scale in model.parameter_groups() if params]
+    if not groups:
         raise ValueError("this model configuration has nothing to train")
-    optimizer = torch.optim.Adam(trainable, lr=config.lr, betas=config.betas, fused=device.type == "cuda")
+    optimizer = torch.optim.Adam(groups, lr=config.lr, betas=config.betas, fused=device.type == "cuda")
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
 
 

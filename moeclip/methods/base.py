@@ -135,6 +135,11 @@ class ZeroShotMethod(nn.Module):
         """{"loss": the total to minimise, other named terms to log}, weighted as `self.config` says."""
         raise NotImplementedError(f"{self.name} is training-free")
 
+    def parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The trainable parameters in optimiser groups, each with its multiplier of `TrainConfig.lr`: one group
+        at 1x for every method whose authors train all added parameters at one rate."""
+        return [([p for p in self.parameters() if p.requires_grad], 1.0)]
+
     def trains_in_train_mode(self) -> bool:
         """Whether a training step runs the added modules in train mode (dropout, a method's training-only
         paths). True for every method as published; a method whose reference implementation trains in eval mode

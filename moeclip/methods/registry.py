@@ -14,12 +14,14 @@ from moeclip.errors import MoeclipError
 from moeclip.methods.anomalyclip import AnomalyCLIP
 from moeclip.methods.april_gan import AprilGAN
 from moeclip.methods.base import ZeroShotMethod
+from moeclip.methods.bayes_pfl import BayesPFL
 from moeclip.methods.winclip import WinCLIP
 from moeclip.methods.wmoe_clip import WMoECLIP
 from moeclip.methods.moeclip.network import MoECLIP
 
 METHODS: dict[str, type[ZeroShotMethod]] = {method.name: method
-                                            for method in (MoECLIP, WinCLIP, AprilGAN, AnomalyCLIP, WMoECLIP)}
+                                            for method in (MoECLIP, WinCLIP, AprilGAN, AnomalyCLIP, WMoECLIP,
+                                                                           BayesPFL)}
 
 
 class UnknownMethodError(MoeclipError):
