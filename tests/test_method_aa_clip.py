@@ -17,6 +17,8 @@ Mutations of the module, each caught (test that fails):
   prompts (states, templates) changed                  -> test_prompt_ensemble_is_the_official_one
   text head = CLIP's projection                        -> test_encode_text_matches_reference
   stage order / text lr / milestones kept              -> test_training_stages_*
+  trainer: stage modules not frozen, resume stage     -> test_training_stages_through_the_generic_trainer,
+                                                          test_resume_at_a_stage_boundary_*
   text cache not invalidated                           -> test_text_cache_follows_the_adapter_weights
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ from moeclip.methods.aa_clip import (
 )
 from moeclip.methods.moeclip.text import prompt_ensemble
 from moeclip.methods.targets import Targets
-from moeclip.training import train
+from moeclip.training import Trainer, train
 
 TINY = {"backbone": "MoECLIP-Tiny-ViT", "image_size": 64, "weights": None, "quick_gelu": False, "precision": "fp32",
         "class_text": "description", "feature_layers": (1, 2, 3, 4), "image_adapter_layers": 2,
@@ -348,3 +350,15 @@ def test_training_stages_through_the_generic_trainer(visa_frame, tmp_path) -> No
     with torch.no_grad():
         maps, scores = whole.model.predict(torch.zeros(1, 3, 64, 64), ["bottle"], "industrial")
     assert maps.shape == (1, 64, 64) and scores.shape == (1,)
+
+
+def test_resume_at_a_stage_boundary_loads_the_finished_stages_optimiser(visa_frame, tmp_path) -> None:
+    """A checkpoint written at the end of the text stage's last epoch holds that stage's optimiser state."""
+    config = AAClipConfig.model_validate(TINY)
+    trainer = Trainer(config, train_config(), visa_frame, tmp_path / "checkpoint.pt")
+    trainer.run(max_steps=1)
+    trainer.progress.update(epoch=1, step_in_epoch=0)  # as the loop saves after finishing epoch 0
+    trainer.save()
+    resumed = Trainer(config, train_config(), visa_frame, tmp_path / "checkpoint.pt")
+    assert resumed.resume() and resumed.stage == 0
+    assert resumed.run().steps == 3 and resumed.stage == 1
