@@ -149,7 +149,8 @@ class Trainer:
         self.model.load_state_dict(payload["weights"], strict=False)
         progress = payload["progress"]
         # the optimiser state belongs to the stage of the last epoch that took a step
-        self._enter_stage(self._stage_of(progress["epoch"] - (progress["step_in_epoch"] == 0 and progress["epoch"] > 0)))
+        finished_epoch = progress["step_in_epoch"] == 0 and progress["epoch"] > 0
+        self._enter_stage(self._stage_of(progress["epoch"] - finished_epoch))
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         torch.set_rng_state(payload["rng"]["cpu"])

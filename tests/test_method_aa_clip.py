@@ -24,12 +24,15 @@ Mutations of the module, each caught (test that fails):
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from moeclip.bench.baselines import method_runs
+from moeclip.bench.experiments import load_plan
 from moeclip.config import TrainConfig
 from moeclip.data.manifest import read_manifest
 from moeclip.data.prepare import prepare_dataset
@@ -45,6 +48,7 @@ from moeclip.methods.moeclip.text import prompt_ensemble
 from moeclip.methods.targets import Targets
 from moeclip.training import Trainer, train
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = {"backbone": "MoECLIP-Tiny-ViT", "image_size": 64, "weights": None, "quick_gelu": False, "precision": "fp32",
         "class_text": "description", "feature_layers": (1, 2, 3, 4), "image_adapter_layers": 2,
         "text_adapter_layers": 1, "image_adapt_weight": 0.1, "text_adapt_weight": 0.1, "projection_activation": False,
@@ -245,7 +249,8 @@ def test_text_stage_loss(images: torch.Tensor) -> None:
 
 def test_text_stage_uses_the_last_tapped_block_only(images: torch.Tensor) -> None:
     last, every = tiny(), tiny(text_loss_layers="all")
-    logits = 100 * torch.einsum("bld,bkd->bkl", last.surgery_features(images)[:, -1], last.text_features(["bottle"] * 3))
+    features, text = last.surgery_features(images)[:, -1], last.text_features(["bottle"] * 3)
+    logits = 100 * torch.einsum("bld,bkd->bkl", features, text)
     expected = F.interpolate(logits.unflatten(-1, (8, 8)), size=(64, 64), mode="bilinear", align_corners=True)
     torch.testing.assert_close(last.training_outputs(images, ["bottle"] * 3).maps[:, 0], expected.softmax(1))
     assert every.training_outputs(images, ["bottle"] * 3).maps.shape[1] == 4
@@ -362,3 +367,23 @@ def test_resume_at_a_stage_boundary_loads_the_finished_stages_optimiser(visa_fra
     resumed = Trainer(config, train_config(), visa_frame, tmp_path / "checkpoint.pt")
     assert resumed.resume() and resumed.stage == 0
     assert resumed.run().steps == 3 and resumed.stage == 1
+
+
+def test_the_paper_profile_runs_the_official_settings() -> None:
+    """train.py's defaults and scripts.sh (no --relu), the same for both auxiliary sets; test.py's blur."""
+    benchmark, paper = load_plan(ROOT / "params.yaml", "paper")
+    for run in method_runs(benchmark, paper, "aa_clip"):
+        model, train_settings = run.model, run.train
+        assert (model.backbone, model.image_size, model.weights, model.quick_gelu) == \
+            ("ViT-L-14-336", 518, "openai", False)
+        assert (model.feature_layers, model.image_adapter_layers, model.text_adapter_layers, model.surgery_from) == \
+            ((6, 12, 18, 24), 6, 3, 6)
+        assert (model.image_adapt_weight, model.text_adapt_weight, model.text_norm_weight) == (0.1, 0.1, 0.1)
+        assert not model.projection_activation and model.class_text == "description"
+        assert (model.surgery_attention, model.text_loss_layers) == ("batch", "last")
+        assert (model.text_epochs, model.text_batch_size, model.text_lr) == (5, 16, 1e-5)
+        assert (model.blur_industrial.kernel_size, model.blur_industrial.sigma) == (7, 1.0)
+        assert (model.blur_medical.kernel_size, model.blur_medical.sigma) == (9, 1.5)
+        assert (train_settings.epochs, train_settings.batch_size, train_settings.lr, train_settings.betas,
+                train_settings.milestones, train_settings.gamma, train_settings.seed) == \
+            (20, 2, 5e-4, (0.5, 0.999), (16000, 32000), 0.5, 111)

@@ -41,6 +41,8 @@ Decisions and paper-vs-code differences (the code is the default, the other an o
     config); image stage = the profile's `train` section (20 epochs, batch 2, lr 5e-4, MultiStepLR
     [16000, 32000] x 0.5 over its own steps), Adam betas (0.5, 0.999) for both, each stage its own optimiser.
     The official text stage reads images without colour jitter; here both stages read the same augmented data.
+  - Evaluation: the official test.py evaluates every epoch's saved image adapters; here the final ones (its
+    scripts' settings, also for training on MVTec-AD, whence no per-auxiliary settings).
   - Class text: the registry's descriptions (the official REAL_NAMES, except BTAD, where it prompts with long
     colour descriptions; DATASETS.md).
   - Images without a mask (`targets.known` false) are left out of the segmentation terms (the official data
@@ -279,7 +281,7 @@ class AAClip(ZeroShotMethod):
 
     def predict(self, images: torch.Tensor, texts: Sequence[str],
                 domain: Domain) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw (B, H, W) maps (sum over tapped blocks of the blurred (s_A + 1 - s_N) / 2) and (B,) (<f, t_a> + 1) / 2."""
+        """Raw (B, H, W) maps (sum over tapped blocks of the blurred (s_A + 1 - s_N) / 2), (B,) (<f, t_a> + 1) / 2."""
         text = self.text_features(texts)
         patches, embedding = self.encode_image(images)
         logits = similarity_logits(patches, text, self.config.logit_scale)
