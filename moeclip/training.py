@@ -101,10 +101,32 @@ class Trainer:
         torch.manual_seed(train_config.seed)
         self.model = build_method(model_config, seed=train_config.seed).to(self.device)
         self.dataset = self.model.inputs(frame, train=train_config.augment, seed=train_config.seed)
-        self.optimizer, self.scheduler = build_optimizer(self.model, train_config, self.device)
+        self.stages = self.model.training_stages(train_config)
+        self.epochs = sum(stage.config.epochs for stage in self.stages)
+        self._trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        self._enter_stage(0)
         self.execution = model_execution(model_config)
         self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "complete": False}
         self.history: list[dict[str, float]] = []
+
+    # -- stages -----------------------------------------------------------------------------
+    def _stage_of(self, epoch: int) -> int:
+        """The stage that runs `epoch` (the last stage for the epoch count itself)."""
+        end = 0
+        for index, stage in enumerate(self.stages):
+            end += stage.config.epochs
+            if epoch < end:
+                return index
+        return len(self.stages) - 1
+
+    def _enter_stage(self, index: int) -> None:
+        """Only the stage's modules train (of what the method made trainable), under a fresh optimiser and schedule."""
+        modules = self.stages[index].modules
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(name in self._trainable and name.split(".")[0] in modules)
+        self.model.begin_stage(index)
+        self.optimizer, self.scheduler = build_optimizer(self.model, self.stages[index].config, self.device)
+        self.stage = index
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self) -> None:
@@ -126,6 +148,10 @@ class Trainer:
             raise CheckpointError(f"checkpoint '{self.checkpoint}' was written with another configuration; "
                                   f"remove it or train into another folder")
         self.model.load_state_dict(payload["weights"], strict=False)
+        progress = payload["progress"]
+        # the optimiser state belongs to the stage of the last epoch that took a step
+        finished_epoch = progress["step_in_epoch"] == 0 and progress["epoch"] > 0
+        self._enter_stage(self._stage_of(progress["epoch"] - finished_epoch))
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         torch.set_rng_state(payload["rng"]["cpu"])
@@ -151,14 +177,17 @@ class Trainer:
 
     def run(self, max_steps: int | None = None, log: LossLogger | None = None) -> TrainResult:
         """Train to the configured epochs or `max_steps`; this call's own `max_steps` pauses it (checkpointed)."""
-        config, progress = self.config, self.progress
-        per_epoch = math.ceil(len(self.dataset) / config.batch_size)
-        while progress["epoch"] < config.epochs and not progress["complete"] and not self._budget_spent():
+        progress = self.progress
+        while progress["epoch"] < self.epochs and not progress["complete"] and not self._budget_spent():
+            if self._stage_of(progress["epoch"]) != self.stage:
+                self._enter_stage(self._stage_of(progress["epoch"]))
+            config = self.stages[self.stage].config
+            per_epoch = math.ceil(len(self.dataset) / config.batch_size)
             self.dataset.set_epoch(progress["epoch"])
-            batches = _epoch_batches(len(self.dataset), config.batch_size, config.seed, progress["epoch"])
+            batches = _epoch_batches(len(self.dataset), config.batch_size, self.config.seed, progress["epoch"])
             bar = tqdm(self._loader(batches[progress["step_in_epoch"]:], progress["epoch"]),
                        initial=progress["step_in_epoch"],
-                       total=per_epoch, desc=f"epoch {progress['epoch'] + 1}/{config.epochs}", unit="batch")
+                       total=per_epoch, desc=f"epoch {progress['epoch'] + 1}/{self.epochs}", unit="batch")
             for batch in bar:
                 losses = self._step(batch)
                 progress["global_step"] += 1
@@ -172,7 +201,7 @@ class Trainer:
                     return TrainResult(self.checkpoint, progress["global_step"], self.history, self.model)
                 if self._budget_spent():
                     break
-                if progress["global_step"] % config.checkpoint_every == 0:
+                if progress["global_step"] % self.config.checkpoint_every == 0:
                     self.save()
             progress["epoch"] += 1
             progress["step_in_epoch"] = 0

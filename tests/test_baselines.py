@@ -17,7 +17,8 @@ PROFILES = ("paper", "release", "paper-smoke", "demo")
 @pytest.mark.parametrize("profile_name", PROFILES)
 def test_every_profile_runs_every_baseline_on_table1s_protocol(profile_name):
     benchmark, profile = load_plan(ROOT / "params.yaml", profile_name)
-    assert set(benchmark.methods) == {"winclip", "april_gan", "anomalyclip", "wmoe_clip", "bayes_pfl"} <= set(METHODS)
+    assert set(benchmark.methods) == {"winclip", "april_gan", "anomalyclip", "wmoe_clip", "aa_clip",
+                                      "bayes_pfl"} <= set(METHODS)
     assert benchmark.table1_trainings == {"visa": benchmark.main.targets["visa"], "mvtec": ("visa",)}
     for method in benchmark.methods:
         runs = method_runs(benchmark, profile, method)

@@ -103,7 +103,8 @@ EDITS: dict[str, tuple[Callable[[str], str], Callable[[Benchmark, Profile], None
     # The control: a generic training setting the baselines' `train` merge (`<<: *demo_train`) reaches them, so
     # the comparison does see a baseline stage depending on an edit; WinCLIP trains nothing and keeps its results.
     "generic batch_size": (_generic_edit, _generic_holds, lambda benchmark: _moeclip_stages(benchmark) | {
-        "baseline@april_gan", "baseline@anomalyclip", "baseline@wmoe_clip", "baseline@bayes_pfl"}),
+        "baseline@april_gan", "baseline@anomalyclip", "baseline@wmoe_clip", "baseline@aa_clip",
+        "baseline@bayes_pfl"}),
 }
 
 

@@ -11,7 +11,10 @@ A method is a frozen CLIP (`self.clip`) plus the modules it adds. The benchmark 
     training step (run inside the method's execution context) and its losses in float32 (outside it), the
     losses as the method's own config says; a training-free method has `needs_training = False` and raises
     if asked;
-  - `trains_in_train_mode()`: whether a training step runs the added modules in train mode.
+  - `trains_in_train_mode()`: whether a training step runs the added modules in train mode;
+  - `training_stages(train_config)` and `begin_stage(index)`: a training in stages (AA-CLIP: text adapters
+    first, image adapters second), each updating some added modules with its own optimiser settings; one stage
+    (every trainable parameter, the train config) by default.
 Checkpoints keep `trainable_state_dict()` (the added modules) and the config; the backbone is rebuilt.
 A method's config is a `BackboneConfig` (moeclip/config.py): how its CLIP is loaded and computed, plus
 its own fields, its loss settings among them (the generic `TrainConfig` only says how it is optimised);
@@ -20,6 +23,7 @@ every value comes from params.yaml.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -28,7 +32,7 @@ import torch
 from torch import nn
 
 from moeclip.backbone import load_clip, tokenizer_for
-from moeclip.config import BackboneConfig, Domain
+from moeclip.config import BackboneConfig, Domain, TrainConfig
 from moeclip.data.dataset import ManifestDataset
 from moeclip.methods.targets import Targets
 
@@ -39,6 +43,15 @@ def class_texts(batch: Mapping[str, Sequence[str]], kind: ClassText) -> list[str
     """Each sample's class text: the raw folder name (`metal_nut`, as the official WinCLIP / April-GAN runs
     prompt) or the registry's description (DATASETS.md)."""
     return list(batch["class_name"] if kind == "folder" else batch["description"])
+
+
+@dataclass(frozen=True)
+class TrainingStage:
+    """Consecutive epochs of a training that update only the trainable parameters of the added modules named in
+    `modules`, with a fresh optimiser and schedule built from `config` (its epochs, batch size, lr, milestones)."""
+
+    config: TrainConfig
+    modules: tuple[str, ...]
 
 
 class ZeroShotMethod(nn.Module):
@@ -146,3 +159,11 @@ class ZeroShotMethod(nn.Module):
         (MoECLIP's release, `release_compat`) says so here, so that the generic trainer needs none of its
         settings."""
         return True
+
+    def training_stages(self, config: TrainConfig) -> list[TrainingStage]:
+        """The stages the generic trainer runs one after the other; by default one: every added module, `config`."""
+        return [TrainingStage(config, tuple(self.added_modules()))]
+
+    def begin_stage(self, index: int) -> None:
+        """Called by the trainer before the steps of stage `index` (also when resuming into it); the default has
+        one stage and nothing to switch."""
