@@ -101,7 +101,7 @@ class Trainer:
         torch.manual_seed(train_config.seed)
         self.model = build_method(model_config, seed=train_config.seed).to(self.device)
         self.dataset = self.model.inputs(frame, train=train_config.augment, seed=train_config.seed)
-        self.stages = self.model.training_stages(train_config)
+        self.stages = self.model.training_stages(model_config, train_config)
         self.epochs = sum(stage.config.epochs for stage in self.stages)
         self._trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
         self._enter_stage(0)
@@ -123,7 +123,7 @@ class Trainer:
         """Only the stage's modules train (of what the method made trainable), under a fresh optimiser and schedule."""
         modules = self.stages[index].modules
         for name, parameter in self.model.named_parameters():
-            parameter.requires_grad_(name in self._trainable and name.split(".")[0] in modules)
+            parameter.requires_grad_(name in self._trainable and (modules is None or name.split(".")[0] in modules))
         self.model.begin_stage(index)
         self.optimizer, self.scheduler = build_optimizer(self.model, self.stages[index].config, self.device)
         self.stage = index

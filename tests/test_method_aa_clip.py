@@ -308,12 +308,12 @@ def test_protocol_scores_min_max_unless_the_maximum_is_one(model: AAClip) -> Non
 
 # -- stages and the generic trainer -----------------------------------------------------------------
 def test_training_stages_text_then_image(model: AAClip) -> None:
-    text, image = model.training_stages(train_config())
+    text, image = AAClip.training_stages(model.config, train_config())
     assert text.modules == ("text_adapters", "text_head")
     assert (text.config.epochs, text.config.batch_size, text.config.lr, text.config.milestones) == (1, 4, 1e-2, ())
     assert image.modules == ("image_adapters", "projections", "det_projection")
     assert image.config == train_config()
-    assert [s.modules for s in tiny(text_epochs=0).training_stages(train_config())] == [image.modules]
+    assert [s.modules for s in AAClip.training_stages(tiny(text_epochs=0).config, train_config())] == [image.modules]
 
 
 def test_text_cache_follows_the_adapter_weights() -> None:

@@ -84,6 +84,8 @@ def test_a_baseline_trains_per_auxiliary_and_evaluates_per_target():
     april = baseline.units(benchmark, profile, "april_gan")
     assert april[0].name == "train/april_gan/visa" and april[0].gpu and april[0].workload.epochs == 1
     assert all(unit.after == ("train/april_gan/visa",) for unit in april if unit.name.startswith("evaluate/april_gan/visa/"))
+    # AA-CLIP trains in two stages (1 text epoch, then the image stage's 1 in the demo): both are costed.
+    assert baseline.units(benchmark, profile, "aa_clip")[0].workload == Workload(2162, 64, 2)
 
 
 def test_the_paper_plan_is_costed_from_the_release_speed_and_scheduled():

@@ -48,11 +48,14 @@ class Unit:
 
 
 def training_workload(run: Any) -> Workload:
-    """A run's training: an epoch reads every image of its auxiliary datasets (their published sizes)."""
+    """A run's training: an epoch reads every image of its auxiliary datasets (their published sizes); a method
+    trained in stages (AA-CLIP) counts the epochs of all of them."""
     from moeclip.data.registry import get_dataset
+    from moeclip.methods.registry import method_of
 
+    stages = method_of(run.model).training_stages(run.model, run.train)
     return Workload(sum(get_dataset(name).train_images for name in run.train_on), run.model.image_size,
-                    run.train.epochs)
+                    sum(stage.config.epochs for stage in stages))
 
 
 def evaluation_workload(run: Any, dataset: str) -> Workload:

@@ -180,13 +180,14 @@ class AAClip(ZeroShotMethod):
         self._text_cache: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
 
     # -- stages ---------------------------------------------------------------------------------
-    def training_stages(self, config: TrainConfig) -> list[TrainingStage]:
-        """Text adapters first (the model config's text_* settings, no schedule), image modules second (`config`)."""
-        text = config.model_copy(update={"epochs": self.config.text_epochs, "batch_size": self.config.text_batch_size,
-                                         "lr": self.config.text_lr, "milestones": ()})
+    @classmethod
+    def training_stages(cls, config: AAClipConfig, train: TrainConfig) -> list[TrainingStage]:
+        """Text adapters first (the model config's text_* settings, no schedule), image modules second (`train`)."""
+        text = train.model_copy(update={"epochs": config.text_epochs, "batch_size": config.text_batch_size,
+                                        "lr": config.text_lr, "milestones": ()})
         stages = [TrainingStage(text, ("text_adapters", "text_head")),
-                  TrainingStage(config, ("image_adapters", "projections", "det_projection"))]
-        return stages if self.config.text_epochs else stages[1:]
+                  TrainingStage(train, ("image_adapters", "projections", "det_projection"))]
+        return stages if config.text_epochs else stages[1:]
 
     def begin_stage(self, index: int) -> None:
         self.stage = index if self.config.text_epochs else IMAGE_STAGE

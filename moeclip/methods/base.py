@@ -12,9 +12,10 @@ A method is a frozen CLIP (`self.clip`) plus the modules it adds. The benchmark 
     losses as the method's own config says; a training-free method has `needs_training = False` and raises
     if asked;
   - `trains_in_train_mode()`: whether a training step runs the added modules in train mode;
-  - `training_stages(train_config)` and `begin_stage(index)`: a training in stages (AA-CLIP: text adapters
-    first, image adapters second), each updating some added modules with its own optimiser settings; one stage
-    (every trainable parameter, the train config) by default.
+  - `training_stages(config, train_config)` and `begin_stage(index)`: a training in stages (AA-CLIP: text
+    adapters first, image adapters second), each updating some added modules with its own optimiser settings; one
+    stage (every trainable parameter, the train config) by default. A class method, so that the planner counts a
+    training's epochs without building it.
 Checkpoints keep `trainable_state_dict()` (the added modules) and the config; the backbone is rebuilt.
 A method's config is a `BackboneConfig` (moeclip/config.py): how its CLIP is loaded and computed, plus
 its own fields, its loss settings among them (the generic `TrainConfig` only says how it is optimised);
@@ -48,10 +49,11 @@ def class_texts(batch: Mapping[str, Sequence[str]], kind: ClassText) -> list[str
 @dataclass(frozen=True)
 class TrainingStage:
     """Consecutive epochs of a training that update only the trainable parameters of the added modules named in
-    `modules`, with a fresh optimiser and schedule built from `config` (its epochs, batch size, lr, milestones)."""
+    `modules` (None: all of them), with a fresh optimiser and schedule built from `config` (its epochs, batch
+    size, lr, milestones)."""
 
     config: TrainConfig
-    modules: tuple[str, ...]
+    modules: tuple[str, ...] | None = None
 
 
 class ZeroShotMethod(nn.Module):
@@ -160,9 +162,10 @@ class ZeroShotMethod(nn.Module):
         settings."""
         return True
 
-    def training_stages(self, config: TrainConfig) -> list[TrainingStage]:
-        """The stages the generic trainer runs one after the other; by default one: every added module, `config`."""
-        return [TrainingStage(config, tuple(self.added_modules()))]
+    @classmethod
+    def training_stages(cls, config: BackboneConfig, train: TrainConfig) -> list[TrainingStage]:
+        """The stages the generic trainer runs one after the other; by default one: every added module, `train`."""
+        return [TrainingStage(train)]
 
     def begin_stage(self, index: int) -> None:
         """Called by the trainer before the steps of stage `index` (also when resuming into it); the default has
