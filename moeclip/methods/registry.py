@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from moeclip.errors import MoeclipError
+from moeclip.methods.adaclip import AdaCLIP
 from moeclip.methods.anomalyclip import AnomalyCLIP
 from moeclip.methods.april_gan import AprilGAN
 from moeclip.methods.base import ZeroShotMethod
@@ -19,7 +20,8 @@ from moeclip.methods.wmoe_clip import WMoECLIP
 from moeclip.methods.moeclip.network import MoECLIP
 
 METHODS: dict[str, type[ZeroShotMethod]] = {method.name: method
-                                            for method in (MoECLIP, WinCLIP, AprilGAN, AnomalyCLIP, WMoECLIP)}
+                                            for method in (MoECLIP, WinCLIP, AprilGAN, AnomalyCLIP, WMoECLIP,
+                                                           AdaCLIP)}
 
 
 class UnknownMethodError(MoeclipError):
