@@ -201,12 +201,10 @@ class AdaCLIP(ZeroShotMethod):
         return clip
 
     # -- prompts and towers -------------------------------------------------------------------
-    def _context(self, prompts: BranchPrompts | None, embedding: torch.Tensor) -> torch.Tensor | None:
-        """A branch's (J, B, n, W) contexts, rounded through float16 if configured; None for an unprompted branch."""
-        if prompts is None:
-            return None
-        context = prompts(embedding)
-        return context.half().to(context.dtype) if self.config.prompt_fp16 else context
+    def _entering(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Context tokens as they enter a sequence: rounded through float16 if configured, per block and per
+        sequence as the official `.half()` does, so that even their gradients round as there."""
+        return (tokens.half() if self.config.prompt_fp16 else tokens).to(dtype)
 
     def encode_image(self, images: torch.Tensor,
                      context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +216,7 @@ class AdaCLIP(ZeroShotMethod):
         taps = []
         for index, block in enumerate(visual.transformer.resblocks):
             if context is not None and index < context.shape[0]:
-                x = torch.cat([x if index == 0 else x[:, :-n], context[index].to(x.dtype)], dim=1)
+                x = torch.cat([x if index == 0 else x[:, :-n], self._entering(context[index], x.dtype)], dim=1)
             x = block(x)
             if index + 1 in self.config.feature_layers:
                 taps.append(x[:, 1:x.shape[1] - extra])
@@ -241,7 +239,7 @@ class AdaCLIP(ZeroShotMethod):
             x = clip.token_embedding(flat) + clip.positional_embedding
             for index, block in enumerate(clip.transformer.resblocks):
                 if context is not None and 1 <= index < context.shape[0]:
-                    inserted = context[index].float().repeat_interleave(count, dim=0)
+                    inserted = self._entering(context[index].float().repeat_interleave(count, dim=0), x.dtype)
                     x = torch.cat([x[:, :1], inserted, x[:, 1 + n:]], dim=1)
                 x = block(x, attn_mask=clip.attn_mask)
             eot = clip.ln_final(x)[torch.arange(x.shape[0], device=x.device), flat.argmax(dim=-1)]
@@ -273,8 +271,8 @@ class AdaCLIP(ZeroShotMethod):
         """(B, 2) image probabilities and (B, L, 2, N) patch logits."""
         with torch.no_grad():
             embedding = self.clip.visual(images)  # the frozen, unprompted CLIP embedding feeds the generators
-        pooled, taps = self.encode_image(images, self._context(self.visual_prompts, embedding))
-        text = self.text_features(texts, self._context(self.text_prompts, embedding))
+        pooled, taps = self.encode_image(images, None if self.visual_prompts is None else self.visual_prompts(embedding))
+        text = self.text_features(texts, None if self.text_prompts is None else self.text_prompts(embedding))
         patches = torch.stack([F.normalize(projection(tokens), dim=-1)
                                for projection, tokens in zip(self.patch_projections, taps)], dim=1)
         with float32(images):
