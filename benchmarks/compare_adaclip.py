@@ -21,8 +21,16 @@ with FocalLoss / BinaryDiceLoss on the squeezed mask for the loss; ours takes th
 the mean of the per-image losses, so the official gradients are those of the per-image losses over B.
 Their forward normalises in place (`x /= x.norm()`), which autograd refuses in float32 on a CPU (on a GPU
 the fp16 autocast makes norm save a float32 copy): the official training forward runs with autograd saving
-copies (`saved_tensors_hooks(clone)`), which changes no value. The official code needs 64-wide attention heads, so the tiny test ViT does not fit; ViT-B-16 and
-ViT-L-14-336 do.
+copies (`saved_tensors_hooks(clone)`), which changes no value. The official code needs 64-wide attention heads,
+so the tiny test ViT does not fit; ViT-B-16 and ViT-L-14-336 do.
+
+Results on this machine's CPU (fp32, random weights), max |ours - official| (official magnitude):
+ViT-B-16 @ 240, layers 3 6 9 12, batch 2: maps 1.5e-6 (0.74), scores 3.0e-7 (0.90), loss 1.4e-6 (6.3), gradients
+2.4e-7..7.8e-7 (1.2e-3..0.19) except the text side: text static tokens 3.8e-6 (3.0e-2), text generator 1.2e-5
+(0.12). Both codes round the text contexts' gradients through float16 per sequence (the `.half()`), so fp32-level
+differences upstream (our batched text pass, its order of sums) flip some float16 roundings: 1e-4 relative.
+ViT-L-14-336 @ 518, layers 6 12 18 24, batch 1, --skip-gradients: maps 9.5e-7 (0.64), scores 6.6e-7 (0.82),
+loss 3.3e-6 (7.1); the backward passes there would need tens of GB (the hook above keeps copies).
 """
 from __future__ import annotations
 
@@ -106,9 +114,9 @@ def official_model(official: types.SimpleNamespace, path: Path, state: dict[str,
 def copy_official_tensors(theirs: torch.nn.Module, ours: AdaCLIP) -> None:
     """Their random trainable tensors into our modules (the same values, laid out as ours)."""
     with torch.no_grad():
-        for branch, prompter, generator in ((ours.text_prompts, theirs.text_prompter, theirs.dynamic_text_prompt_generator),
-                                            (ours.visual_prompts, theirs.visual_prompter,
-                                             theirs.dynamic_visual_prompt_generator)):
+        for branch, prompter, generator in (
+                (ours.text_prompts, theirs.text_prompter, theirs.dynamic_text_prompt_generator),
+                (ours.visual_prompts, theirs.visual_prompter, theirs.dynamic_visual_prompt_generator)):
             branch.static.copy_(torch.stack(list(prompter.static_prompts)))
             branch.dynamic.load_state_dict({f"heads.{key[5:]}": value for key, value in generator.state_dict().items()})
         ours.patch_projections.load_state_dict({key[5:]: value for key, value in

@@ -5,23 +5,28 @@ assignment (prompts appended / replaced at the end of the visual sequence, overw
 scikit-learn's KMeans with explicit per-cluster means, scipy's gaussian_filter, and the official focal and Dice
 formulas written out, so that a wrong position, layer, order or constant shows up as a mismatch.
 
-Mutations (one at a time in the module; each makes the named test fail):
-- visual context prepended instead of appended / replaced at block 1 too / kept in the taps: vision_reference
-- text context from block 1 / at positions 0..n-1 / one block short: text_reference
-- dynamic tokens not added (static only) / generator on the normalised embedding: dynamic_prompts, predict_matches
-- no float16 rounding of the contexts: fp16_rounding
-- prompts of the wrong state list (templates / anomalous states / '-' kept): class_tokens
-- anchors as the mean of raw (not unit) embeddings: text_features
-- HSF: 4 instead of 5 tokens per cluster / top-k on the normal probability / weights 1/size without 1/C /
-  unseeded k-means / n_init 10: hsf_*, kmeans_is_seeded
-- alpha 0.8 instead of 0.2, HSF off: predict_matches
-- test map p_a instead of (p_a + 1 - p_n) / 2 (same after softmax: none can tell; see the note there),
-  align_corners False, no Gaussian / sigma 2: predict_matches
-- training maps softmax before upsampling: training_outputs
-- image focal smoothing 0 / gamma ignored / Dice per image instead of per row / normal-channel Dice dropped /
-  layer sum as mean / unknown masks counted: losses_*
-- position table bicubic with antialias or bilinear: position_resize
-- a projection without bias / a generator per block: parameter_count
+Mutations (40, applied one at a time to the module; each made the named tests fail):
+- visual context also replacing at block 1 / kept in the taps / one block short: test_vision_reference (+ predict)
+- text context from block 1 / at positions 0..n-1 / cut before the EOT: test_text_reference (+ predict)
+- dynamic tokens dropped: test_dynamic_prompts_*; generator fed the normalised embedding: test_predict_*
+- no float16 rounding of the contexts: test_fp16_rounding_*
+- five templates / '-' kept in the class name: test_class_tokens_*
+- prompt embeddings not normalised before the state mean: test_text_*, test_predict_*
+- HSF: 4 tokens per cluster / ranked by the normal probability: test_hsf_*; a plain mean instead of the
+  per-cluster weights: test_hsf_cluster_weights_*; k-means unseeded / n_init 10: test_hsf_matches_*,
+  test_kmeans_is_seeded_*; alpha swapped / HSF off / no CLS projection / CLS without ln_post / logit scale
+  halved: test_predict_*, test_training_outputs_*
+- test map from the layer max / align_corners False / no Gaussian / sigma halved / normal probability as the
+  score: test_predict_matches_the_reference
+- training maps softmaxed before upsampling: test_training_outputs_*
+- image focal without smoothing / gamma fixed at 2 / Dice always per image / always per row / without its
+  normal-channel term / without smoothing / layer mean instead of sum: test_losses_are_*
+- unknown masks counted / image term restricted to known masks: test_losses_row_and_image_*
+- position table bilinear: test_position_resize_*; projections without bias: test_parameter_count_*;
+  static tokens N(0, 1): test_initialisation_*
+Equivalent (no test can tell): the map as p_a instead of (p_a + 1 - p_n) / 2 (equal after a 2-way softmax),
+dropping HSF's 1 / C (the fused vector is normalised), the order of the layers in the k-means features
+(Euclidean distances do not see it).
 """
 from __future__ import annotations
 
@@ -178,9 +183,12 @@ def test_dynamic_prompts_add_one_linear_per_position_to_the_static_tokens(model:
     torch.testing.assert_close(dynamic_only(embedding)[1], dynamic_only(embedding)[0])
 
 
-def test_fp16_rounding_of_the_contexts(model: AdaCLIP) -> None:
+def test_fp16_rounding_of_the_contexts_and_of_their_gradients(model: AdaCLIP) -> None:
     value = torch.tensor([1 + 2 ** -12, 3.0])
     assert model._entering(value, torch.float32).tolist() == [1.0, 3.0]
+    tokens = torch.zeros(2, requires_grad=True)  # the official .half() rounds the gradient too (compare_adaclip)
+    (model._entering(tokens, torch.float32) * value).sum().backward()
+    assert tokens.grad.tolist() == [1.0, 3.0]
     assert tiny_model(prompt_fp16=False)._entering(value, torch.float32).tolist() == value.tolist()
 
 
@@ -293,11 +301,11 @@ def test_kmeans_is_seeded_batch_independent_and_leaves_global_rngs_alone(model: 
 
 
 # -- losses ---------------------------------------------------------------------------------------
-def written_out_focal(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The official FocalLoss: one-hot clamped to [1e-5, 1 - 1e-5], p_t + 1e-5, gamma 2, mean."""
+def written_out_focal(probs: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The official FocalLoss: one-hot clamped to [1e-5, 1 - 1e-5], p_t + 1e-5, mean of -(1 - p_t)^gamma log p_t."""
     one_hot = torch.stack([1 - target, target], dim=1).clamp(1e-5, 1 - 1e-5)
     pt = (one_hot * probs).sum(dim=1) + 1e-5
-    return (-(1 - pt) ** 2 * pt.log()).mean()
+    return (-(1 - pt) ** gamma * pt.log()).mean()
 
 
 def written_out_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -309,26 +317,26 @@ def written_out_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def loss_inputs() -> tuple:
     generator = torch.Generator().manual_seed(8)
     layer_maps = torch.randn(2, 3, 2, 6, 5, generator=generator).softmax(dim=2)
-    probabilities = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    probabilities = torch.tensor([[0.7, 0.3], [0.99, 0.01]])  # the second is sure and wrong: the smoothing shows
     masks = torch.zeros(2, 6, 5)
     masks[1, 1:4, 2:5] = 1
     return layer_maps, probabilities, masks, torch.tensor([0, 1])
 
 
-@pytest.mark.parametrize("unit", ["row", "image"])
-def test_losses_are_image_focal_plus_per_layer_focal_and_two_dice(unit: str) -> None:
+@pytest.mark.parametrize(("unit", "gamma"), [("row", 2.0), ("image", 3.0)])
+def test_losses_are_image_focal_plus_per_layer_focal_and_two_dice(unit: str, gamma: float) -> None:
     layer_maps, probabilities, masks, labels = loss_inputs()
-    model = tiny_model(dice_unit=unit)
+    model = tiny_model(dice_unit=unit, focal_gamma=gamma)
     losses = model.training_losses(AdaCLIPOutputs(probabilities, layer_maps),
                                    Targets(masks, labels, torch.tensor([True, True])))
-    image = written_out_focal(probabilities, labels.float())
+    image = written_out_focal(probabilities, labels.float(), gamma)
     per_image = []
     for b in range(2):
         gt = masks[b] if unit == "row" else masks[b][None]  # the official batch-1 squeeze: rows are the samples
         total = 0
         for am in layer_maps[b]:
             a, n = (am[1], am[0]) if unit == "row" else (am[1][None], am[0][None])
-            total = total + written_out_focal(am.flatten(1).T, masks[b].flatten()) + written_out_dice(a, gt) + \
+            total = total + written_out_focal(am.flatten(1).T, masks[b].flatten(), gamma) + written_out_dice(a, gt) + \
                 written_out_dice(n, 1 - gt)
         per_image.append(total)
     torch.testing.assert_close(losses["image_loss"], image)
@@ -372,6 +380,14 @@ def test_one_generic_training_step_moves_every_trainable_tensor(images: torch.Te
 
 
 # -- backbone, sizes, configuration -------------------------------------------------------------
+def test_initialisation_static_tokens_n_0_002_and_pytorch_linears() -> None:
+    model = AdaCLIP.build(tiny_config(), seed=0)
+    for prompts in (model.visual_prompts, model.text_prompts):
+        assert 0.015 < prompts.static.std().item() < 0.025 and abs(prompts.static.mean().item()) < 0.005
+        for head in prompts.dynamic.heads:  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            assert head.weight.abs().max() <= 32 ** -0.5 and head.weight.std() > 0.5 * 32 ** -0.5 / 3 ** 0.5
+
+
 def test_position_resize_is_bicubic_without_antialias_from_the_native_grid() -> None:
     native = AdaCLIP.build(tiny_config(), seed=0).clip.visual.positional_embedding
     resized = AdaCLIP.build(tiny_config(image_size=80), seed=0).clip.visual

@@ -83,7 +83,7 @@ def _generic_edit(text: str) -> str:
 
 def _generic_holds(benchmark: Benchmark, profile: Profile) -> None:
     assert profile.train.batch_size == 4
-    assert all(run.train.batch_size == 4 for method in ("april_gan", "anomalyclip", "wmoe_clip")
+    assert all(run.train.batch_size == 4 for method in ("april_gan", "anomalyclip", "wmoe_clip", "adaclip")
                for run in method_runs(benchmark, profile, method))
 
 
@@ -103,7 +103,7 @@ EDITS: dict[str, tuple[Callable[[str], str], Callable[[Benchmark, Profile], None
     # The control: a generic training setting the baselines' `train` merge (`<<: *demo_train`) reaches them, so
     # the comparison does see a baseline stage depending on an edit; WinCLIP trains nothing and keeps its results.
     "generic batch_size": (_generic_edit, _generic_holds, lambda benchmark: _moeclip_stages(benchmark) | {
-        "baseline@april_gan", "baseline@anomalyclip", "baseline@wmoe_clip"}),
+        "baseline@april_gan", "baseline@anomalyclip", "baseline@wmoe_clip", "baseline@adaclip"}),
 }
 
 

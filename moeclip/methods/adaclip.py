@@ -81,7 +81,8 @@ class AdaCLIPConfig(BackboneConfig):
         description="how the visual position table reaches image_size: bicubic from the weights' own grid without "
                     "antialias (official), or open_clip's bicubic with antialias (force_image_size)")
     class_text: ClassText = Field(description="folder: raw class folder names, as the official datasets give")
-    feature_layers: tuple[int, ...] = Field(description="1-indexed blocks whose patch tokens are projected (6 12 18 24)")
+    feature_layers: tuple[int, ...] = Field(
+        description="1-indexed blocks whose patch tokens are projected (6 12 18 24)")
     prompting_branch: Literal["V", "L", "VL"] = Field(description="branches with learnable prompts (VL)")
     prompting_type: Literal["S", "D", "SD"] = Field(description="static, dynamic or both (SD)")
     prompting_length: int = Field(ge=1, description="context tokens per prompted block (5)")
@@ -89,7 +90,8 @@ class AdaCLIPConfig(BackboneConfig):
     prompt_fp16: bool = Field(description="round the contexts through float16 as the official code does")
     use_hsf: bool = Field(description="hybrid semantic fusion of the image embedding (true)")
     k_clusters: int = Field(ge=1, description="k-means clusters of HSF (20)")
-    hsf_tokens_per_cluster: int = Field(ge=1, description="HSF clusters the k_clusters * this most anomalous patches (5)")
+    hsf_tokens_per_cluster: int = Field(
+        ge=1, description="HSF clusters the k_clusters * this most anomalous patches (5)")
     hsf_alpha: float = Field(ge=0, le=1, description="weight of the fused embedding against the CLS one (0.2)")
     kmeans_seed: int = Field(description="random_state of every image's k-means (the code: unseeded)")
     logit_scale: float = Field(gt=0, description="scale of the cosines (100)")
@@ -156,7 +158,7 @@ def cluster_weights(features: torch.Tensor, clusters: int, seed: int) -> torch.T
 def hybrid_semantic_fusion(patches: torch.Tensor, logits: torch.Tensor, config: AdaCLIPConfig) -> torch.Tensor:
     """(B, D) unit fused embedding from unit patch tokens (B, L, N, D) and their logits (B, L, 2, N): the most
     anomalous patches by the layer-mean softmax, clustered on their concatenated layers, averaged per cluster."""
-    batch, layers, count, dim = patches.shape
+    _, layers, count, dim = patches.shape
     anomalous = logits.mean(dim=1).softmax(dim=1)[:, 1]  # (B, N)
     top = anomalous.topk(min(count, config.k_clusters * config.hsf_tokens_per_cluster), dim=1).indices
     selected = patches.gather(2, top[:, None, :, None].expand(-1, layers, -1, dim))  # (B, L, k, D)
@@ -177,7 +179,8 @@ class AdaCLIP(ZeroShotMethod):
         visual = clip.visual
         depth = min(len(visual.transformer.resblocks), len(clip.transformer.resblocks))
         if config.prompting_depth > depth:
-            raise ValueError(f"prompting_depth {config.prompting_depth} exceeds the {depth} blocks of {config.backbone}")
+            raise ValueError(f"prompting_depth {config.prompting_depth} exceeds the {depth} blocks of "
+                             f"{config.backbone}")
         tokens = visual.grid_size[0] * visual.grid_size[1]
         if config.use_hsf and tokens < config.k_clusters:
             raise ValueError(f"HSF clusters {tokens} patches of {config.backbone} at {config.image_size} px into "
@@ -262,8 +265,8 @@ class AdaCLIP(ZeroShotMethod):
             for text in dict.fromkeys(texts):
                 if text not in self._text_cache:
                     with torch.no_grad():
-                        self._text_cache[text] = self._states(self.encode_text(self._class_tokens(text)[None].to(device),
-                                                                               None))[0]
+                        tokens = self._class_tokens(text)[None].to(device)
+                        self._text_cache[text] = self._states(self.encode_text(tokens, None))[0]
             return torch.stack([self._text_cache[text] for text in texts])
         tokens = torch.stack([self._class_tokens(text) for text in texts]).to(device)
         return self._states(self.encode_text(tokens, context))
@@ -280,8 +283,10 @@ class AdaCLIP(ZeroShotMethod):
         """(B, 2) image probabilities and (B, L, 2, N) patch logits."""
         with torch.no_grad():
             embedding = self.clip.visual(images)  # the frozen, unprompted CLIP embedding feeds the generators
-        pooled, taps = self.encode_image(images, None if self.visual_prompts is None else self.visual_prompts(embedding))
-        text = self.text_features(texts, None if self.text_prompts is None else self.text_prompts(embedding))
+        visual, textual = (None if prompts is None else prompts(embedding)
+                           for prompts in (self.visual_prompts, self.text_prompts))
+        pooled, taps = self.encode_image(images, visual)
+        text = self.text_features(texts, textual)
         patches = torch.stack([F.normalize(projection(tokens), dim=-1)
                                for projection, tokens in zip(self.patch_projections, taps)], dim=1)
         with float32(images):
