@@ -88,8 +88,8 @@ def our_config(args: argparse.Namespace, weights: str) -> AdaCLIPConfig:
         backbone=args.backbone, image_size=args.image_size, weights=weights, quick_gelu=False, precision="fp32",
         position_resize="bicubic", class_text="folder", feature_layers=default_moe_layers(args.backbone),
         prompting_branch="VL", prompting_type="SD", prompting_length=5, prompting_depth=4, prompt_fp16=True,
-        use_hsf=True, k_clusters=args.k_clusters, hsf_tokens_per_cluster=5, hsf_alpha=0.2, kmeans_seed=args.seed,
-        logit_scale=100.0, sigma=4.0, focal_gamma=2.0, dice_unit="row")
+        use_hsf=True, k_clusters=args.k_clusters, hsf_tokens_per_cluster=5, hsf_variant="code", hsf_alpha=0.2,
+        kmeans_seed=args.seed, logit_scale=100.0, sigma=4.0, focal_gamma=2.0, dice_unit="row")
 
 
 def official_model(official: types.SimpleNamespace, path: Path, state: dict[str, torch.Tensor],

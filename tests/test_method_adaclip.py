@@ -5,14 +5,15 @@ assignment (prompts appended / replaced at the end of the visual sequence, overw
 scikit-learn's KMeans with explicit per-cluster means, scipy's gaussian_filter, and the official focal and Dice
 formulas written out, so that a wrong position, layer, order or constant shows up as a mismatch.
 
-Mutations (40, applied one at a time to the module; each made the named tests fail):
+Mutations (42, applied one at a time to the module; each made the named tests fail):
 - visual context also replacing at block 1 / kept in the taps / one block short: test_vision_reference (+ predict)
 - text context from block 1 / at positions 0..n-1 / cut before the EOT: test_text_reference (+ predict)
 - dynamic tokens dropped: test_dynamic_prompts_*; generator fed the normalised embedding: test_predict_*
 - no float16 rounding of the contexts: test_fp16_rounding_*
 - five templates / '-' kept in the class name: test_class_tokens_*
 - prompt embeddings not normalised before the state mean: test_text_*, test_predict_*
-- HSF: 4 tokens per cluster / ranked by the normal probability: test_hsf_*; a plain mean instead of the
+- HSF: 4 tokens per cluster / ranked by the normal probability: test_hsf_*; the paper variant taking the least
+  anomalous cluster / every patch: test_paper_hsf_*; a plain mean instead of the
   per-cluster weights: test_hsf_cluster_weights_*; k-means unseeded / n_init 10: test_hsf_matches_*,
   test_kmeans_is_seeded_*; alpha swapped / HSF off / no CLS projection / CLS without ln_post / logit scale
   halved: test_predict_*, test_training_outputs_*
@@ -48,8 +49,8 @@ TINY = {
     "backbone": "MoECLIP-Tiny-ViT", "image_size": 64, "weights": None, "quick_gelu": False, "precision": "fp32",
     "position_resize": "bicubic", "class_text": "folder", "feature_layers": (1, 3, 4), "prompting_branch": "VL",
     "prompting_type": "SD", "prompting_length": 3, "prompting_depth": 2, "prompt_fp16": True, "use_hsf": True,
-    "k_clusters": 4, "hsf_tokens_per_cluster": 5, "hsf_alpha": 0.2, "kmeans_seed": 7, "logit_scale": 100.0,
-    "sigma": 4.0, "focal_gamma": 2.0, "dice_unit": "row",
+    "k_clusters": 4, "hsf_tokens_per_cluster": 5, "hsf_variant": "code", "hsf_alpha": 0.2, "kmeans_seed": 7,
+    "logit_scale": 100.0, "sigma": 4.0, "focal_gamma": 2.0, "dice_unit": "row",
 }
 NAMES = ["metal-nut", "pcb1"]
 
@@ -251,6 +252,21 @@ def test_hsf_matches_the_per_cluster_reference() -> None:
     for b in range(2):
         expected = hsf_reference(list(patches[b]), list(logits[b].transpose(1, 2)), 3, 4, config.kmeans_seed)
         torch.testing.assert_close(fused[b], expected)
+
+
+def test_paper_hsf_is_the_centroid_of_the_most_anomalous_cluster_of_all_patches() -> None:
+    generator = torch.Generator().manual_seed(9)
+    patches = F.normalize(torch.randn(2, 3, 40, 8, generator=generator), dim=-1)
+    logits = torch.randn(2, 3, 2, 40, generator=generator) * 3
+    config = tiny_config(k_clusters=3, hsf_variant="paper")
+    fused = hybrid_semantic_fusion(patches, logits, config)
+    for b in range(2):
+        tokens = patches[b].mean(dim=0)
+        probability = logits[b].mean(dim=0).softmax(dim=0)[1]
+        labels = KMeans(n_clusters=3, n_init=1, random_state=config.kmeans_seed).fit_predict(tokens.numpy())
+        best = max(range(3), key=lambda c: probability[torch.as_tensor(labels == c)].mean().item())
+        torch.testing.assert_close(fused[b], F.normalize(tokens[torch.as_tensor(labels == best)].mean(dim=0), dim=0))
+    assert not torch.allclose(fused, hybrid_semantic_fusion(patches, logits, tiny_config(k_clusters=3)))
 
 
 def test_hsf_uses_only_the_k_clusters_times_five_most_anomalous_patches() -> None:

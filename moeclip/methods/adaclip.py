@@ -18,12 +18,12 @@ train.py, test.py, loss.py); nothing of it is copied here.
 - vision heads: feature layers 6 12 18 24 (quarters of the depth), raw residual-stream patch tokens (no ln_post)
   through one Linear(W -> D) per layer, normalised; the image embedding ln_post(CLS) @ proj of the prompted pass
   through Linear(D -> D), normalised. Logits = 100 * cos with [t_n, t_a];
-- HSF (the code's "upgraded" version, which differs from the paper's: see below): softmax of the layer-mean
-  logits gives each patch an anomaly probability; the k = min(N, 5 * k_clusters) most anomalous patches, their
-  projected tokens of all layers concatenated, are clustered by scikit-learn's KMeans (k-means++ init, one init,
-  Lloyd, 300 iterations, tol 1e-4); the fused embedding is the mean over clusters of each cluster's mean token
-  (over its members and the layers), normalised; image embedding = normalise(0.2 * fused + 0.8 * cls). Its
-  gradient reaches the patch projections in training (the code does not detach it);
+- HSF (the code's "upgraded" version, its comment says; the paper's is `hsf_variant: paper`, below): softmax
+  of the layer-mean logits gives each patch an anomaly probability; the k = min(N, 5 * k_clusters) most
+  anomalous patches, their projected tokens of all layers concatenated, are clustered by scikit-learn's KMeans
+  (k-means++ init, one init, Lloyd, 300 iterations, tol 1e-4); the fused embedding is the mean over clusters of
+  each cluster's mean token (over its members and the layers), normalised; image embedding = normalise(0.2 *
+  fused + 0.8 * cls). Its gradient reaches the patch projections in training (the code does not detach it);
 - image score softmax(100 [<f,t_n>, <f,t_a>])[1]. Map at test: the layer mean of the upsampled logits
   (bilinear, align_corners True), softmax, (p_a + 1 - p_n) / 2, then scipy's gaussian_filter with sigma 4 on the
   full-size map. No per-class normalisation (its metrics read the raw values);
@@ -36,6 +36,9 @@ Decisions and differences:
   image is clustered with `random_state = kmeans_seed`, so the same image gives the same score whatever the
   batch, and no global RNG moves. An empty cluster (only with duplicate tokens) would make the code's score
   NaN; here it is left out of the mean;
+- HSF: the code's version is the default (`hsf_variant: code`); the paper's (kept commented out in the code:
+  k-means over every patch's layer-mean token, the centroid of the cluster with the highest mean anomaly
+  probability, normalised) is `hsf_variant: paper`;
 - Dice: with batch 1 the code's `gt.squeeze()` drops the batch axis, so BinaryDiceLoss treats each image row as
   a sample: the Dice is the mean over rows of a per-row Dice (`dice_unit: row`, the default as the code runs);
   `dice_unit: image` is one Dice per image (the code with batch > 1, the paper's formula);
@@ -92,6 +95,9 @@ class AdaCLIPConfig(BackboneConfig):
     k_clusters: int = Field(ge=1, description="k-means clusters of HSF (20)")
     hsf_tokens_per_cluster: int = Field(
         ge=1, description="HSF clusters the k_clusters * this most anomalous patches (5)")
+    hsf_variant: Literal["code", "paper"] = Field(
+        description="code: the official code's 'upgraded' HSF (top patches, mean of cluster means); paper: the "
+                    "centroid of the most anomalous cluster of all patches")
     hsf_alpha: float = Field(ge=0, le=1, description="weight of the fused embedding against the CLS one (0.2)")
     kmeans_seed: int = Field(description="random_state of every image's k-means (the code: unseeded)")
     logit_scale: float = Field(gt=0, description="scale of the cosines (100)")
@@ -145,26 +151,49 @@ class BranchPrompts(nn.Module):
         return context.expand(self.depth, batch, -1, -1)
 
 
-def cluster_weights(features: torch.Tensor, clusters: int, seed: int) -> torch.Tensor:
-    """(k,) weight of each of k (k, F) points in HSF's mean over clusters of cluster means: 1 / (C * size of its
-    cluster), C the non-empty clusters; the clusters from scikit-learn's KMeans as the official code runs it
-    (k-means++, one init, which n_init='auto' means there), seeded."""
+def kmeans_labels(points: torch.Tensor, clusters: int, seed: int) -> torch.Tensor:
+    """(k,) cluster of each of k (k, F) points by scikit-learn's KMeans as the official code runs it (k-means++,
+    one init, which n_init='auto' means there, Lloyd), seeded."""
     kmeans = KMeans(n_clusters=clusters, n_init=1, random_state=seed)
-    labels = torch.as_tensor(kmeans.fit_predict(features.detach().float().cpu().numpy()), device=features.device)
+    labels = kmeans.fit_predict(points.detach().float().cpu().numpy())
+    return torch.as_tensor(labels, dtype=torch.long, device=points.device)
+
+
+def cluster_weights(points: torch.Tensor, clusters: int, seed: int) -> torch.Tensor:
+    """(k,) weight of each of k (k, F) points in HSF's mean over clusters of cluster means: 1 / (C * size of its
+    cluster), C the non-empty clusters."""
+    labels = kmeans_labels(points, clusters, seed)
     sizes = torch.bincount(labels, minlength=clusters)
-    return 1 / (sizes[labels] * (sizes > 0).sum()).to(features.dtype)
+    return 1 / (sizes[labels] * (sizes > 0).sum()).to(points.dtype)
 
 
 def hybrid_semantic_fusion(patches: torch.Tensor, logits: torch.Tensor, config: AdaCLIPConfig) -> torch.Tensor:
-    """(B, D) unit fused embedding from unit patch tokens (B, L, N, D) and their logits (B, L, 2, N): the most
-    anomalous patches by the layer-mean softmax, clustered on their concatenated layers, averaged per cluster."""
+    """(B, D) unit fused embedding from unit patch tokens (B, L, N, D) and their logits (B, L, 2, N), both
+    variants ranking patches by the softmax of the layer-mean logits.
+
+    code: the k_clusters * hsf_tokens_per_cluster most anomalous patches, clustered on their layers' tokens
+    concatenated, averaged per cluster, the cluster means averaged; paper: every patch's layer-mean token
+    clustered, the centroid of the cluster with the highest mean anomaly probability."""
     _, layers, count, dim = patches.shape
     anomalous = logits.mean(dim=1).softmax(dim=1)[:, 1]  # (B, N)
+    if config.hsf_variant == "paper":
+        return F.normalize(torch.stack([_most_anomalous_centroid(tokens, scores, config)
+                                        for tokens, scores in zip(patches.mean(dim=1), anomalous)]), dim=-1)
     top = anomalous.topk(min(count, config.k_clusters * config.hsf_tokens_per_cluster), dim=1).indices
     selected = patches.gather(2, top[:, None, :, None].expand(-1, layers, -1, dim))  # (B, L, k, D)
     concatenated = selected.transpose(1, 2).flatten(2)  # (B, k, L * D), layer-major per token
     weights = torch.stack([cluster_weights(points, config.k_clusters, config.kmeans_seed) for points in concatenated])
     return F.normalize(torch.einsum("bk,blkd->bd", weights, selected) / layers, dim=-1)
+
+
+def _most_anomalous_centroid(tokens: torch.Tensor, scores: torch.Tensor, config: AdaCLIPConfig) -> torch.Tensor:
+    """The paper's HSF for one image: (N, D) tokens clustered, the mean token of the cluster whose members' mean
+    anomaly probability (N,) is highest."""
+    members = F.one_hot(kmeans_labels(tokens, config.k_clusters, config.kmeans_seed), config.k_clusters).T.float()
+    sizes = members.sum(dim=1)
+    cluster_scores = torch.where(sizes > 0, members @ scores / sizes.clamp_min(1), -torch.inf)
+    best = members[cluster_scores.argmax()]
+    return best @ tokens / best.sum()
 
 
 class AdaCLIP(ZeroShotMethod):
