@@ -25,12 +25,12 @@ copies (`saved_tensors_hooks(clone)`), which changes no value. The official code
 so the tiny test ViT does not fit; ViT-B-16 and ViT-L-14-336 do.
 
 Results on this machine's CPU (fp32, random weights), max |ours - official| (official magnitude):
-ViT-B-16 @ 240, layers 3 6 9 12, batch 2: maps 1.5e-6 (0.74), scores 3.0e-7 (0.90), loss 1.4e-6 (6.3), gradients
-2.4e-7..7.8e-7 (1.2e-3..0.19) except the text side: text static tokens 3.8e-6 (3.0e-2), text generator 1.2e-5
+ViT-B-16 @ 240, layers 3 6 9 12, batch 2: maps 1.3e-6 (0.74), scores 4.8e-7 (0.90), loss 1.4e-6 (6.3), gradients
+2.4e-7..7.8e-7 (1.2e-3..0.19) except the text side: text static tokens 3.8e-6 (3.0e-2), text generator 1.3e-5
 (0.12). Both codes round the text contexts' gradients through float16 per sequence (the `.half()`), so fp32-level
 differences upstream (our batched text pass, its order of sums) flip some float16 roundings: 1e-4 relative.
-ViT-L-14-336 @ 518, layers 6 12 18 24, batch 1, --skip-gradients: maps 9.5e-7 (0.64), scores 6.6e-7 (0.82),
-loss 3.3e-6 (7.1); the backward passes there would need tens of GB (the hook above keeps copies).
+ViT-L-14-336 @ 518, layers 6 12 18 24, batch 1, --skip-gradients: maps 1.0e-6 (0.64), scores 7.2e-7 (0.82),
+loss 4.3e-6 (7.1), 3 to 7 minutes; the backward passes there would need tens of GB (the hook above keeps copies).
 """
 from __future__ import annotations
 
