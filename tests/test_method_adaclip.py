@@ -437,3 +437,14 @@ def test_config_errors_say_what_is_wrong() -> None:
         AdaCLIP.build(tiny_config(k_clusters=65), seed=0)
     with pytest.raises(ValueError, match="blocks"):
         AdaCLIP.build(tiny_config(feature_layers=(5,)), seed=0)
+
+
+def test_bf16_autocast_stays_close_to_fp32(model: AdaCLIP, images: torch.Tensor) -> None:
+    with torch.no_grad():
+        maps, scores = model.predict(images, NAMES, "industrial")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast_maps, fast_scores = model.predict(images, NAMES, "industrial")
+            outputs = model.training_outputs(images, NAMES)
+    assert fast_maps.dtype == fast_scores.dtype == outputs.layer_maps.dtype == torch.float32
+    torch.testing.assert_close(fast_maps, maps, atol=0.05, rtol=0)
+    torch.testing.assert_close(fast_scores, scores, atol=0.05, rtol=0)
