@@ -17,7 +17,7 @@ PROFILES = ("paper", "release", "paper-smoke", "demo")
 @pytest.mark.parametrize("profile_name", PROFILES)
 def test_every_profile_runs_every_baseline_on_table1s_protocol(profile_name):
     benchmark, profile = load_plan(ROOT / "params.yaml", profile_name)
-    assert set(benchmark.methods) == {"winclip", "april_gan", "anomalyclip", "wmoe_clip", "aa_clip",
+    assert set(benchmark.methods) == {"winclip", "april_gan", "anomalyclip", "wmoe_clip", "adaclip", "aa_clip",
                                       "bayes_pfl"} <= set(METHODS)
     assert benchmark.table1_trainings == {"visa": benchmark.main.targets["visa"], "mvtec": ("visa",)}
     for method in benchmark.methods:
@@ -47,10 +47,17 @@ def test_the_paper_profile_runs_the_baselines_as_their_authors_did():
         ("ViT-L-14-336", 518, (6, 12, 18, 24), False)
     assert (model.prompt_num, model.context_length, model.state_length, model.num_flows, model.test_samples,
             model.sample_seed, model.sigma, model.score_alpha) == (3, 5, 5, 10, 10, 333, 8.0, 0.5)
+    adaclip = method_runs(benchmark, paper, "adaclip")  # the official train.py defaults, seed of setup_seed
+    assert {(run.train.epochs, run.train.lr, run.train.batch_size, run.train.seed) for run in adaclip} == \
+        {(5, 0.01, 1, 111)}
+    model = adaclip[0].model
+    assert (model.feature_layers, model.prompting_length, model.prompting_depth, model.k_clusters, model.quick_gelu) \
+        == ((6, 12, 18, 24), 5, 4, 20, False)
 
 
 @pytest.mark.parametrize(("method", "trainable"), [("winclip", 0), ("april_gan", 3_148_800),
-                                                    ("anomalyclip", 43_008), ("bayes_pfl", 20_414_752)])
+                                                    ("anomalyclip", 43_008), ("adaclip", 10_665_472),
+                                                    ("aa_clip", 12_582_912), ("bayes_pfl", 20_414_752)])
 def test_trainable_parameters_at_paper_size_are_the_published_counts(method, trainable):
     benchmark, paper = load_plan(ROOT / "params.yaml", "paper")
     model = method_runs(benchmark, paper, method)[0].model
@@ -97,7 +104,8 @@ def test_a_wrong_methods_entry_is_named_in_one_line(tmp_path):
         method_runs(*load_plan(_edited(tmp_path, unknown_method), "demo"), "mystery")
 
 
-@pytest.mark.parametrize("method", ["moeclip", "winclip", "april_gan", "anomalyclip", "wmoe_clip", "bayes_pfl"])
+@pytest.mark.parametrize("method", ["moeclip", "winclip", "april_gan", "anomalyclip", "wmoe_clip", "adaclip",
+                                    "aa_clip", "bayes_pfl"])
 def test_every_method_refuses_a_sequence_first_backbone(method):
     """open_clip < 2.26.1 ran its blocks sequence-first; token indexing written for batch-first would then mix
     images silently (BASELINES.md pitfall 2), so every method refuses such a backbone before any work."""

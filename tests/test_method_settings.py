@@ -83,7 +83,8 @@ def _generic_edit(text: str) -> str:
 
 def _generic_holds(benchmark: Benchmark, profile: Profile) -> None:
     assert profile.train.batch_size == 4
-    assert all(run.train.batch_size == 4 for method in ("april_gan", "anomalyclip", "wmoe_clip", "bayes_pfl")
+    assert all(run.train.batch_size == 4 for method in ("april_gan", "anomalyclip", "wmoe_clip", "adaclip", "aa_clip",
+                                                        "bayes_pfl")
                for run in method_runs(benchmark, profile, method))
 
 
@@ -103,8 +104,8 @@ EDITS: dict[str, tuple[Callable[[str], str], Callable[[Benchmark, Profile], None
     # The control: a generic training setting the baselines' `train` merge (`<<: *demo_train`) reaches them, so
     # the comparison does see a baseline stage depending on an edit; WinCLIP trains nothing and keeps its results.
     "generic batch_size": (_generic_edit, _generic_holds, lambda benchmark: _moeclip_stages(benchmark) | {
-        "baseline@april_gan", "baseline@anomalyclip", "baseline@wmoe_clip", "baseline@aa_clip",
-        "baseline@bayes_pfl"}),
+        "baseline@april_gan", "baseline@anomalyclip", "baseline@wmoe_clip", "baseline@adaclip",
+        "baseline@aa_clip", "baseline@bayes_pfl"}),
 }
 
 

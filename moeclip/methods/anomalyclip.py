@@ -148,16 +148,16 @@ def dual_block(block: ResidualAttentionBlock, x_ori: torch.Tensor,
     return x_ori, x_vv + block.ls_1(vv)
 
 
-def resize_positions_bilinear(visual: nn.Module, image_size: int) -> None:
-    """Resize the position table to `image_size` as the official code does on its first forward: the grid part
-    bilinear (align_corners False, no antialias), the CLS entry kept."""
+def resize_positions(visual: nn.Module, image_size: int, mode: Literal["bilinear", "bicubic"]) -> None:
+    """Resize the position table to `image_size` as the official codes do (AnomalyCLIP on its first forward:
+    bilinear; AdaCLIP when loading: bicubic): the grid part interpolated with align_corners False and no
+    antialias (open_clip's bicubic antialias weighs differently), the CLS entry kept."""
     old = tuple(visual.grid_size)
     new = (image_size // visual.patch_size[0], image_size // visual.patch_size[1])
     if new == old:
         return
     table = visual.positional_embedding.data
-    grid = F.interpolate(table[1:].reshape(1, *old, -1).permute(0, 3, 1, 2), size=new, mode="bilinear",
-                         align_corners=False)
+    grid = F.interpolate(table[1:].reshape(1, *old, -1).permute(0, 3, 1, 2), size=new, mode=mode, align_corners=False)
     visual.positional_embedding = nn.Parameter(torch.cat([table[:1], grid.permute(0, 2, 3, 1).flatten(0, 2)]),
                                                requires_grad=False)
     visual.image_size, visual.grid_size = (image_size, image_size), new
@@ -211,7 +211,7 @@ class AnomalyCLIP(ZeroShotMethod):
         if config.position_resize == "bicubic_antialias":
             return super().load_backbone(config)
         clip = load_clip(config.backbone, native_image_size(config.backbone), config.weights, config.quick_gelu)
-        resize_positions_bilinear(clip.visual, config.image_size)
+        resize_positions(clip.visual, config.image_size, "bilinear")
         return clip
 
     def load_official_prompts(self, state: Mapping[str, torch.Tensor]) -> None:

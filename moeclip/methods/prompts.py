@@ -1,4 +1,4 @@
-"""The hand-written prompt ensembles of WinCLIP and April-GAN (../shared/BASELINES.md 1c, 2c), and the
+"""The hand-written prompt ensembles of WinCLIP and April-GAN (../shared/BASELINES.md 1c, 2c) and AdaCLIP's, and the
 placeholder word of learnable context tokens (MoECLIP's learnable prompts, AnomalyCLIP, WMoE-CLIP).
 
 A prompt is `template.format(state.format(name))` for every state and template, state-major
@@ -39,6 +39,9 @@ APRIL_GAN_TEMPLATES = (
     "there is the {} in the scene.", "this is a {} in the scene.", "this is the {} in the scene.",
     "this is one {} in the scene.",
 )
+
+# AdaCLIP's text branch: April-GAN's states with the first four of its templates.
+ADACLIP_TEMPLATES = APRIL_GAN_TEMPLATES[:4]
 
 
 def ensemble(name: str, states: Sequence[str], templates: Sequence[str]) -> list[str]:

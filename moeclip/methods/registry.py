@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from moeclip.errors import MoeclipError
 from moeclip.methods.aa_clip import AAClip
+from moeclip.methods.adaclip import AdaCLIP
 from moeclip.methods.anomalyclip import AnomalyCLIP
 from moeclip.methods.april_gan import AprilGAN
 from moeclip.methods.base import ZeroShotMethod
@@ -21,8 +22,8 @@ from moeclip.methods.wmoe_clip import WMoECLIP
 from moeclip.methods.moeclip.network import MoECLIP
 
 METHODS: dict[str, type[ZeroShotMethod]] = {method.name: method
-                                            for method in (MoECLIP, WinCLIP, AprilGAN, AnomalyCLIP, WMoECLIP, AAClip,
-                                                           BayesPFL)}
+                                            for method in (MoECLIP, WinCLIP, AprilGAN, AnomalyCLIP, WMoECLIP, AdaCLIP,
+                                                           AAClip, BayesPFL)}
 
 
 class UnknownMethodError(MoeclipError):
