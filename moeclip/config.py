@@ -178,6 +178,8 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0, description="paper 5e-4; the release's default is 5e-5")
     betas: tuple[float, float]
+    weight_decay: float = Field(ge=0, description="AdamW's decoupled weight decay (AdaCLIP's 0.01); 0 = Adam "
+                                                  "without decay, as MoECLIP and the other methods train")
     milestones: tuple[int, ...] = Field(description="MultiStepLR milestones, in iterations")
     gamma: float
     seed: int

@@ -65,8 +65,8 @@ def tiny(**overrides: object) -> AAClip:
 
 
 def train_config(**overrides: object) -> TrainConfig:
-    values = {"epochs": 1, "batch_size": 2, "lr": 5e-4, "betas": (0.5, 0.999), "milestones": (16000, 32000),
-              "gamma": 0.5, "seed": 111, "augment": False, "num_workers": 0, "checkpoint_every": 1000,
+    values = {"epochs": 1, "batch_size": 2, "lr": 5e-4, "betas": (0.5, 0.999), "weight_decay": 0.0,
+              "milestones": (16000, 32000), "gamma": 0.5, "seed": 111, "augment": False, "num_workers": 0, "checkpoint_every": 1000,
               "max_steps": None}
     return TrainConfig.model_validate({**values, **overrides})
 

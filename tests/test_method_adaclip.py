@@ -31,6 +31,8 @@ dropping HSF's 1 / C (the fused vector is normalised), the order of the layers i
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +41,8 @@ from pydantic import ValidationError
 from scipy.ndimage import gaussian_filter
 from sklearn.cluster import KMeans
 
+from moeclip.bench.baselines import method_runs
+from moeclip.bench.experiments import load_plan
 from moeclip.config import TrainConfig
 from moeclip.methods.adaclip import AdaCLIP, AdaCLIPConfig, AdaCLIPOutputs, cluster_weights, hybrid_semantic_fusion
 from moeclip.methods.execution import Execution
@@ -376,8 +380,8 @@ def test_losses_row_and_image_dice_differ_and_unknown_masks_train_only_the_image
 
 def test_one_generic_training_step_moves_every_trainable_tensor(images: torch.Tensor) -> None:
     model = AdaCLIP.build(tiny_config(), seed=0)
-    train = TrainConfig(epochs=1, batch_size=2, lr=0.01, betas=(0.5, 0.999), milestones=(), gamma=0.5, seed=0,
-                        augment=False, num_workers=0, checkpoint_every=10, max_steps=None)
+    train = TrainConfig(epochs=1, batch_size=2, lr=0.01, betas=(0.5, 0.999), weight_decay=0.0, milestones=(),
+                        gamma=0.5, seed=0, augment=False, num_workers=0, checkpoint_every=10, max_steps=None)
     optimizer, scheduler = build_optimizer(model, train, torch.device("cpu"))
     before = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
     masks = torch.zeros(2, 1, 64, 64)
@@ -448,3 +452,27 @@ def test_bf16_autocast_stays_close_to_fp32(model: AdaCLIP, images: torch.Tensor)
     assert fast_maps.dtype == fast_scores.dtype == outputs.layer_maps.dtype == torch.float32
     torch.testing.assert_close(fast_maps, maps, atol=0.05, rtol=0)
     torch.testing.assert_close(fast_scores, scores, atol=0.05, rtol=0)
+
+
+def test_the_official_adamw_decay_shrinks_each_weight_before_its_adam_step() -> None:
+    """AdaCLIP's AdamW (decay 0.01, paper profile): the first step is p (1 - lr wd) - lr g / (|g| + eps); with no
+    decay the optimiser is plain Adam, as every other method trains."""
+    model = AdaCLIP.build(tiny_config(), seed=0)
+    decayed = TrainConfig(epochs=1, batch_size=1, lr=0.01, betas=(0.5, 0.999), weight_decay=0.01, milestones=(),
+                          gamma=1.0, seed=0, augment=False, num_workers=0, checkpoint_every=10, max_steps=None)
+    optimizer, _ = build_optimizer(model, decayed, torch.device("cpu"))
+    assert type(optimizer) is torch.optim.AdamW
+    param = next(p for p in model.parameters() if p.requires_grad)
+    before = param.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5) if p is param else None
+    optimizer.step()
+    torch.testing.assert_close(param.detach(), before * (1 - 0.01 * 0.01) - 0.01 * 0.5 / (0.5 + 1e-8))
+    plain, _ = build_optimizer(model, decayed.model_copy(update={"weight_decay": 0.0}), torch.device("cpu"))
+    assert type(plain) is torch.optim.Adam
+
+
+def test_the_paper_profile_trains_adaclip_with_its_adamw_decay() -> None:
+    benchmark, paper = load_plan(Path(__file__).resolve().parents[1] / "params.yaml", "paper")
+    assert {run.train.weight_decay for run in method_runs(benchmark, paper, "adaclip")} == {0.01}
+    assert paper.train.weight_decay == 0.0  # MoECLIP and the other methods: Adam

@@ -36,8 +36,9 @@ TEMPLATES_TAIL = ["there is the {} in the scene.", "this is a {} in the scene.",
 
 def train_config(**overrides: object) -> TrainConfig:
     """The paper's April-GAN training settings."""
-    values = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999), "milestones": (), "gamma": 1.0,
-              "seed": 111, "augment": False, "num_workers": 0, "checkpoint_every": 1000, "max_steps": None}
+    values = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999), "weight_decay": 0.0, "milestones": (),
+              "gamma": 1.0, "seed": 111, "augment": False, "num_workers": 0, "checkpoint_every": 1000,
+              "max_steps": None}
     return TrainConfig.model_validate({**values, **overrides})
 
 

@@ -113,7 +113,7 @@ def test_initialisation(model: BayesPFL) -> None:
 
 
 def test_optimiser_groups_and_learning_rates(model: BayesPFL) -> None:
-    train = TrainConfig(epochs=1, batch_size=2, lr=1e-4, betas=(0.5, 0.999), milestones=(), gamma=1.0, seed=0,
+    train = TrainConfig(epochs=1, batch_size=2, lr=1e-4, betas=(0.5, 0.999), weight_decay=0.0, milestones=(), gamma=1.0, seed=0,
                         augment=False, num_workers=0, checkpoint_every=10, max_steps=None)
     optimizer, _ = build_optimizer(model, train, torch.device("cpu"))
     groups = [(len(group["params"]), group["lr"]) for group in optimizer.param_groups]
@@ -409,7 +409,7 @@ def test_samples_with_unknown_masks_only_train_the_rest(model: BayesPFL, images:
 
 def test_one_generic_training_step_moves_every_trained_group(images: torch.Tensor) -> None:
     model = BayesPFL.build(config(), seed=0)
-    train = TrainConfig(epochs=1, batch_size=2, lr=1e-3, betas=(0.5, 0.999), milestones=(), gamma=1.0, seed=0,
+    train = TrainConfig(epochs=1, batch_size=2, lr=1e-3, betas=(0.5, 0.999), weight_decay=0.0, milestones=(), gamma=1.0, seed=0,
                         augment=False, num_workers=0, checkpoint_every=10, max_steps=None)
     optimizer, scheduler = build_optimizer(model, train, torch.device("cpu"))
     before = {k: v.clone() for k, v in model.trainable_state_dict().items()}

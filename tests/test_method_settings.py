@@ -25,8 +25,8 @@ from moeclip.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = "demo"  # the profile dvc.yaml runs (params.yaml `profile:`)
-GENERIC_TRAINING = {"epochs", "batch_size", "lr", "betas", "milestones", "gamma", "seed", "augment", "num_workers",
-                    "checkpoint_every", "max_steps"}
+GENERIC_TRAINING = {"epochs", "batch_size", "lr", "betas", "weight_decay", "milestones", "gamma", "seed", "augment",
+                    "num_workers", "checkpoint_every", "max_steps"}
 
 
 def _lookup(document: dict, key: str) -> object:

@@ -32,7 +32,7 @@ DEMO = {"backbone": "MoECLIP-Tiny-ViT", "image_size": 64, "weights": None, "quic
 PAPER = dict(DEMO, backbone="ViT-L-14-336", image_size=518, weights="openai", quick_gelu=True,
              feature_layers=(6, 12, 18, 24), prompt_length=12, latent_dim=768, vae_hidden=768,
              ctds_injection="direct", expert_hidden=192, sigma=4.0)
-TRAIN = TrainConfig(epochs=15, batch_size=8, lr=1e-3, betas=(0.5, 0.999), milestones=(), gamma=1.0, seed=111,
+TRAIN = TrainConfig(epochs=15, batch_size=8, lr=1e-3, betas=(0.5, 0.999), weight_decay=0.0, milestones=(), gamma=1.0, seed=111,
                     augment=False, num_workers=0, checkpoint_every=1000, max_steps=None)
 
 
