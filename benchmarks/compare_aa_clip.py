@@ -29,14 +29,11 @@ small input size (default 112 px, an 8x8 grid) keeps it to about a minute on a C
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import logging
-import sys
 import tempfile
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from benchmarks.official import official_imports
 from moeclip.methods.aa_clip import AAClip, AAClipConfig
 from moeclip.methods.targets import Targets
 
-OFFICIAL_MODULES = ("model", "forward_utils", "train", "test", "dataset", "utils", "ipdb", "cv2", "kornia",
-                    "pkg_resources")
+OFFICIAL_MODULES = ("model", "forward_utils", "train", "test", "dataset", "utils")
 # (their dataset, their class, the text both sides prompt with = their REAL_NAMES entry, our domain)
 CASES = (("MVTec", "bottle", "dark bottle", "industrial"), ("Brain", "Brain", "scan", "medical"))
 
@@ -78,32 +75,12 @@ def gaussian_blur2d(x: torch.Tensor, kernel_size: tuple[int, int], sigma: tuple[
     return F.conv2d(padded, kernel, groups=x.shape[1])
 
 
-@contextlib.contextmanager
-def official_imports(checkout: Path) -> Iterator[None]:
-    """While open, `model`, `forward_utils`, `train`, ... resolve to the checkout, with the stubs above."""
-    saved = {n: m for n, m in sys.modules.items() if n.split(".")[0] in OFFICIAL_MODULES}
-    for name in saved:
-        del sys.modules[name]
-    sys.path.insert(0, str(checkout))
-    sys.modules["ipdb"] = types.ModuleType("ipdb")
-    sys.modules["cv2"] = types.ModuleType("cv2")
+def official_stubs() -> dict[str, types.ModuleType]:
+    """ipdb and cv2 (imported, never run here) and kornia's gaussian_blur2d (above)."""
     kornia = types.ModuleType("kornia")
     kornia.filters = types.SimpleNamespace(gaussian_blur2d=gaussian_blur2d)  # type: ignore[attr-defined]
-    sys.modules["kornia"], sys.modules["kornia.filters"] = kornia, kornia.filters  # type: ignore[assignment]
-    try:
-        importlib.import_module("pkg_resources")
-    except ImportError:
-        import packaging.version
-        sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)  # type: ignore[assignment]
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        sys.path.remove(str(checkout))
-        for name in [n for n in sys.modules if n.split(".")[0] in OFFICIAL_MODULES]:
-            del sys.modules[name]
-        sys.modules.update(saved)
+    return {"ipdb": types.ModuleType("ipdb"), "cv2": types.ModuleType("cv2"), "kornia": kornia,
+            "kornia.filters": kornia.filters}
 
 
 def their_clip(model_module: Any, state: dict[str, torch.Tensor], size: int) -> Any:
@@ -160,7 +137,7 @@ def compare(checkout: Path, size: int, seed: int) -> dict[str, float]:
     masks[1, size // 4: size // 2, size // 3: 2 * size // 3] = 1
     labels = torch.tensor([0, 1])
     result: dict[str, float] = {}
-    with official_imports(checkout), tempfile.TemporaryDirectory() as workdir:
+    with official_imports(checkout, OFFICIAL_MODULES, official_stubs()), tempfile.TemporaryDirectory() as workdir:
         model_module = importlib.import_module("model.model")
         adapter = importlib.import_module("model.adapter")
         forward_utils = importlib.import_module("forward_utils")

@@ -43,11 +43,11 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
-import packaging.version
 import torch
 from scipy.ndimage import gaussian_filter
 from sklearn.cluster import KMeans
 
+from benchmarks.official import stub_pkg_resources
 from moeclip.backbone import default_moe_layers, load_clip
 from moeclip.methods.adaclip import AdaCLIP, AdaCLIPConfig
 from moeclip.methods.anomalyclip import native_image_size
@@ -65,10 +65,7 @@ def is_gzip(path: Path) -> bool:
 
 def import_official(path: Path) -> types.SimpleNamespace:
     """The official modules, imported from the checkout at `path`, with stubs for what they import but never run."""
-    try:
-        import pkg_resources  # noqa: F401
-    except ImportError:
-        sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)
+    stub_pkg_resources()
     sys.path.insert(0, str(path))
     package = types.ModuleType("method")
     package.__path__ = [str(path / "method")]

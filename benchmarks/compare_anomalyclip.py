@@ -26,11 +26,11 @@ import types
 from pathlib import Path
 
 import numpy as np
-import packaging.version
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from benchmarks.official import stub_pkg_resources
 from moeclip.backbone import load_clip
 from moeclip.methods.anomalyclip import (
     AnomalyCLIP,
@@ -44,10 +44,7 @@ def import_official(path: Path) -> types.SimpleNamespace:
     """The official modules, imported from the checkout at `path`, with stubs for what they import but never run."""
     if "thop" not in sys.modules:
         sys.modules["thop"] = types.SimpleNamespace(profile=None)
-    try:
-        import pkg_resources  # noqa: F401
-    except ImportError:
-        sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)
+    stub_pkg_resources()
     sys.path.insert(0, str(path))
     import AnomalyCLIP_lib
     from AnomalyCLIP_lib.build_model import build_model

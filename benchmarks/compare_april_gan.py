@@ -26,20 +26,18 @@ runs in seconds on a CPU; `--backbone ViT-L-14-336 --layers 6 12 18 24` compares
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
-import sys
 import tempfile
-import types
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
 
+from benchmarks.official import cuda_on_cpu, official_imports
 from moeclip.methods.april_gan import AprilGAN, AprilGANConfig
 from moeclip.methods.targets import Targets
 
@@ -50,53 +48,7 @@ COMPARE_CONFIG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 NAMES = ("metal_nut", "bottle")
-RELEASE_MODULES = ("open_clip", "train", "model", "loss", "prompt_ensemble", "dataset", "pkg_resources")
-
-
-def _is_release_module(name: str) -> bool:
-    return any(name == top or name.startswith(top + ".") for top in RELEASE_MODULES)
-
-
-@contextlib.contextmanager
-def release_imports(checkout: Path) -> Iterator[None]:
-    """While open, `import open_clip` (and train, model, loss, ...) resolve to the checkout; ours come back after.
-
-    Our open_clip stays loaded in our modules' globals; only sys.modules is swapped.
-    """
-    saved = {name: module for name, module in sys.modules.items() if _is_release_module(name)}
-    for name in saved:
-        del sys.modules[name]
-    sys.path.insert(0, str(checkout))
-    try:
-        importlib.import_module("pkg_resources")
-    except ImportError:
-        import packaging.version
-        sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        sys.path.remove(str(checkout))
-        for name in [name for name in sys.modules if _is_release_module(name)]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-
-
-@contextlib.contextmanager
-def cuda_on_cpu() -> Iterator[None]:
-    """`tensor.to('cuda')` stays on the CPU while open (only on machines without CUDA)."""
-    if torch.cuda.is_available():
-        yield
-        return
-    original = torch.Tensor.to
-
-    def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        args = tuple("cpu" if isinstance(a, str) and a.startswith("cuda") else a for a in args)
-        return original(self, *args, **kwargs)
-    torch.Tensor.to = to  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.to = original  # type: ignore[method-assign]
+RELEASE_MODULES = ("open_clip", "train", "model", "loss", "prompt_ensemble", "dataset")
 
 
 def inputs(batch: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -143,7 +95,7 @@ def run_release(ours: AprilGAN, checkout: Path, images: torch.Tensor, masks: tor
     config = ours.config
     config_path = workdir / "model_config.json"
     config_path.write_text(json.dumps(open_clip.get_model_config(config.backbone)))
-    with release_imports(checkout), cuda_on_cpu(), warnings.catch_warnings():
+    with official_imports(checkout, RELEASE_MODULES), cuda_on_cpu(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         release_clip = importlib.import_module("open_clip")
         train = importlib.import_module("train")

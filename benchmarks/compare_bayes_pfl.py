@@ -27,76 +27,27 @@ The official vision forward reads the attention of block 12, so the backbone nee
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import os
-import sys
-import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.official import cuda_on_cpu, official_imports
 from moeclip.config import TrainConfig
 from moeclip.methods.bayes_pfl import BayesPFL, BayesPFLConfig
 from moeclip.methods.targets import Targets
 from moeclip.training import build_optimizer
 
-OFFICIAL_MODULES = ("models", "loss", "pkg_resources")
+OFFICIAL_MODULES = ("models", "loss")
 NAMES = ("pcb1", "bottle")
 # Adam's first step moves each element by lr * g / (|g| + 1e-8): where |g| is near 1e-8, fp32 rounding of g
 # changes the step by up to lr; the step is also compared where |g| is well above that.
 ADAM_CLEAR = 1e-6
-TRAIN = {"epochs": 30, "batch_size": 2, "lr": 1e-4, "betas": (0.5, 0.999), "milestones": (), "gamma": 1.0,
-         "seed": 333, "augment": False, "num_workers": 0, "checkpoint_every": 1000, "max_steps": None}
-
-
-def _is_official(name: str) -> bool:
-    return any(name == top or name.startswith(top + ".") for top in OFFICIAL_MODULES)
-
-
-@contextlib.contextmanager
-def official_imports(checkout: Path) -> Iterator[None]:
-    """While open, `models` and `loss` resolve to the checkout, which is also the working directory."""
-    saved = {name: module for name, module in sys.modules.items() if _is_official(name)}
-    for name in saved:
-        del sys.modules[name]
-    sys.path.insert(0, str(checkout))
-    try:
-        importlib.import_module("pkg_resources")
-    except ImportError:
-        import packaging.version
-        sys.modules["pkg_resources"] = types.SimpleNamespace(packaging=packaging)  # type: ignore[assignment]
-    try:
-        with contextlib.chdir(checkout):
-            yield
-    finally:
-        sys.path.remove(str(checkout))
-        for name in [name for name in sys.modules if _is_official(name)]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-
-
-@contextlib.contextmanager
-def cuda_on_cpu() -> Iterator[None]:
-    """Without CUDA, the official `.cuda()` and `.to('cuda')` return CPU tensors."""
-    if torch.cuda.is_available():
-        yield
-        return
-    original_cuda, original_to = torch.Tensor.cuda, torch.Tensor.to
-
-    def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args and isinstance(args[0], str) and args[0].startswith("cuda"):
-            return self
-        return original_to(self, *args, **kwargs)
-
-    torch.Tensor.cuda, torch.Tensor.to = (lambda self, *a, **k: self), to  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda, torch.Tensor.to = original_cuda, original_to  # type: ignore[method-assign]
+TRAIN = {"epochs": 30, "batch_size": 2, "lr": 1e-4, "betas": (0.5, 0.999), "weight_decay": 0.0, "milestones": (),
+         "gamma": 1.0, "seed": 333, "augment": False, "num_workers": 0, "checkpoint_every": 1000, "max_steps": None}
 
 
 def official_args(model: BayesPFL, image_size: int) -> argparse.Namespace:
@@ -231,7 +182,7 @@ def compare(checkout: Path, backbone: str, image_size: int, layers: list[int], s
     masks[1, image_size // 4:image_size // 2, image_size // 3:image_size // 2] = 1
     targets = Targets(masks=masks, labels=torch.tensor([0, 1]), known=torch.tensor([True, True]))
 
-    with official_imports(checkout), cuda_on_cpu():
+    with official_imports(checkout, OFFICIAL_MODULES, workdir=True), cuda_on_cpu():
         model_clip, vpb, loss = (importlib.import_module(m) for m in ("models.model_CLIP", "models.VPB", "loss"))
         args = official_args(ours, image_size)
         clip = official_clip(model_clip, ours, image_size)

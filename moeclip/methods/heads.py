@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeclip.methods.precision import float32
 
 
 class SegmentationProjection(nn.Module):
