@@ -140,6 +140,14 @@ def dice_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "paper") -> 
     return _dice(pred, target, tuple(range(1, pred.dim())), kind).mean()
 
 
+def mean_over_known(per_sample: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """The mean of (B,) per-sample losses over the samples whose (B,) `known` flag is true, 0 if none: every
+    method's rule for masks it does not know (an unknown mask read as empty would teach that defects are normal).
+    A weighting, so no step waits for the device to say which samples are known."""
+    weight = known.to(per_sample.dtype)
+    return (per_sample * weight).sum() / weight.sum().clamp_min(1)
+
+
 def segmentation_loss(maps: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0,
                       known: torch.Tensor | None = None, dice: str = "paper", focal: str = "paper") -> torch.Tensor:
     """L_seg (Eq. 15): sum over the M maps of Focal + Dice(anomalous, mask) + Dice(normal, 1 - mask).
@@ -156,8 +164,7 @@ def segmentation_loss(maps: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0
                + _dice(probs[:, :, 1], target, pixels, dice)
                + _dice(probs[:, :, 0], 1 - target, pixels, dice))  # (B, M)
     per_sample = per_map.sum(dim=1)
-    weight = torch.ones_like(per_sample) if known is None else known.to(per_sample.dtype)
-    return (per_sample * weight).sum() / weight.sum().clamp_min(1)
+    return mean_over_known(per_sample, torch.ones_like(per_sample) if known is None else known)
 
 
 def classification_loss(similarities: torch.Tensor, labels: torch.Tensor, kind: str = "bce") -> torch.Tensor:

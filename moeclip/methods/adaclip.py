@@ -68,7 +68,7 @@ from torch import nn
 
 from moeclip.backbone import load_clip
 from moeclip.config import BackboneConfig, Domain
-from moeclip.losses import clamped_focal_loss, dice_loss
+from moeclip.losses import clamped_focal_loss, dice_loss, mean_over_known
 from moeclip.methods.anomalyclip import gaussian_blur, native_image_size, resize_positions
 from moeclip.methods.base import ClassText, ZeroShotMethod, class_texts
 from moeclip.methods.precision import float32
@@ -359,9 +359,7 @@ class AdaCLIP(ZeroShotMethod):
         terms = torch.vmap(torch.vmap(partial(_pixel_terms, gamma=self.config.focal_gamma, unit=self.config.dice_unit),
                                       in_dims=(0, None)))
         focal, dice = (term.sum(dim=1) for term in terms(outputs.layer_maps.float(), masks))  # (B,) each
-        weight = targets.known.float()
-        count = weight.sum().clamp_min(1)
-        focal, dice = (focal * weight).sum() / count, (dice * weight).sum() / count
+        focal, dice = mean_over_known(focal, targets.known), mean_over_known(dice, targets.known)
         segmentation = focal + dice
         return {"loss": image + segmentation, "image_loss": image, "segmentation_loss": segmentation,
                 "focal_loss": focal, "dice_loss": dice}

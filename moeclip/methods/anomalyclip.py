@@ -32,7 +32,7 @@ from torch import nn
 
 from moeclip.backbone import load_clip
 from moeclip.config import BackboneConfig, Domain
-from moeclip.losses import clamped_focal_loss, dice_loss
+from moeclip.losses import clamped_focal_loss, dice_loss, mean_over_known
 from moeclip.methods.base import ZeroShotMethod, class_texts
 from moeclip.methods.targets import Targets
 from moeclip.methods.precision import float32
@@ -263,10 +263,8 @@ class AnomalyCLIP(ZeroShotMethod):
         masks = (targets.masks > 0.5).float()[:, None].expand(-1, layers, -1, -1)
         terms = torch.vmap(partial(_local_terms, gamma=self.config.focal_gamma))
         focal, dice = terms(probs.flatten(0, 1), masks.flatten(0, 1))
-        weight = targets.known.float()
-        count = weight.sum().clamp_min(1)
-        focal = (focal.view(batch, layers).sum(dim=1) * weight).sum() / count
-        dice = (dice.view(batch, layers).sum(dim=1) * weight).sum() / count
+        focal = mean_over_known(focal.view(batch, layers).sum(dim=1), targets.known)
+        dice = mean_over_known(dice.view(batch, layers).sum(dim=1), targets.known)
         local = focal + dice
         return {"loss": image + self.config.lambda_local * local, "image_loss": image, "local_loss": local,
                 "focal_loss": focal, "dice_loss": dice}

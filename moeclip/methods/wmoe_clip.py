@@ -64,7 +64,7 @@ from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
 from moeclip.config import BackboneConfig, Domain
-from moeclip.losses import clamped_focal_loss, dice_loss
+from moeclip.losses import clamped_focal_loss, dice_loss, mean_over_known
 from moeclip.methods.base import ZeroShotMethod
 from moeclip.methods.targets import Targets
 from moeclip.methods.heads import SegmentationProjections
@@ -282,8 +282,7 @@ def segmentation_loss(maps: torch.Tensor, masks: torch.Tensor, known: torch.Tens
         target = mask.expand(layers, *mask.shape)
         per_sample.append(layers * (clamped_focal_loss(probs, target, gamma) + dice_loss(probs[:, 1], target, DICE_KIND)
                                     + dice_loss(probs[:, 0], 1 - target, DICE_KIND)))
-    weight = known.float()
-    return (torch.stack(per_sample) * weight).sum() / weight.sum().clamp_min(1)
+    return mean_over_known(torch.stack(per_sample), known)
 
 
 class WMoECLIP(ZeroShotMethod):
